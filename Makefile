@@ -1,0 +1,56 @@
+# Pathology curation workbench. Quick start: `make demo` (install + run the demo), `make test` (install + tests).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+RUN_DIR ?= runs/demo
+DEMO_ARGS ?=
+# Debian packages for the napari/Qt tests (virtual display with OpenGL through Mesa, Qt's xcb plugin)
+APT_PACKAGES := xvfb xauth libgl1-mesa-dri libegl1 libglx-mesa0 libdbus-1-3 libfontconfig1 libxkbcommon-x11-0 \
+	libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 \
+	libxcb-xfixes0 libxcb-shape0 libxcb-cursor0
+
+.PHONY: setup system-deps demo test test-all reliability benchmarks strip-notebooks clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(MAKE) --no-print-directory system-deps
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $@
+
+# Installs the display packages when run as root on Debian/Ubuntu; otherwise says what to install.
+system-deps:
+	@if command -v Xvfb >/dev/null && [ -e /usr/lib/x86_64-linux-gnu/libxcb-icccm.so.4 -o -e /usr/lib/aarch64-linux-gnu/libxcb-icccm.so.4 ]; then \
+		true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing display packages for the napari tests: $(APT_PACKAGES)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+	else \
+		echo "note: napari tests need a virtual display; install: $(APT_PACKAGES)"; \
+	fi
+
+demo: setup
+	$(BIN)/python -m workbench.demo --run-dir $(RUN_DIR) $(DEMO_ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m ''
+
+reliability: setup
+	$(BIN)/python -m pytest -q -m 'reliability or not reliability' tests/test_reliability.py -rA
+
+benchmarks: setup
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+strip-notebooks:
+	$(BIN)/python -m workbench.notebooks strip notebooks/*.ipynb
+
+clean:
+	rm -rf runs data/demo

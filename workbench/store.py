@@ -1,0 +1,321 @@
+"""The dataset store: one Zarr v3 store per dataset, laid out as in DESIGN.md §6.
+
+```
+<dataset>.zarr/
+  attrs: layout_version, workbench_version, manifest (records), tiling (parameters)
+  slides/<slide_id>/        attrs: path, mpp, width, height, tile_px, tile_mpp, read_level, complete
+      coords   (n, 2) int32   level-0 x, y of each tile's top-left corner
+      tissue   (n,)   float32 tissue fraction of each tile
+      features/<encoder>      (n, d) float16, attrs: encoder, weights_digest, complete
+      prefilter/<name>        (n,) float32 scores, attrs: threshold, complete
+      qc/labels               (n,) int8 QC labels written by the napari widget
+  tree/<run>/               level_1 ... level_L (N,) int32; centroids/level_l (k_l, d) float32
+  samples/<run>/            indices (m,) int64 global tile ids, attrs: parameters
+  errors/                   attrs: records [{slide_id, stage, error}]
+```
+
+Every name in the store is built by :class:`Key`, so notebooks, napari and indexes agree. A
+slide's (or a features array's) ``complete`` attribute is written last, after its arrays: a
+reader trusts only complete entries, and a re-run redoes incomplete ones. One run at a time
+holds the store's write lock (:func:`write_lock`); a second writer is refused, never interleaved.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+log = logging.getLogger(__name__)
+
+LAYOUT_VERSION = 1
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+
+
+class StoreError(RuntimeError):
+    """A store that is missing, locked, of another layout, or lacks an earlier stage's output."""
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Return ``name`` if it is usable as one path component of the store, else raise."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or len(name) > 200:
+        raise ValueError(
+            f"{what} {name!r} is not usable in the store: use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def encoder_key(encoder: str) -> str:
+    """Store-safe name of an encoder (``timm:org/model`` -> ``timm-org__model``)."""
+    return encoder.replace(":", "-").replace("/", "__")
+
+
+@dataclass(frozen=True)
+class Key:
+    """Builds every path inside a store. The one place that knows the layout."""
+
+    @staticmethod
+    def slide(slide_id: str) -> str:
+        return f"slides/{slide_id}"
+
+    @staticmethod
+    def coords(slide_id: str) -> str:
+        return f"slides/{slide_id}/coords"
+
+    @staticmethod
+    def tissue(slide_id: str) -> str:
+        return f"slides/{slide_id}/tissue"
+
+    @staticmethod
+    def features(slide_id: str, encoder: str) -> str:
+        return f"slides/{slide_id}/features/{encoder_key(encoder)}"
+
+    @staticmethod
+    def prefilter(slide_id: str, name: str) -> str:
+        return f"slides/{slide_id}/prefilter/{name}"
+
+    @staticmethod
+    def qc_labels(slide_id: str) -> str:
+        return f"slides/{slide_id}/qc/labels"
+
+    @staticmethod
+    def tree(run: str) -> str:
+        return f"tree/{check_name(run, 'tree run')}"
+
+    @staticmethod
+    def sample(run: str) -> str:
+        return f"samples/{check_name(run, 'sample run')}"
+
+    ERRORS = "errors"
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def open_store(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
+    """Open an existing dataset store. ``mode`` is ``"r"`` or ``"a"``.
+
+    Refuses a path that is not a workbench store, or one written by another layout version.
+    """
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise StoreError(f"{path} is not a workbench store (no zarr.json): create it with tile_slides()")
+    root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    version = root.attrs.get("layout_version")
+    if version != LAYOUT_VERSION:
+        raise StoreError(
+            f"store {path} has layout version {version!r}, this workbench reads version {LAYOUT_VERSION}; "
+            "re-tile into a new store (nothing was changed)"
+        )
+    return root
+
+
+def create_store(path: str | os.PathLike, *, manifest: list[dict], tiling: dict) -> zarr.Group:
+    """Create a store, or reopen one made with the same tiling parameters (resume)."""
+    from . import __version__
+
+    path = Path(path)
+    if (path / "zarr.json").exists():
+        root = open_store(path, mode="a")
+        old = root.attrs.get("tiling")
+        if old != tiling:
+            raise StoreError(
+                f"store {path} was tiled with {old}, not {tiling}; use a new store path for new tiling parameters"
+            )
+        root.attrs["manifest"] = manifest
+        return root
+    root = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    root.attrs.update(
+        {
+            "layout_version": LAYOUT_VERSION,
+            "workbench_version": __version__,
+            "manifest": manifest,
+            "tiling": tiling,
+        }
+    )
+    return root
+
+
+def store_path(root: zarr.Group) -> Path:
+    """Filesystem path of a store opened by :func:`open_store`."""
+    return Path(str(root.store.root))
+
+
+# --------------------------------------------------------------------------- locking
+
+
+@contextlib.contextmanager
+def write_lock(path: str | os.PathLike, *, wait: float = 0.0):
+    """Hold the store's exclusive write lock; raise :class:`StoreError` if another run holds it.
+
+    The lock is an ``flock`` on ``<store>/.lock``: the kernel releases it when the holder dies,
+    so a killed run never leaves a stale lock behind.
+    """
+    lock_path = Path(path) / ".lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                    raise StoreError(
+                        f"store {path} is being written by another run ({holder or 'unknown'}); "
+                        "wait for it to finish (nothing was changed)"
+                    ) from None
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+# --------------------------------------------------------------------------- slides
+
+
+def slide_ids(root: zarr.Group, *, complete_only: bool = True) -> list[str]:
+    """Slide ids in manifest order (the order that defines global tile ids)."""
+    ids = [rec["slide_id"] for rec in root.attrs.get("manifest", [])]
+    if not complete_only:
+        return ids
+    return [s for s in ids if is_complete(root, Key.slide(s))]
+
+
+def is_complete(root: zarr.Group, key: str) -> bool:
+    try:
+        node = root[key]
+    except KeyError:
+        return False
+    return bool(node.attrs.get("complete", False))
+
+
+def mark_complete(node) -> None:
+    """Write the ``complete`` attribute: always the last write of an entry."""
+    node.attrs["complete"] = True
+
+
+def write_array(group: zarr.Group, name: str, data: np.ndarray, *, chunk_rows: int = 65536, attrs=None):
+    """(Re)write one array of a group, chunked along its first axis."""
+    data = np.asarray(data)
+    chunks = (max(1, min(chunk_rows, len(data))),) + data.shape[1:]
+    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, overwrite=True)
+    if data.size:
+        arr[...] = data
+    if attrs:
+        arr.attrs.update(attrs)
+    return arr
+
+
+def read_slide(root: zarr.Group, slide_id: str) -> dict:
+    """A complete slide's attrs and arrays, or a clear error naming the slide."""
+    key = Key.slide(slide_id)
+    if not is_complete(root, key):
+        raise StoreError(f"slide {slide_id!r} is not tiled in {store_path(root)}: run tiling first")
+    g = root[key]
+    return {**dict(g.attrs), "coords": g["coords"][:], "tissue": g["tissue"][:]}
+
+
+def tile_counts(root: zarr.Group, ids: list[str] | None = None) -> np.ndarray:
+    """Number of tiles of each complete slide, in manifest order."""
+    ids = slide_ids(root) if ids is None else ids
+    return np.array([root[Key.coords(s)].shape[0] for s in ids], dtype=np.int64)
+
+
+def tile_index(root: zarr.Group, ids: list[str] | None = None):
+    """Table of all tiles: global tile id → (slide_id, position in slide, x, y), as pandas."""
+    import pandas as pd
+
+    ids = slide_ids(root) if ids is None else ids
+    frames = []
+    for s in ids:
+        coords = root[Key.coords(s)][:]
+        frames.append(
+            pd.DataFrame(
+                {"slide_id": s, "tile": np.arange(len(coords)), "x": coords[:, 0], "y": coords[:, 1]}
+            )
+        )
+    if not frames:
+        return pd.DataFrame(columns=["slide_id", "tile", "x", "y"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def features_array(root: zarr.Group, encoder: str, ids: list[str] | None = None):
+    """All slides' features of one encoder stacked lazily into one (N, d) Dask array.
+
+    Raises naming the first slide whose features are missing or incomplete.
+    """
+    import dask.array as da
+
+    ids = slide_ids(root) if ids is None else ids
+    parts = []
+    for s in ids:
+        key = Key.features(s, encoder)
+        if not is_complete(root, key):
+            raise StoreError(f"slide {s!r} has no complete {encoder!r} features: run embedding first")
+        arr = root[key]
+        parts.append(da.from_zarr(arr))
+    if not parts:
+        raise StoreError(f"no slides with {encoder!r} features in {store_path(root)}")
+    return da.concatenate(parts, axis=0)
+
+
+# --------------------------------------------------------------------------- error table
+
+
+def record_error(root: zarr.Group, slide_id: str, stage: str, error: BaseException | str) -> None:
+    """Append (slide_id, stage, error) to the store's per-run error table."""
+    g = root.require_group(Key.ERRORS)
+    records = list(g.attrs.get("records", []))
+    records = [r for r in records if not (r["slide_id"] == slide_id and r["stage"] == stage)]
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    records.append({"slide_id": slide_id, "stage": stage, "error": text, "time": time.time()})
+    g.attrs["records"] = records
+
+
+def clear_error(root: zarr.Group, slide_id: str, stage: str) -> None:
+    if Key.ERRORS not in root:
+        return
+    g = root[Key.ERRORS]
+    records = [r for r in g.attrs.get("records", []) if not (r["slide_id"] == slide_id and r["stage"] == stage)]
+    g.attrs["records"] = records
+
+
+def error_table(root: zarr.Group):
+    """The store's error table as a DataFrame (slide_id, stage, error, time)."""
+    import pandas as pd
+
+    records = root[Key.ERRORS].attrs.get("records", []) if Key.ERRORS in root else []
+    return pd.DataFrame(records, columns=["slide_id", "stage", "error", "time"])
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write JSON next to the store atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
