@@ -41,10 +41,10 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 test-all: setup
-	$(BIN)/python -m pytest -q -m ''
+	$(BIN)/python -m pytest -q -o addopts='--strict-markers'
 
 reliability: setup
-	$(BIN)/python -m pytest -q -m 'reliability or not reliability' tests/test_reliability.py -rA
+	$(BIN)/python -m pytest -q -o addopts='--strict-markers' -rA tests/test_reliability.py
 
 benchmarks: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -44,14 +44,21 @@ def _schema() -> pa.DataFrameSchema:
 def _read_table(path: Path) -> pd.DataFrame:
     if not path.exists():
         raise ManifestError(f"manifest {path} does not exist")
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} is a directory, not a CSV or Parquet file")
     if path.suffix.lower() in (".parquet", ".pq"):
-        return pd.read_parquet(path)
+        try:
+            return pd.read_parquet(path)
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise ManifestError(f"manifest {path} is not a readable Parquet file: {exc}") from None
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ManifestError(
             f"manifest {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
         ) from None
+    except pd.errors.EmptyDataError:
+        raise ManifestError(f"manifest {path} is empty: it needs a header with at least slide_id,path") from None
     except pd.errors.ParserError as exc:
         raise ManifestError(f"manifest {path} is not a readable CSV: {exc}") from None
 

@@ -30,7 +30,7 @@ class SegmentParams:
     hole_area: float = 1.0
     max_holes: int = 2
     ref_patch_px: int = 512
-    mask_mpp: float = 8.0  # resolution of the image the mask is computed on
+    mask_mpp: float = 4.0  # resolution of the image the mask is computed on (µm/px)
 
     def validate(self) -> "SegmentParams":
         if not (self.threshold == "otsu" or (isinstance(self.threshold, (int, float)) and 0 <= self.threshold <= 255)):

@@ -134,16 +134,21 @@ def create_store(path: str | os.PathLike, *, manifest: list[dict], tiling: dict)
             )
         root.attrs["manifest"] = manifest
         return root
-    root = zarr.open_group(str(path), mode="w-", zarr_format=3)
-    root.attrs.update(
-        {
+    # The folder may already hold the write lock's ``.lock`` file (write_lock runs first); anything else
+    # means it is not ours. The root is created with its attributes in one (atomic) write, so a run killed
+    # here leaves either no store or a complete root, never one without a layout version.
+    if path.is_dir() and any(p.name != ".lock" for p in path.iterdir()):
+        raise StoreError(f"{path} exists, is not empty and is not a workbench store (no zarr.json); use another path")
+    return zarr.create_group(
+        str(path),
+        zarr_format=3,
+        attributes={
             "layout_version": LAYOUT_VERSION,
             "workbench_version": __version__,
             "manifest": manifest,
             "tiling": tiling,
-        }
+        },
     )
-    return root
 
 
 def store_path(root: zarr.Group) -> Path:

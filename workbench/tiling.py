@@ -139,7 +139,11 @@ def _tile_task(store_path: str, rec: dict, params: TilingParams) -> dict:
     except (SlideError, OSError, ValueError) as exc:
         return {"slide_id": sid, "status": "error", "n_tiles": 0, "seconds": time.perf_counter() - t0,
                 "error": f"{type(exc).__name__}: {exc}"}
-    _write_slide(root, sid, result)
+    try:
+        _write_slide(root, sid, result)
+    except OSError as exc:  # a full disk or a lost mount is not the slide's fault: stop the run, by name
+        raise st.StoreError(f"slide {sid!r}: writing to store {store_path} failed ({exc}); the slide is left "
+                            "incomplete and the next run redoes it") from exc
     n = result["attrs"]["n_tiles"]
     return {"slide_id": sid, "status": "tiled" if n else "empty", "n_tiles": n,
             "seconds": time.perf_counter() - t0, "error": None if n else
