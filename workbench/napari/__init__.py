@@ -1,0 +1,29 @@
+"""napari inspection and QC for a workbench store (Qt and napari are imported only when used).
+
+``show(store, slide_id)`` opens a slide with its layers and the QC dock widget; the same widget is
+registered as a napari plugin (``napari.yaml``: Plugins → Pathology QC). The layer data are computed by
+``workbench.napari._data`` (no Qt); the labels are read and written by :mod:`workbench.qc`.
+"""
+from __future__ import annotations
+
+import os
+
+__all__ = ["QCWidget", "make_qc_widget", "show", "display_available"]
+
+
+def display_available() -> bool:
+    """Whether a napari window can be made here (an X/Wayland display, or Qt's offscreen platform) and napari is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("napari") is None or importlib.util.find_spec("qtpy") is None:
+        return False
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+                or os.environ.get("QT_QPA_PLATFORM") == "offscreen")
+
+
+def __getattr__(name):
+    if name in ("QCWidget", "make_qc_widget", "show"):
+        from . import _widget
+
+        return getattr(_widget, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,88 @@
+"""Notebook widgets: gallery selection against known tree / score / sample arrays, tile pixels, static output."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+
+from test_qc import W, make_test_store
+from workbench import store as st
+from workbench import widgets
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_test_store(tmp_path_factory.mktemp("widgets"))
+
+
+def test_threshold_summary_exact():
+    scores = np.array([0.1, 0.2, 0.8, 0.9, 0.76, 0.3])
+    truth = np.array([0, 0, 1, 1, 0, 1], bool)
+    s = widgets.threshold_summary(scores, 0.75, truth)
+    assert s["n_flagged"] == 3 and s["frac_flagged"] == 0.5
+    assert s["precision"] == pytest.approx(2 / 3) and s["recall"] == pytest.approx(2 / 3)
+    assert widgets.threshold_summary(scores, 0.95)["n_flagged"] == 0
+    slider = widgets.ThresholdSlider(scores, threshold=0.85, truth=truth)
+    assert slider.static  # no kernel frontend here
+    fig = slider.show()
+    assert isinstance(fig, matplotlib.figure.Figure) and "1 of 6 tiles" in fig.axes[0].get_title()
+    assert slider.summary()["recall"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="truth has shape"):
+        widgets.ThresholdSlider(scores, truth=truth[:3])
+
+
+def test_frontend_detection(monkeypatch):
+    monkeypatch.delenv("WORKBENCH_STATIC", raising=False)
+    assert widgets.interactive_frontend() is False  # plain Python: no kernel
+    monkeypatch.setenv("WORKBENCH_STATIC", "0")
+    assert widgets.interactive_frontend() is False  # still no kernel to talk to
+
+
+def test_gallery_by_cluster_score_sample(store):
+    root = st.open_store(store)
+    total = int(st.tile_counts(root).sum())
+    g = widgets.TileGallery(store, by="cluster", n=10, tile_px=32, static=True)
+    assert g.column == "tree/t1/level_1"
+    keys = g.keys()
+    assert sorted(keys) == list(range(7)) and keys[0] == 0  # cluster 0 is (one of) the largest: ids % 7
+    ids = g.tile_ids(3)
+    assert len(ids) == 10 and (ids % 7 == 3).all() and len(set(ids.tolist())) == 10
+
+    s = widgets.TileGallery(store, by="score", column="prefilter/marker", n=12, tile_px=32, static=True)
+    top = s.tile_ids(0)
+    coords = np.concatenate([root[st.Key.coords(x)][:] for x in st.slide_ids(root)])
+    scores = coords[:, 0] / W
+    assert np.all(np.diff(scores[top]) <= 0) and scores[top[0]] == scores.max()
+    assert len(s.keys()) == -(-total // 12)
+
+    m = widgets.TileGallery(store, by="sample", n=5, tile_px=32, static=True)
+    assert m.column == "samples/r1" and m.tile_ids(1).tolist() == [15, 18, 21, 24, 27]
+
+    # pixels: the gallery's tile equals the slide read directly over the same footprint
+    from workbench.slides import TileReader, open_slide
+
+    n0 = root[st.Key.coords("s0")].shape[0]
+    pick = np.array([2, n0 + 1])
+    imgs = g.images(pick)
+    for gid, img in zip(pick, imgs):
+        sid, local = ("s0", gid) if gid < n0 else ("s1", gid - n0)
+        info = st.read_slide(root, sid)
+        with open_slide(info["path"]) as slide, TileReader(slide, tile_px=32, tile_mpp=0.5 * 224 / 32) as r:
+            ref = r.read(info["coords"][[local]])[0]
+        assert np.array_equal(img, ref) and img.std() > 5  # tissue texture, not blank
+    fig = g.show()
+    assert isinstance(fig, matplotlib.figure.Figure) and "cluster 0" in fig.axes[0].get_title()
+    with pytest.raises(ValueError, match="by must be"):
+        widgets.TileGallery(store, by="colour")
+
+
+def test_gallery_interactive_builds_controls(store):
+    ipw = pytest.importorskip("ipywidgets")
+    box = widgets.TileGallery(store, by="sample", n=4, tile_px=32, static=False).show()
+    assert isinstance(box, ipw.VBox) and isinstance(box.children[0], ipw.Dropdown)
+    box.children[0].value = 2  # a new page redraws without error
+    slider = widgets.ThresholdSlider(np.linspace(0, 1, 11), static=False).show()
+    slider.children[0].value = 0.5
