@@ -1,0 +1,717 @@
+"""Synthetic H&E-like whole-slide images with ground truth, for tests and the demo.
+
+:func:`make_slide` writes a pyramidal, 256-px tiled, JPEG-compressed TIFF (levels as separate IFDs, 4× apart,
+the mpp in the resolution tags: openslide's generic-TIFF reader and tifffile both open it) and, next to it,
+``<stem>.truth.npz`` with the ground truth at ``TRUTH_DOWNSAMPLE`` (16) of level 0:
+
+``tissue`` (bool), ``classes`` (uint8, ids index :data:`CLASS_NAMES`, 0 = background), ``pen`` (bool),
+``blur`` (bool, out-of-focus regions), ``downsample``, ``mpp``.
+
+How a slide is made, all from one seed:
+
+1. Layout at the truth resolution: tissue pieces are noisy ellipses with holes (the tissue mask is a smooth
+   field > 0, so edges stay smooth at full resolution); class regions are thresholded smooth noise, the
+   dominant class keeps ~65 % of the tissue, stroma and one or two other classes share the rest; pen strokes
+   are thick smooth curves and arcs drawn with antialiasing; blur regions are soft ellipses.
+2. Level 0 is rendered in 512-px blocks in optical density (Beer–Lambert, per-slide jittered haematoxylin and
+   eosin vectors): per class a haematoxylin and an eosin concentration map (nuclei drawn as polygons from
+   per-slide nucleus lists, so nothing repeats; fibres, fat membranes and chromatin noise from small periodic
+   textures), blended across class borders, scaled by a smooth stain-strength field, over a light-grey
+   background; pen ink adds its own optical density. Then blur regions are Gaussian-blurred.
+3. Lower levels are ``cv2.INTER_AREA`` reductions by 4 until the longer side is ≤ 1024 px.
+
+Memory: the level-0 RGB image (3 bytes/px: 805 MB at 16384²) plus per-block temporaries and the pyramid
+(peak RSS measured 1.3 GB at 16384²). Cost: ~2–2.5 CPU-seconds per 8192² slide (render ~1.5 s single-threaded,
+JPEG encoding on 2 threads), ~8 CPU-seconds at 16384²; :func:`make_demo_set` writes slides in 2 processes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+CLASS_NAMES = ["background", "tumour", "stroma", "fat", "lymphocytes", "necrosis"]
+TRUTH_DOWNSAMPLE = 16
+DEMO_DIAGNOSES = ("tumour", "lymphocytes", "fat", "necrosis")  # stroma is in every slide as the second class
+DEMO_SITES = ("breast", "lung", "colon")
+PEN_COLOURS = {"blue": (0.22, 0.42, 0.85), "green": (0.20, 0.58, 0.36), "black": (0.13, 0.13, 0.16)}  # transmission
+
+_BLOCK = 512  # rendering block (multiple of TRUTH_DOWNSAMPLE)
+_H = np.array([0.65, 0.70, 0.29])  # haematoxylin OD direction (Ruifrok & Johnston)
+_E = np.array([0.09, 0.85, 0.30])  # eosin OD direction (a little bluer than Ruifrok's, pinker RGB)
+_TUMOUR, _STROMA, _FAT, _LYMPH, _NECROSIS = 1, 2, 3, 4, 5
+
+
+# --------------------------------------------------------------------------- noise and textures
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
+    """(h, w) float32 noise with correlation length ~``scale`` px, zero mean, unit std."""
+    h, w = shape
+    step = max(scale / 2.0, 1.0)
+    gh, gw = int(np.ceil(h / step)) + 4, int(np.ceil(w / step)) + 4
+    g = cv2.GaussianBlur(rng.standard_normal((gh, gw)).astype(np.float32), (0, 0), 1.0)
+    up = cv2.resize(g, (int(gw * step), int(gh * step)), interpolation=cv2.INTER_CUBIC)
+    oy, ox = int(2 * step), int(2 * step)
+    out = up[oy:oy + h, ox:ox + w]
+    return ((out - out.mean()) / (out.std() + 1e-6)).astype(np.float32)
+
+
+def _periodic_noise(rng: np.random.Generator, period: int, sigma: float, angle: float | None = None,
+                    ratio: float = 1.0) -> np.ndarray:
+    """(period, period) float32 periodic Gaussian-filtered noise, unit std; with ``angle`` (rad), streaks
+    along that direction, ``ratio`` times longer than wide. Smooth isotropic fields are made on a coarser
+    periodic grid and upsampled (cheaper, still periodic)."""
+    if angle is None and sigma >= 8 and period % 8 == 0:
+        f = 4
+        small = _periodic_noise(rng, period // f, sigma / f)
+        wrapped = np.pad(small, 1, mode="wrap")
+        up = cv2.resize(wrapped, (wrapped.shape[1] * f, wrapped.shape[0] * f), interpolation=cv2.INTER_CUBIC)
+        out = up[f:f + period, f:f + period]
+        return out / (out.std() + 1e-6)
+    f = np.fft.fftfreq(period).astype(np.float32)
+    fy, fx = f[:, None], np.fft.rfftfreq(period).astype(np.float32)[None, :]
+    if angle is None:
+        g = np.exp(-2 * np.pi**2 * sigma**2 * (fx**2 + fy**2))
+    else:
+        ua = fx * np.cos(angle) + fy * np.sin(angle)  # frequency along the streaks: low
+        uc = -fx * np.sin(angle) + fy * np.cos(angle)
+        g = np.exp(-2 * np.pi**2 * ((sigma * ratio * ua) ** 2 + (sigma * uc) ** 2))
+    spec = np.fft.rfft2(rng.standard_normal((period, period)).astype(np.float32)) * g
+    spec[0, 0] = 0
+    out = np.fft.irfft2(spec, s=(period, period)).astype(np.float32)
+    return out / (out.std() + 1e-6)
+
+
+def _fat_membranes(rng: np.random.Generator, period: int, cell_px: float) -> np.ndarray:
+    """(period, period) float32 periodic map in [0, 1] of adipocyte membranes (a jittered Voronoi tessellation,
+    computed at half resolution)."""
+    period, cell_px = period // 2, cell_px / 2
+    n = max(2, int(round(period / cell_px)))
+    gy, gx = np.mgrid[0:n, 0:n]
+    pts = (np.stack([gx.ravel(), gy.ravel()], 1) + 0.5 + rng.uniform(-0.38, 0.38, (n * n, 2))) * (period / n)
+    m = int(1.2 * cell_px)
+    canvas = np.ones((period + 2 * m, period + 2 * m), np.uint8)
+    shifts = np.array([(dx, dy) for dx in (-period, 0, period) for dy in (-period, 0, period)])
+    allp = (pts[None] + shifts[:, None]).reshape(-1, 2) + m
+    allp = allp[(allp >= 0).all(1) & (allp < period + 2 * m - 1).all(1)].astype(np.int32)
+    canvas[allp[:, 1], allp[:, 0]] = 0
+    _, labels = cv2.distanceTransformWithLabels(canvas, cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL)
+    seed_of = np.zeros(labels.max() + 1, np.int32)
+    seed_of[labels[allp[:, 1], allp[:, 0]]] = np.arange(len(allp))
+    lab = seed_of[labels]
+    edge = np.zeros(lab.shape, np.uint8)
+    edge[1:, :] |= lab[1:, :] != lab[:-1, :]
+    edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+    edge = edge[m:m + period, m:m + period] * np.uint8(255)
+    edge = cv2.resize(edge, (2 * period, 2 * period), interpolation=cv2.INTER_LINEAR)
+    edge = cv2.GaussianBlur(cv2.dilate(edge, np.ones((3, 3), np.uint8)), (0, 0), 1.0)
+    return edge.astype(np.float32) / 255.0
+
+
+class _Nuclei:
+    """Nuclei of one class over the whole slide: polygons binned by rendering block, drawn on demand."""
+
+    def __init__(self, rng, centres, radii, elong, angles, irregular, values, n_vertices=12):
+        n = len(centres)
+        self.block_of = {}
+        if n == 0:
+            return
+        t = np.linspace(0, 2 * np.pi, n_vertices, endpoint=False)[None, :]
+        wobble = 1 + irregular[:, None] * rng.uniform(-1, 1, (n, n_vertices))
+        rx, ry = radii[:, None] * elong[:, None] * wobble, radii[:, None] / elong[:, None] * wobble
+        ca, sa = np.cos(angles)[:, None], np.sin(angles)[:, None]
+        px = centres[:, :1] + rx * np.cos(t) * ca - ry * np.sin(t) * sa
+        py = centres[:, 1:] + rx * np.cos(t) * sa + ry * np.sin(t) * ca
+        self.polys = (np.stack([px, py], -1) * 4).round().astype(np.int32)  # shift=2: quarter-pixel precision
+        self.values = values
+        reach = (radii * np.maximum(elong, 1 / elong) * (1 + irregular)).astype(np.float32) + 2
+        lo = np.floor((centres - reach[:, None]) / _BLOCK).astype(np.int64)  # reach < _BLOCK: at most 2 blocks
+        hi = np.floor((centres + reach[:, None]) / _BLOCK).astype(np.int64)  # per axis
+        keys, ids = [], []
+        for ky in (lo[:, 1], hi[:, 1]):
+            for kx in (lo[:, 0], hi[:, 0]):
+                keys.append((ky + 1) * (1 << 20) + (kx + 1))
+                ids.append(np.arange(n))
+        code = np.unique(np.concatenate(keys) * n + np.concatenate(ids))
+        key, nid = code // n, code % n
+        split = np.flatnonzero(np.diff(key)) + 1
+        for k, grp in zip(key[np.r_[0, split]], np.split(nid, split)):
+            self.block_of[(int(k) >> 20) - 1, (int(k) & ((1 << 20) - 1)) - 1] = grp
+
+    def draw(self, by: int, bx: int, shape: tuple[int, int]) -> np.ndarray | None:
+        """(h, w) float32 nuclear density in [0, 1] of block (by, bx), or None when it has no nuclei."""
+        idx = self.block_of.get((by, bx))
+        if idx is None:
+            return None
+        canvas = np.zeros(shape, np.uint8)
+        off = np.array([bx * _BLOCK * 4, by * _BLOCK * 4], np.int32)
+        vals = self.values[idx]
+        for v in np.unique(vals):
+            polys = list(self.polys[idx[vals == v]] - off)
+            cv2.fillPoly(canvas, polys, int(v), lineType=cv2.LINE_AA, shift=2)
+        return canvas.astype(np.float32) * (1 / 255.0)
+
+
+def _nuclei(rng, weight: np.ndarray, ds: int, size: tuple[int, int], *, spacing: float, radius: tuple[float, float],
+            elong: tuple[float, float] = (1.0, 1.0), irregular: float = 0.05, jitter: float = 0.35,
+            angle_field: np.ndarray | None = None, grid: bool = True, values=(200, 225, 255)) -> _Nuclei:
+    """Nuclei of a class where its low-res ``weight`` > 0: a jittered grid (crowded) or Poisson points."""
+    w, h = size
+    if grid:
+        gy, gx = np.mgrid[0:int(h / spacing) + 1, 0:int(w / spacing) + 1].astype(np.float32)
+        gx += 0.5 * (gy % 2)
+        c = (np.stack([gx.ravel(), gy.ravel()], 1) + rng.uniform(-jitter, jitter, (gx.size, 2))) * spacing
+    else:
+        c = rng.uniform(0, 1, (rng.poisson(w * h / spacing**2), 2)) * [w, h]
+    iy = np.clip((c[:, 1] / ds).astype(int), 0, weight.shape[0] - 1)
+    ix = np.clip((c[:, 0] / ds).astype(int), 0, weight.shape[1] - 1)
+    c = c[weight[iy, ix] > 0.02]
+    iy, ix = iy[weight[iy, ix] > 0.02], ix[weight[iy, ix] > 0.02]
+    n = len(c)
+    radii = rng.uniform(*radius, n)
+    el = np.sqrt(rng.uniform(*elong, n))
+    ang = angle_field[iy, ix] + rng.normal(0, 0.15, n) if angle_field is not None else rng.uniform(0, np.pi, n)
+    vals = rng.choice(np.asarray(values, np.uint8), n)
+    return _Nuclei(rng, c, radii, el, ang, np.full(n, irregular), vals)
+
+
+# --------------------------------------------------------------------------- layout at the truth resolution
+
+
+def _layout(rng, hl: int, wl: int, px_lr: float, n_pieces: int, dominant: int) -> dict:
+    """Low-res (hl, wl) tissue field (> 0 = tissue) and class labels; ``px_lr`` = µm per low-res pixel."""
+    yy, xx = np.mgrid[0:hl, 0:wl].astype(np.float32)
+    field = np.full((hl, wl), -1.0, np.float32)
+    short_side = min(hl, wl)
+    cols = int(np.ceil(np.sqrt(n_pieces)))  # pieces on a grid of cells, longer side first
+    rows = int(np.ceil(n_pieces / cols))
+    if hl > wl:
+        rows, cols = cols, rows
+    cw, ch = wl / cols, hl / rows
+    rough = (0.15 * _smooth_noise(rng, (hl, wl), 0.15 * short_side)
+             + 0.05 * _smooth_noise(rng, (hl, wl), 0.03 * short_side))
+    for p in range(n_pieces):
+        r_, c_ = divmod(p, cols)
+        cx = (c_ + 0.5 + rng.uniform(-0.08, 0.08)) * cw
+        cy = (r_ + 0.5 + rng.uniform(-0.08, 0.08)) * ch
+        if r_ == rows - 1 and n_pieces % cols:  # centre an incomplete last row
+            cx += (cols - n_pieces % cols) * cw / 2
+        a = min(cw, ch) * rng.uniform(0.40, 0.47)
+        b = a * rng.uniform(0.65, 0.95)
+        th = rng.uniform(0, np.pi)
+        u = (xx - cx) * np.cos(th) + (yy - cy) * np.sin(th)
+        v = -(xx - cx) * np.sin(th) + (yy - cy) * np.cos(th)
+        piece = 1 - np.sqrt((u / a) ** 2 + (v / b) ** 2) + rough
+        for _ in range(rng.integers(1, 4)):  # holes: irregular gaps inside the piece
+            inside = np.argwhere(piece > 0.35)
+            if len(inside) == 0:
+                break
+            hy, hx = inside[rng.integers(len(inside))]
+            r = b * rng.uniform(0.07, 0.18)
+            e, t = rng.uniform(1.0, 1.8), rng.uniform(0, np.pi)
+            hu = (xx - hx) * np.cos(t) + (yy - hy) * np.sin(t)
+            hv = -(xx - hx) * np.sin(t) + (yy - hy) * np.cos(t)
+            d = np.sqrt((hu / (r * e)) ** 2 + (hv * e / r) ** 2)
+            piece = np.minimum(piece, 0.3 * (d - 1) + 0.3 * rough)
+        field = np.maximum(field, piece)
+    border = np.minimum.reduce([xx, yy, wl - 1 - xx, hl - 1 - yy]) / (0.04 * short_side) - 1
+    field = np.minimum(field, 0.2 * border)
+    tissue = field > 0
+
+    labels = np.where(tissue, dominant, 0).astype(np.uint8)
+    others = [c for c in (_TUMOUR, _FAT, _LYMPH, _NECROSIS) if c != dominant]
+    chosen = [_STROMA] if dominant != _STROMA else []
+    chosen += list(rng.choice(others, size=int(rng.integers(1, 3)), replace=False))
+    fractions = [rng.uniform(0.12, 0.18) if c == _STROMA else rng.uniform(0.07, 0.11) for c in chosen]
+    n_tissue = tissue.sum()
+    for c, frac in zip(chosen, fractions):
+        free = tissue & (labels == dominant)
+        if free.sum() == 0:
+            break
+        noise = _smooth_noise(rng, (hl, wl), 300 / px_lr)
+        q = 1 - min(0.95, frac * n_tissue / free.sum())
+        labels[free & (noise > np.quantile(noise[free], q))] = c
+    return {"field": field, "tissue": tissue, "labels": labels}
+
+
+def _pen_strokes(rng, tissue: np.ndarray, px_lr: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """1–3 pen strokes: (soft low-res coverage in [0, 1], ink OD (3,)) each; lines or arcs over tissue."""
+    hl, wl = tissue.shape
+    pts_in = np.argwhere(tissue)
+    strokes = []
+    for _ in range(int(rng.integers(1, 4))):
+        colour = list(PEN_COLOURS)[int(rng.integers(len(PEN_COLOURS)))]
+        od = -np.log(np.asarray(PEN_COLOURS[colour]))
+        cy, cx = pts_in[rng.integers(len(pts_in))] if len(pts_in) else (hl / 2, wl / 2)
+        if rng.random() < 0.5:  # an arc around a region, as when circling a finding
+            r = rng.uniform(0.1, 0.25) * min(hl, wl)
+            t0 = rng.uniform(0, 2 * np.pi)
+            t = np.linspace(t0, t0 + rng.uniform(1.2, 1.8) * np.pi, 120)
+            rr = r * (1 + 0.08 * np.sin(3 * t + rng.uniform(0, 6)))
+            xy = np.stack([cx + rr * np.cos(t) * rng.uniform(0.8, 1.2), cy + rr * np.sin(t)], 1)
+        else:  # a smooth curve through the point
+            heading = rng.uniform(0, 2 * np.pi)
+            turn = np.cumsum(rng.normal(0, 0.03, 120))
+            steps = 0.5 * min(hl, wl) / 120
+            ang = heading + turn
+            xy = np.cumsum(np.stack([np.cos(ang), np.sin(ang)], 1) * steps, 0)
+            xy += np.array([cx, cy]) - xy[60]
+        canvas = np.zeros((hl, wl), np.uint8)
+        width = rng.uniform(50, 90) / px_lr  # ~50–90 µm wide
+        cv2.polylines(canvas, [(xy * 4).round().astype(np.int32)], False, 255, thickness=max(1, int(round(width))),
+                      lineType=cv2.LINE_AA, shift=2)
+        strokes.append((cv2.GaussianBlur(canvas, (0, 0), 0.7).astype(np.float32) / 255.0, od))
+    return strokes
+
+
+def _blur_regions(rng, tissue: np.ndarray, px_lr: float) -> np.ndarray:
+    """Low-res soft mask in [0, 1] of 1–2 out-of-focus ellipses centred on tissue."""
+    hl, wl = tissue.shape
+    yy, xx = np.mgrid[0:hl, 0:wl].astype(np.float32)
+    pts_in = np.argwhere(tissue)
+    out = np.zeros((hl, wl), np.float32)
+    for _ in range(int(rng.integers(1, 3))):
+        if not len(pts_in):
+            break
+        cy, cx = pts_in[rng.integers(len(pts_in))]
+        a, b = rng.uniform(150, 350, 2) / px_lr
+        d = np.sqrt(((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2)
+        out = np.maximum(out, np.clip((1.2 - d) / 0.4, 0, 1))
+    return out
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _up(field: np.ndarray, y0: int, y1: int, x0: int, x1: int, ds: int) -> np.ndarray:
+    """Bilinear ×ds upsampling of a low-res field over level-0 rows y0:y1, cols x0:x1 (multiples of ds at the
+    start), identical to upsampling the whole field then cropping. ``field`` is edge-padded by 1 px."""
+    ly0, lx0 = y0 // ds, x0 // ds
+    ly1, lx1 = -(-y1 // ds), -(-x1 // ds)
+    win = np.ascontiguousarray(field[ly0:ly1 + 2, lx0:lx1 + 2])
+    up = cv2.resize(win, (win.shape[1] * ds, win.shape[0] * ds), interpolation=cv2.INTER_LINEAR)
+    return up[ds:ds + y1 - y0, ds:ds + x1 - x0]
+
+
+def _smoothstep(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    t = np.clip((x - lo) * (1.0 / (hi - lo)), 0, 1)
+    return t * t * (3 - 2 * t)
+
+
+def _wrap_pad(tex: np.ndarray) -> np.ndarray:
+    """A periodic texture padded by one block (wrapping), so any block-sized window is a plain slice."""
+    return np.pad(tex, ((0, _BLOCK), (0, _BLOCK)), mode="wrap")
+
+
+def _warp_periodic(rng, tex: np.ndarray, amplitude: float, scale: float) -> np.ndarray:
+    """Domain-warp a periodic texture by a smooth periodic displacement (keeps it periodic)."""
+    p = tex.shape[0]
+    gy, gx = np.mgrid[0:p, 0:p].astype(np.float32)
+    gx += _periodic_noise(rng, p, scale) * amplitude
+    gy += _periodic_noise(rng, p, scale) * amplitude
+    return cv2.remap(tex, gx, gy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_WRAP)
+
+
+class _Renderer:
+    """Everything needed to render any level-0 block of one slide."""
+
+    def __init__(self, rng, width, height, mpp, layout, strokes, dominant):
+        ds = self.ds = TRUTH_DOWNSAMPLE
+        self.size = (width, height)
+        um = 1.0 / mpp  # level-0 px per µm
+        tissue, labels = layout["tissue"], layout["labels"]
+        pad = lambda a: np.pad(a.astype(np.float32), 1, mode="edge")  # noqa: E731
+        self.field = pad(layout["field"])
+        filled = np.where(tissue, labels, dominant).astype(np.uint8)
+        self.filled = np.pad(filled, 1, mode="edge")
+        present = [int(c) for c in np.unique(filled)]
+        self.weights = {c: pad(cv2.GaussianBlur((filled == c).astype(np.float32), (0, 0), 0.8)) for c in present}
+        self.strength = pad(1 + 0.12 * _smooth_noise(rng, tissue.shape, 400 / (mpp * ds)))
+        self.strokes = [(pad(s), od.astype(np.float32)) for s, od in strokes]
+        # stain: jittered H and E directions and strengths, background optical density
+        h = _H + rng.normal(0, 0.03, 3)
+        e = _E + rng.normal(0, 0.04, 3)
+        h_vec, e_vec = h / np.linalg.norm(h), e / np.linalg.norm(e)
+        h_k, e_k = rng.uniform(0.85, 1.15), rng.uniform(0.85, 1.15)
+        bg_od = rng.uniform(0.025, 0.045) + rng.normal(0, 0.003, 3)
+        self.od_matrix = np.array([[h_vec[i] * h_k, e_vec[i] * e_k, 1.0, bg_od[i]] for i in range(3)], np.float32)
+        # small periodic textures, each class's only when the class is on the slide
+        self.offsets = rng.integers(0, 4096, (8, 2))
+        self.fine = [_wrap_pad(_periodic_noise(rng, 512, 1.2)) for _ in range(2)]
+        grain = 0.006 * self.fine[1][:_BLOCK, :_BLOCK]
+        z = np.zeros_like(grain)
+        self.background = cv2.convertScaleAbs(cv2.exp(-cv2.transform(cv2.merge([z, z, grain]), self.od_matrix)),
+                                              alpha=255.0)  # (B, B, 3) periodic background RGB
+        self.background = np.pad(self.background, ((0, _BLOCK), (0, _BLOCK), (0, 0)), mode="wrap")
+        if _NECROSIS in present:
+            self.mottle = _wrap_pad(_periodic_noise(rng, 512, 10 * 0.25 / mpp))
+        if _STROMA in present:
+            th = rng.uniform(0, np.pi)
+            turn = rng.uniform(0.6, 1.2)
+            self.fibres = []
+            for d in (0.0, turn):
+                f = _periodic_noise(rng, 1024, 1.0 * um, th + d, ratio=7.0)
+                f = _warp_periodic(rng, f, 6 * um, 25 * um)
+                self.fibres.append(_wrap_pad(np.tanh(1.3 * f)))
+            mix = np.clip(_smooth_noise(rng, tissue.shape, 250 / (mpp * ds)) * 0.5 + 0.5, 0, 1)
+            self.fibre_mix = pad(mix)
+            fibre_angle = np.where(mix > 0.5, th, th + turn).astype(np.float32)  # stromal nuclei follow the fibres
+        if _FAT in present:
+            period = 2048 if max(width, height) > 2048 else 1024  # small slides: a smaller tessellation
+            self.fat = _wrap_pad(_fat_membranes(rng, period, rng.uniform(55, 75) * um))
+        # nuclei, only where each class is
+        wts = {c: cv2.dilate(self.weights[c][1:-1, 1:-1], np.ones((3, 3))) if c in self.weights
+               else np.zeros(tissue.shape, np.float32) for c in range(1, 6)}
+        sz = (width, height)
+        self.nuclei = {
+            _TUMOUR: _nuclei(rng, wts[_TUMOUR], ds, sz, spacing=14 * um, radius=(4.8 * um, 7.6 * um), elong=(1, 2.4),
+                             irregular=0.16, jitter=0.35, values=(170, 200, 230, 255)),
+            _STROMA: _nuclei(rng, wts[_STROMA], ds, sz, spacing=40 * um, radius=(3.2 * um, 4.5 * um), elong=(9, 20),
+                             irregular=0.05, grid=False, values=(190, 230),
+                             angle_field=fibre_angle if _STROMA in present else None),
+            _FAT: _nuclei(rng, wts[_FAT], ds, sz, spacing=110 * um, radius=(2.5 * um, 3.5 * um), elong=(6, 12),
+                          irregular=0.05, grid=False, values=(180, 220)),
+            _LYMPH: _nuclei(rng, wts[_LYMPH], ds, sz, spacing=7.0 * um, radius=(2.6 * um, 3.4 * um), irregular=0.07,
+                            jitter=0.38, values=(200, 230, 255)),
+            _NECROSIS: _nuclei(rng, wts[_NECROSIS], ds, sz, spacing=7 * um, radius=(0.4 * um, 1.5 * um), elong=(1, 3),
+                               irregular=0.35, grid=False, values=(110, 160, 220)),
+        }
+        self.ghosts = _nuclei(rng, wts[_NECROSIS], ds, sz, spacing=16 * um, radius=(3.5 * um, 5.5 * um), grid=False,
+                              irregular=0.1, values=(70, 100))
+
+    def _tex(self, tex: np.ndarray, k: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        p = tex.shape[0] - _BLOCK
+        oy, ox = (y0 + self.offsets[k, 0]) % p, (x0 + self.offsets[k, 1]) % p
+        return tex[oy:oy + h, ox:ox + w]
+
+    def _class_maps(self, c, by, bx, y0, x0, h, w):
+        """Haematoxylin, eosin and grey concentration maps (h, w) float32 of class ``c`` over a block."""
+        d = self.nuclei[c].draw(by, bx, (h, w))
+        d = np.zeros((h, w), np.float32) if d is None else d
+        f1 = self._tex(self.fine[0], 0, y0, x0, h, w)
+        f2 = self._tex(self.fine[1], 1, y0, x0, h, w)
+        grey = None
+        if c == _TUMOUR:
+            hh = 0.17 + 0.04 * f2 + d * (1.2 + 0.3 * f1)
+            ee = (0.40 + 0.06 * f2) * (1 - 0.6 * d)
+        elif c == _STROMA:
+            mix = _up(self.fibre_mix, y0, y0 + h, x0, x0 + w, self.ds)
+            fib = (self._tex(self.fibres[0], 2, y0, x0, h, w) * mix
+                   + self._tex(self.fibres[1], 3, y0, x0, h, w) * (1 - mix))
+            ee = np.clip(0.50 + 0.30 * fib + 0.04 * f1, 0.08, None) * (1 - 0.5 * d)
+            hh = 0.035 + 0.01 * f2 + d * 1.0
+        elif c == _FAT:
+            mem = self._tex(self.fat, 4, y0, x0, h, w)
+            ee = 0.11 + 0.75 * mem + 0.01 * f1  # faint eosin haze in the vacuoles, pink membranes
+            hh = 0.012 + 0.06 * mem + d * 0.9
+        elif c == _LYMPH:
+            hh = 0.22 + 0.04 * f2 + d * (1.5 + 0.15 * f1)
+            ee = 0.15 * (1 - 0.7 * d) + 0.02 * f2
+        else:  # necrosis: pale, greyish, mottled, with karyorrhectic debris and ghost nuclei
+            mot = self._tex(self.mottle, 5, y0, x0, h, w)
+            g = self.ghosts.draw(by, bx, (h, w))
+            hh = 0.06 + 0.03 * mot + d * 0.8 + (0 if g is None else 0.2 * g)
+            ee = 0.24 + 0.07 * mot + 0.03 * f1
+            grey = 0.09 + 0.03 * mot + 0.02 * f2
+        return hh, ee, grey
+
+    def block(self, by: int, bx: int) -> np.ndarray:
+        """(h, w, 3) uint8 RGB of level-0 block (by, bx)."""
+        w_all, h_all = self.size
+        ds = self.ds
+        y0, x0 = by * _BLOCK, bx * _BLOCK
+        y1, x1 = min(y0 + _BLOCK, h_all), min(x0 + _BLOCK, w_all)
+        h, w = y1 - y0, x1 - x0
+        ly0, ly1, lx0, lx1 = y0 // ds, -(-y1 // ds) + 2, x0 // ds, -(-x1 // ds) + 2
+        f_win = self.field[ly0:ly1, lx0:lx1]
+        strokes = [(s, ink) for s, ink in self.strokes if s[ly0:ly1, lx0:lx1].max() > 0.3]
+        if f_win.max() <= -0.02 and not strokes:
+            p = _BLOCK
+            return self.background[y0 % p:y0 % p + h, x0 % p:x0 % p + w]
+        hh = np.zeros((h, w), np.float32)
+        ee = np.zeros((h, w), np.float32)
+        gg = np.zeros((h, w), np.float32)
+        if f_win.max() > -0.02:
+            present = np.unique(self.filled[ly0:ly1, lx0:lx1])
+            for c in present:
+                ch, ce, cg = self._class_maps(int(c), by, bx, y0, x0, h, w)
+                if len(present) > 1:
+                    wgt = _up(self.weights[c], y0, y1, x0, x1, ds)
+                    ch, ce, cg = ch * wgt, ce * wgt, (None if cg is None else cg * wgt)
+                hh += ch
+                ee += ce
+                if cg is not None:
+                    gg += cg
+            s = _up(self.strength, y0, y1, x0, x1, ds)
+            if f_win.min() < 0.02:  # tissue edge in this block
+                s *= np.clip(_up(self.field, y0, y1, x0, x1, ds) * 400 + 0.5, 0, 1)
+            hh *= s
+            ee *= s
+            gg *= s
+        gg += 0.006 * self.fine[1][y0 % _BLOCK:y0 % _BLOCK + h, x0 % _BLOCK:x0 % _BLOCK + w]  # as self.background
+        od = cv2.transform(cv2.merge([hh, ee, gg]), self.od_matrix)
+        for s_field, ink in strokes:
+            a = _smoothstep(_up(s_field, y0, y1, x0, x1, ds), 0.3, 0.7)
+            a *= 0.9 + 0.1 * self._tex(self.fine[0], 7, y0, x0, h, w)
+            od += a[..., None] * ink
+        return cv2.convertScaleAbs(cv2.exp(-od), alpha=255.0)
+
+
+def _apply_blur(img: np.ndarray, blur_lr: np.ndarray, ds: int, sigma: float) -> None:
+    """In place: Gaussian-blur the regions of the low-res soft mask ``blur_lr``."""
+    n, lab = cv2.connectedComponents((blur_lr > 0).astype(np.uint8))
+    padded = np.pad(blur_lr.astype(np.float32), 1, mode="edge")
+    m = int(3 * sigma) + ds
+    for i in range(1, n):
+        ys, xs = np.nonzero(lab == i)
+        y0, y1 = max(0, ys.min() * ds - m) // ds * ds, min(img.shape[0], (ys.max() + 1) * ds + m)
+        x0, x1 = max(0, xs.min() * ds - m) // ds * ds, min(img.shape[1], (xs.max() + 1) * ds + m)
+        roi = img[y0:y1, x0:x1]
+        a = np.ascontiguousarray(_up(padded, y0, y1, x0, x1, ds))
+        roi[:] = cv2.blendLinear(cv2.GaussianBlur(roi, (0, 0), sigma), roi, a, 1 - a)
+
+
+def _write_tiff(path: Path, img: np.ndarray, mpp: float, tile: int, quality: int) -> int:
+    """Pyramidal tiled JPEG TIFF, levels 4× apart as separate IFDs; returns the number of levels."""
+    import tifffile
+
+    levels = [img]
+    while max(levels[-1].shape[:2]) > 1024:
+        prev = levels[-1]
+        levels.append(cv2.resize(prev, (max(1, prev.shape[1] // 4), max(1, prev.shape[0] // 4)),
+                                 interpolation=cv2.INTER_AREA))
+    bigtiff = sum(lv.nbytes for lv in levels) > 2**31
+    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tw:
+        for i, lv in enumerate(levels):
+            ds = img.shape[1] / lv.shape[1]
+            res = 1e4 / (mpp * ds)  # pixels per centimetre
+            tw.write(lv, tile=(tile, tile), compression="jpeg", compressionargs={"level": int(quality)},
+                     photometric="rgb", resolution=(res, res), resolutionunit="CENTIMETER",
+                     subfiletype=1 if i else 0, metadata=None, maxworkers=2, software="workbench.synthetic")
+    return len(levels)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def truth_path(slide_path) -> Path:
+    """``<stem>.truth.npz`` next to the slide."""
+    p = Path(slide_path)
+    return p.with_suffix(".truth.npz")
+
+
+def _check(width, height, mpp, dominant, n_pieces, where):
+    if dominant not in CLASS_NAMES[1:]:
+        raise ValueError(f"{where}: dominant must be one of {CLASS_NAMES[1:]}, got {dominant!r}")
+    if width < 256 or height < 256 or not mpp > 0 or n_pieces < 1:
+        raise ValueError(f"{where}: need width, height >= 256, mpp > 0 and n_pieces >= 1; got width={width}, "
+                         f"height={height}, mpp={mpp}, n_pieces={n_pieces}")
+
+
+def render_slide(*, width: int = 8192, height: int = 8192, mpp: float = 0.25, seed: int = 0, dominant: str = "tumour",
+                 n_pieces: int = 2, pen: bool = True, blur: bool = True) -> tuple[np.ndarray, dict]:
+    """Render level 0 of a synthetic slide in memory (what :func:`make_slide` writes).
+
+    Returns
+    -------
+    image : (height, width, 3) uint8 RGB
+    truth : dict as :func:`make_slide` returns
+    """
+    _check(width, height, mpp, dominant, n_pieces, "render_slide")
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    ds = TRUTH_DOWNSAMPLE
+    hl, wl = -(-height // ds), -(-width // ds)
+    px_lr = mpp * ds
+    dom = CLASS_NAMES.index(dominant)
+    layout = _layout(rng, hl, wl, px_lr, n_pieces, dom)
+    strokes = _pen_strokes(rng, layout["tissue"], px_lr) if pen else []
+    blur_lr = _blur_regions(rng, layout["tissue"], px_lr) if blur else np.zeros((hl, wl), np.float32)
+    blur_sigma = rng.uniform(3.0, 5.0) * 0.25 / mpp
+    renderer = _Renderer(rng, width, height, mpp, layout, strokes, dom)
+    t1 = time.perf_counter()
+    img = np.empty((height, width, 3), np.uint8)
+    for by in range(-(-height // _BLOCK)):
+        for bx in range(-(-width // _BLOCK)):
+            img[by * _BLOCK:(by + 1) * _BLOCK, bx * _BLOCK:(bx + 1) * _BLOCK] = renderer.block(by, bx)
+    if blur:
+        _apply_blur(img, blur_lr, ds, sigma=blur_sigma)
+    pen_lr = np.zeros((hl, wl), bool)
+    for stroke, _ in strokes:
+        pen_lr |= stroke > 0.5
+    truth = {"tissue": layout["tissue"], "classes": layout["labels"], "pen": pen_lr, "blur": blur_lr > 0.5,
+             "downsample": ds, "mpp": float(mpp)}
+    log.debug("rendered %dx%d (seed %d): layout %.2f s, pixels %.2f s", width, height, seed, t1 - t0,
+              time.perf_counter() - t1)
+    return img, truth
+
+
+def make_slide(path, *, width: int = 8192, height: int = 8192, mpp: float = 0.25, seed: int = 0,
+               dominant: str = "tumour", n_pieces: int = 2, pen: bool = True, blur: bool = True, tile: int = 256,
+               quality: int = 90) -> dict:
+    """Write a synthetic H&E-like slide (pyramidal JPEG TIFF) and its ground truth; return the truth.
+
+    Parameters
+    ----------
+    path : output ``.tif``/``.tiff`` path; the truth goes to ``<stem>.truth.npz`` beside it
+    width, height : level-0 size in pixels
+    mpp : level-0 microns per pixel (written to the resolution tags; tissue structures scale with it)
+    seed : everything is drawn from this seed (same seed → identical pixels and truth)
+    dominant : class name covering most (≥ ~65 %) of the tissue (one of CLASS_NAMES[1:])
+    n_pieces : number of tissue pieces
+    pen, blur : draw pen-marker strokes / blur some regions
+    tile, quality : TIFF tile size (multiple of 16) and JPEG quality
+
+    Returns
+    -------
+    dict with ``tissue`` (ceil(H/16), ceil(W/16)) bool, ``classes`` same shape uint8 (ids index CLASS_NAMES),
+    ``pen`` bool, ``blur`` bool, ``downsample`` (16), ``mpp``.
+
+    Examples
+    --------
+    >>> truth = make_slide("/tmp/s0.tiff", width=2048, height=2048, dominant="fat", seed=3)  # doctest: +SKIP
+    """
+    path = Path(path)
+    _check(width, height, mpp, dominant, n_pieces, str(path))
+    if tile < 16 or tile % 16 or not 1 <= quality <= 100:
+        raise ValueError(f"{path}: tile must be a positive multiple of 16 and quality 1–100; got {tile}, {quality}")
+    t0 = time.perf_counter()
+    img, truth = render_slide(width=width, height=height, mpp=mpp, seed=seed, dominant=dominant,
+                              n_pieces=n_pieces, pen=pen, blur=blur)
+    t1 = time.perf_counter()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n_levels = _write_tiff(path, img, mpp, tile, quality)
+    np.savez_compressed(truth_path(path), **truth)
+    log.info("%s: %dx%d, %d levels, render %.2f s, write %.2f s", path.name, width, height, n_levels, t1 - t0,
+             time.perf_counter() - t1)
+    return truth
+
+
+def load_truth(slide_path) -> dict:
+    """The ground truth saved by :func:`make_slide` next to ``slide_path`` (keys as make_slide returns)."""
+    p = truth_path(slide_path)
+    if not p.exists():
+        alt = Path(str(slide_path) + ".truth.npz")
+        if not alt.exists():
+            raise FileNotFoundError(f"no ground truth for slide {slide_path}: expected {p}")
+        p = alt
+    with np.load(p) as z:
+        out = {k: z[k] for k in z.files}
+    out["downsample"] = int(out["downsample"])
+    out["mpp"] = float(out["mpp"])
+    return out
+
+
+def tile_truth(truth: dict, coords, size0: float) -> dict:
+    """Ground truth per tile: a truth pixel counts for a tile when its centre lies in the tile's footprint.
+
+    Parameters
+    ----------
+    truth : from :func:`load_truth` / :func:`make_slide`
+    coords : (n, 2) level-0 x, y of each tile's top-left corner
+    size0 : tile footprint in level-0 pixels
+
+    Returns
+    -------
+    dict of (n,) arrays: ``tissue`` and ``pen`` fractions (float32, of the whole footprint; outside the slide
+    counts as background), ``cls`` the majority non-background class id (uint8; 0 when the tile has no tissue;
+    ties go to the lower id),
+    ``purity`` its share of the tile's tissue (float32), and ``class_fraction`` (n, len(CLASS_NAMES)) float32.
+    """
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    ds = float(truth["downsample"])
+    classes = np.asarray(truth["classes"])
+    hl, wl = classes.shape
+    # truth pixel i is in [x, x + size0) when x <= (i + 0.5) ds < x + size0
+    i0 = np.ceil(coords / ds - 0.5).astype(np.int64)
+    i1 = np.maximum(np.ceil((coords + size0) / ds - 0.5).astype(np.int64), i0 + 1)
+    area = ((i1 - i0).prod(1)).astype(np.float64)
+    cx0, cx1 = np.clip(i0[:, 0], 0, wl), np.clip(i1[:, 0], 0, wl)
+    cy0, cy1 = np.clip(i0[:, 1], 0, hl), np.clip(i1[:, 1], 0, hl)
+
+    def box_sum(mask):
+        sat = np.zeros((hl + 1, wl + 1), np.int64)
+        sat[1:, 1:] = np.asarray(mask, np.int64).cumsum(0).cumsum(1)
+        return sat[cy1, cx1] - sat[cy0, cx1] - sat[cy1, cx0] + sat[cy0, cx0]
+
+    counts = np.stack([box_sum(classes == c) for c in range(len(CLASS_NAMES))], 1).astype(np.float64)
+    counts[:, 0] = area - counts[:, 1:].sum(1)
+    tissue = box_sum(np.asarray(truth["tissue"], bool)) / area
+    pen = box_sum(np.asarray(truth["pen"], bool)) / area
+    fg = counts[:, 1:]
+    cls = np.where(fg.sum(1) > 0, fg.argmax(1) + 1, 0).astype(np.uint8)
+    purity = np.where(fg.sum(1) > 0, fg.max(1) / np.maximum(fg.sum(1), 1), 0)
+    return {"tissue": tissue.astype(np.float32), "pen": pen.astype(np.float32), "cls": cls,
+            "purity": purity.astype(np.float32), "class_fraction": (counts / area[:, None]).astype(np.float32)}
+
+
+def _make_slide_job(path, kw):
+    make_slide(path, **kw)
+
+
+def make_demo_set(out_dir, *, n_slides: int = 16, size: int = 8192, seed: int = 0, manifest_path=None,
+                  workers: int | None = None) -> pd.DataFrame:
+    """Write ``n_slides`` synthetic slides ``demo_000.tiff`` … into ``out_dir``; return their manifest.
+
+    Diagnoses cycle through :data:`DEMO_DIAGNOSES` (balanced; the diagnosis is the slide's dominant class);
+    within each diagnosis the first two slides belong to one patient (so some patients have two slides) and
+    pen marks alternate (about half the slides have them, independent of the diagnosis). Sites cycle over
+    patients through :data:`DEMO_SITES`. Slides are 0.25 mpp; the ``mpp`` column is left empty (it comes from
+    the files). The returned table has absolute paths; the CSV written to ``manifest_path`` (if given) has
+    paths relative to the manifest's folder (as :func:`workbench.manifest.read_manifest` expects).
+    Deterministic for a seed (and independent of ``workers``, the number of processes writing slides;
+    default: up to 2). Besides the manifest columns the table has ``pen`` (whether the slide has pen marks).
+    """
+    if n_slides < 1 or size < 256:
+        raise ValueError(f"make_demo_set: need n_slides >= 1 and size >= 256, got {n_slides}, {size}")
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    diagnoses = [DEMO_DIAGNOSES[i % len(DEMO_DIAGNOSES)] for i in range(n_slides)]
+    diagnoses = [diagnoses[i] for i in rng.permutation(n_slides)]
+    records, jobs, rank, patient_of_pair, n_patients = [], [], {}, {}, 0
+    for i, diag in enumerate(diagnoses):
+        k = rank[diag] = rank.get(diag, -1) + 1
+        if k == 1:
+            pid = patient_of_pair[diag]
+        else:
+            pid = n_patients
+            n_patients += 1
+            if k == 0:
+                patient_of_pair[diag] = pid
+        slide_seed = int(seed) * 10_000 + i
+        pen = (k % 2 == 0) if (DEMO_DIAGNOSES.index(diag) % 2 == 0) else (k % 2 == 1)
+        path = out_dir / f"demo_{i:03d}.tiff"
+        jobs.append((path, dict(width=size, height=size, mpp=0.25, seed=slide_seed, dominant=diag,
+                                n_pieces=int(rng.integers(1, 4)), pen=pen, blur=bool(rng.random() < 0.5))))
+        records.append({"slide_id": path.stem, "path": str(path), "patient_id": f"patient_{pid:03d}",
+                        "site": DEMO_SITES[pid % len(DEMO_SITES)], "diagnosis": diag, "mpp": np.nan, "pen": pen})
+    workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    if workers == 1 or len(jobs) == 1:
+        for path, kw in jobs:
+            make_slide(path, **kw)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # fork where available: works from scripts without a __main__ guard; the parent holds no slide state
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+            for fut in [pool.submit(_make_slide_job, path, kw) for path, kw in jobs]:
+                fut.result()
+    df = pd.DataFrame.from_records(records)
+    if manifest_path is not None:
+        manifest_path = Path(manifest_path).resolve()
+        manifest_path.parent.mkdir(parents=True, exist_ok=True)
+        rel = df.copy()
+        rel["path"] = [os.path.relpath(p, manifest_path.parent) for p in df["path"]]
+        rel.to_csv(manifest_path, index=False)
+    return df
