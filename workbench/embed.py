@@ -1,0 +1,366 @@
+"""Batched tile embedding into the store: ``slides/<id>/features/<encoder>`` (n, d) float16.
+
+Per slide, a torch ``DataLoader`` whose worker processes each open their own slide handle and read
+whole batches with :class:`~workbench.slides.TileReader` (one batched decode per batch), straight at
+the encoder's input size over the tile's footprint (so resizing happens in the workers, with
+``cv2.INTER_AREA``); pinned memory and ``non_blocking`` copies on CUDA; ``torch.inference_mode``;
+bf16 (or fp16) autocast on CUDA for networks, fp32 on CPU and for the hand-crafted descriptor;
+optional ``torch.compile``. The device is chosen at run time (CUDA when present).
+
+Resumable per slide: a slide whose features for this encoder are complete *with the same weights
+digest* is skipped; the ``complete`` attribute is written last, so a killed run redoes only the slide
+it was writing. Another encoder writes a second array beside the first. A slide that fails is
+recorded in the store's error table (``on_error="skip"``) and the run goes on. Rows whose features
+are NaN/Inf (e.g. fp16 overflow) are kept as NaN, listed in the array's ``nonfinite_rows`` attribute,
+logged and recorded in the error table: never silently written as valid.
+
+Scale-out: with a ``dask.distributed`` client, each slide is one task; each worker builds the encoder
+once and writes its own slide's group (disjoint paths; the calling process holds the store's write
+lock for the whole run). One worker per GPU: ``dask_cuda.LocalCUDACluster()`` when installed::
+
+    from dask_cuda import LocalCUDACluster
+    from distributed import Client
+    with LocalCUDACluster() as cluster, Client(cluster) as client:
+        embed_slides("data.zarr", "uni", client=client)
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import store as st
+
+log = logging.getLogger(__name__)
+
+SUMMARY_COLUMNS = ["slide_id", "status", "n_tiles", "n_nonfinite", "seconds", "tiles_per_s", "error"]
+_ENCODERS: dict = {}  # per process: (name, weights) -> (Encoder, device, prepared model)
+
+
+def pick_device(device: str | None = None) -> str:
+    """``device`` if given, else ``"cuda"`` when available, else ``"cpu"``."""
+    import torch
+
+    if device:
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} asked for, but CUDA is not available here")
+        return str(device)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class TileBatches:
+    """Map-style dataset over the batches of several slides: ``ds[i] -> (slide index, start, tiles, error)``.
+
+    Items run slide after slide, so one DataLoader keeps the device busy across slide boundaries. Each
+    worker process opens its own slide handle on first use and keeps the last one open; a slide that
+    cannot be read yields an empty batch with the error text instead of killing the loader.
+    """
+
+    def __init__(self, slides: list[dict], batch_size: int):
+        self.slides, self.batch_size = slides, int(batch_size)
+        self.items = [(k, start, min(start + self.batch_size, len(s["coords"])))
+                      for k, s in enumerate(slides) for start in range(0, len(s["coords"]), self.batch_size)]
+        self._open = None  # (slide index, TileReader)
+
+    def __len__(self):
+        return len(self.items)
+
+    def _reader(self, k: int):
+        from .slides import TileReader, open_slide
+
+        if self._open is not None and self._open[0] == k:
+            return self._open[1]
+        self.close()
+        s = self.slides[k]
+        slide = open_slide(s["path"], slide_id=s["slide_id"], mpp=s["mpp"])
+        self._open = (k, TileReader(slide, tile_px=s["read_px"], tile_mpp=s["read_mpp"]))
+        return self._open[1]
+
+    def __getitem__(self, i: int):
+        import torch
+
+        k, start, stop = self.items[i]
+        try:
+            tiles = self._reader(k).read(self.slides[k]["coords"][start:stop])
+        except Exception as exc:  # reported per slide by the consumer, never silently dropped
+            return k, start, torch.zeros(0, dtype=torch.uint8), f"{type(exc).__name__}: {exc}"
+        return k, start, torch.from_numpy(tiles), ""
+
+    def close(self):
+        if self._open is not None:
+            reader = self._open[1]
+            reader.close()
+            reader.slide.close()
+            self._open = None
+
+    def __getstate__(self):  # a worker gets the description, never an open handle
+        return {**self.__dict__, "_open": None}
+
+
+def read_geometry(slide_attrs: dict, tiling: dict, input_px: int) -> tuple[int, float]:
+    """(tile_px, tile_mpp) to read the store's tiles at ``input_px`` over the same footprint."""
+    tile_px = int(slide_attrs.get("tile_px", tiling.get("tile_px", 224)))
+    tile_mpp = float(slide_attrs.get("tile_mpp", tiling.get("tile_mpp", 0.5)))
+    return int(input_px), tile_mpp * tile_px / int(input_px)
+
+
+def _default_workers(device: str) -> int:
+    if multiprocessing.current_process().daemon:  # e.g. inside a dask worker: no child processes allowed
+        return 0
+    n = os.cpu_count() or 1
+    return max(1, min(8, n - 1)) if device.startswith("cuda") else max(1, min(4, n // 2))
+
+
+def auto_batch_size(encoder, device: str, *, start: int = 512, floor: int = 8) -> int:
+    """Largest batch (halving from ``start``) that runs the model on ``device`` without running out of memory."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return 256 if encoder.checkpoint_free else 32
+    if encoder.checkpoint_free:
+        return 512
+    bs = start
+    dtype = torch.bfloat16 if encoder.precision == "bf16" else torch.float16
+    model = encoder.model.to(device)
+    while bs > floor:
+        try:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=dtype):
+                model(torch.zeros(bs, 3, encoder.input_px, encoder.input_px, device=device))
+            torch.cuda.synchronize(device)
+            break
+        except torch.cuda.OutOfMemoryError:
+            bs //= 2
+        finally:
+            torch.cuda.empty_cache()
+    return max(bs // 2, floor)  # headroom for the loader's pinned buffers and fragmentation
+
+
+def _prepared(name: str, weights, device: str, compile: bool):
+    """The encoder and its model on ``device`` (built once per process)."""
+    from .encoders import get_encoder
+
+    key = (name, str(weights), device, bool(compile))
+    if key not in _ENCODERS:
+        enc = get_encoder(name, weights=weights)
+        model = enc.model.to(device).eval()
+        if compile and not enc.checkpoint_free:
+            import torch
+
+            model = torch.compile(model)
+        _ENCODERS[key] = (enc, model)
+    return _ENCODERS[key]
+
+
+def slide_job(root, slide_id: str, enc) -> dict:
+    """What the loader needs to read one tiled slide at the encoder's input size."""
+    g = root[st.Key.slide(slide_id)]
+    attrs = dict(g.attrs)
+    px, mpp = read_geometry(attrs, root.attrs.get("tiling", {}), enc.input_px)
+    if enc.mpp is not None and abs(float(attrs.get("tile_mpp", 0.5)) - enc.mpp) > 1e-6:
+        log.warning("slide %r: tiles are at %s mpp, encoder %r was trained at %s mpp; each tile's footprint is "
+                    "resized to %d px", slide_id, attrs.get("tile_mpp"), enc.name, enc.mpp, enc.input_px)
+    return {"slide_id": slide_id, "path": attrs["path"], "mpp": attrs.get("mpp"), "coords": g["coords"][:],
+            "read_px": px, "read_mpp": mpp, "attrs": attrs}
+
+
+def run_slides(root, jobs: list[dict], enc, model, device: str, *, batch_size: int, num_workers: int,
+               on_error: str = "skip", progress=None) -> list[dict]:
+    """Embed slides through one DataLoader and write each slide's features as soon as it is complete."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    amp = cuda and enc.precision in ("bf16", "fp16")
+    dtype = torch.bfloat16 if enc.precision == "bf16" else torch.float16
+    rows, pending = [], {}
+    for job in jobs:
+        if len(job["coords"]) == 0:
+            rows.append(write_features(root, job, enc, np.zeros((0, enc.dim), np.float32), device, 0.0))
+    jobs = [j for j in jobs if len(j["coords"])]
+    ds = TileBatches(jobs, batch_size)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
+                                         pin_memory=cuda, prefetch_factor=4 if num_workers else None)
+    try:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=amp):
+            for k, start, tiles, err in loader:
+                job = jobs[int(k)]
+                state = pending.setdefault(int(k), {"out": None, "done": 0, "error": None, "t0": time.perf_counter()})
+                stop = min(int(start) + batch_size, len(job["coords"]))
+                if err and state["error"] is None:
+                    state["error"] = err
+                    if on_error == "raise":
+                        raise RuntimeError(f"slide {job['slide_id']!r}: {err}")
+                if state["error"] is None:
+                    if state["out"] is None:
+                        state["out"] = np.empty((len(job["coords"]), enc.dim), np.float32)
+                    feats = model(enc.preprocess(tiles.to(device, non_blocking=True)))
+                    state["out"][int(start):stop] = feats.float().cpu().numpy()
+                state["done"] += stop - int(start)
+                if progress is not None:
+                    progress.update(stop - int(start))
+                if state["done"] == len(job["coords"]):
+                    del pending[int(k)]
+                    if state["error"] is not None:
+                        rows.append(_row(job["slide_id"], "error", len(job["coords"]), error=state["error"]))
+                    else:
+                        rows.append(write_features(root, job, enc, state["out"], device,
+                                                   time.perf_counter() - state["t0"]))
+    finally:
+        ds.close()
+    return rows
+
+
+def write_features(root, job: dict, enc, feats: np.ndarray, device: str, seconds: float) -> dict:
+    """Write one slide's features as float16 with the encoder's attrs; ``complete`` last; non-finite rows listed."""
+    slide_id, n = job["slide_id"], len(feats)
+    half = feats.astype(np.float16)
+    bad = np.flatnonzero(~np.isfinite(half).all(1)) if n else np.zeros(0, np.int64)
+    msg = None
+    if len(bad):
+        msg = f"{len(bad)} of {n} tiles gave non-finite {enc.name} features (rows {bad[:20].tolist()})"
+        log.warning("slide %r: %s", slide_id, msg)
+    attrs = job["attrs"]
+    chunk_rows = int(min(65536, max(1024, (16 << 20) // max(1, 2 * enc.dim))))
+    fg = root.require_group(f"{st.Key.slide(slide_id)}/features")
+    name = st.Key.features(slide_id, enc.name).rsplit("/", 1)[1]
+    cuda = device.startswith("cuda")
+    arr = st.write_array(fg, name, half, chunk_rows=chunk_rows, attrs={
+        **enc.attrs(), "tile_px": attrs.get("tile_px"), "tile_mpp": attrs.get("tile_mpp"),
+        "read_px": job["read_px"], "device": device, "precision": enc.precision if cuda else "fp32",
+        "n_tiles": int(n), "n_nonfinite": int(len(bad)), "nonfinite_rows": bad.tolist(),
+        "seconds": round(seconds, 3)})
+    st.mark_complete(arr)
+    return {"slide_id": slide_id, "status": "embedded", "n_tiles": int(n), "n_nonfinite": int(len(bad)),
+            "seconds": seconds, "tiles_per_s": n / seconds if seconds > 0 else float("nan"), "error": msg}
+
+
+def _is_done(root, slide_id: str, enc) -> bool:
+    key = st.Key.features(slide_id, enc.name)
+    return st.is_complete(root, key) and root[key].attrs.get("weights_digest") == enc.weights_digest
+
+
+def _slide_task(store_path: str, slide_id: str, name: str, weights, device: str | None, batch_size: int | None,
+                num_workers: int | None, compile: bool) -> dict:
+    """One slide on a dask worker: build (or reuse) the encoder, embed, write the slide's own group."""
+    import zarr
+
+    device = pick_device(device)
+    enc, model = _prepared(name, weights, device, compile)
+    root = zarr.open_group(store_path, mode="a", zarr_format=3)
+    if _is_done(root, slide_id, enc):
+        return _row(slide_id, "skipped", int(root[st.Key.coords(slide_id)].shape[0]))
+    bs = batch_size or auto_batch_size(enc, device)
+    nw = _default_workers(device) if num_workers is None else num_workers
+    try:
+        return run_slides(root, [slide_job(root, slide_id, enc)], enc, model, device, batch_size=bs,
+                          num_workers=nw)[0]
+    except Exception as exc:  # reported per slide to the driver, which records it
+        return _row(slide_id, "error", 0, error=f"{type(exc).__name__}: {exc}")
+
+
+def _row(slide_id, status, n_tiles, *, error=None) -> dict:
+    return {"slide_id": slide_id, "status": status, "n_tiles": n_tiles, "n_nonfinite": 0, "seconds": 0.0,
+            "tiles_per_s": float("nan"), "error": error}
+
+
+def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", *, weights=None,
+                 device: str | None = None, batch_size: int | None = None, num_workers: int | None = None,
+                 compile: bool = False, on_error: str = "skip", client=None, progress: bool = True) -> pd.DataFrame:
+    """Embed every complete slide of a store with one encoder (resumable; see the module docstring).
+
+    Parameters
+    ----------
+    store_path : the ``.zarr`` dataset store (tiled)
+    encoder : registry name (``workbench.encoders.list_encoders()``) or ``timm:<model>``
+    weights : checkpoint file, ``"random"``, or None to search the usual places
+    device : ``"cuda"``, ``"cuda:1"``, ``"cpu"``; None picks CUDA when present
+    batch_size : tiles per batch; None fits it to the device's memory
+    num_workers : DataLoader worker processes; None picks from the CPU count (0 inside daemon processes)
+    compile : ``torch.compile`` the model
+    on_error : ``"skip"`` records a failing slide and goes on; ``"raise"`` raises at the first one
+    client : a ``dask.distributed.Client``: one task per slide on its workers (one worker per GPU)
+    progress : a tqdm bar over tiles
+
+    Returns
+    -------
+    DataFrame, one row per slide: slide_id, status (embedded / skipped / error), n_tiles, n_nonfinite,
+    seconds, tiles_per_s, error. ``summary.attrs`` has encoder, weights_digest, device, tiles_per_s.
+    """
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    store_path = str(Path(store_path))
+    root = st.open_store(store_path, mode="a")
+    ids = st.slide_ids(root)
+    if not ids:
+        raise st.StoreError(f"store {store_path} has no tiled slides: run tiling first")
+    rows = []
+    t0 = time.perf_counter()
+    with st.write_lock(store_path):
+        if client is not None:
+            futures = [client.submit(_slide_task, store_path, s, encoder, weights, device, batch_size, num_workers,
+                                     compile, pure=False, key=f"embed-{encoder}-{s}") for s in ids]
+            rows = client.gather(futures)
+            enc = None
+            dev = device or "dask workers"
+        else:
+            dev = pick_device(device)
+            enc, model = _prepared(encoder, weights, dev, compile)
+            bs = batch_size or auto_batch_size(enc, dev)
+            nw = _default_workers(dev) if num_workers is None else num_workers
+            todo = [s for s in ids if not _is_done(root, s, enc)]
+            bar = _progress(progress, int(st.tile_counts(root, todo).sum()) if todo else 0, enc.name)
+            log.info("embedding %d slides (%d already done) with %s on %s, batch %d, %d workers", len(todo),
+                     len(ids) - len(todo), enc.name, dev, bs, nw)
+            rows = [_row(s, "skipped", int(root[st.Key.coords(s)].shape[0])) for s in ids if s not in todo]
+            jobs = []
+            for s in todo:
+                try:
+                    jobs.append(slide_job(root, s, enc))
+                except (KeyError, ValueError) as exc:
+                    if on_error == "raise":
+                        raise
+                    rows.append(_row(s, "error", 0, error=f"{type(exc).__name__}: {exc}"))
+            rows += run_slides(root, jobs, enc, model, dev, batch_size=bs, num_workers=nw, on_error=on_error,
+                               progress=bar)
+            order = {s: i for i, s in enumerate(ids)}
+            rows.sort(key=lambda r: order[r["slide_id"]])
+            if bar is not None:
+                bar.close()
+        for r in rows:
+            if r["status"] == "error" or r.get("n_nonfinite"):
+                st.record_error(root, r["slide_id"], "embed", r["error"])
+                log.warning("slide %r: %s", r["slide_id"], r["error"])
+            elif r["status"] == "embedded":
+                st.clear_error(root, r["slide_id"], "embed")
+    summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    done = summary[summary.status == "embedded"]
+    seconds = time.perf_counter() - t0
+    summary.attrs.update({"encoder": encoder, "weights_digest": enc.weights_digest if enc else None, "device": dev,
+                          "tiles_per_s": float(done.n_tiles.sum() / seconds) if len(done) else float("nan")})
+    bad = summary[summary.status == "error"]
+    if on_error == "raise" and len(bad):
+        raise RuntimeError("embedding failed for " + "; ".join(f"{r.slide_id}: {r.error}" for r in bad.itertuples()))
+    return summary
+
+
+def _progress(progress: bool, total: int, name: str):
+    if not progress or total == 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"embed {name}", unit="tile")
+
+
+def stored_throughput(root, encoder: str) -> float:
+    """Tiles per second of the embedding runs recorded in the store (from each array's ``seconds``)."""
+    n, seconds = 0, 0.0
+    for s in st.slide_ids(root):
+        key = st.Key.features(s, encoder)
+        if st.is_complete(root, key):
+            a = root[key].attrs
+            n, seconds = n + int(a.get("n_tiles", 0)), seconds + float(a.get("seconds", 0.0))
+    return n / seconds if seconds > 0 else float("nan")

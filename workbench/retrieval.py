@@ -1,0 +1,843 @@
+"""Tile and slide retrieval: faiss indexes over store features, SISH-style slide search.
+
+Tile index
+    :class:`TileIndex` wraps one faiss index over an (N, d) features array: ``"flat"`` (exact),
+    ``"ivf"`` (IVF-Flat: ``nlist`` k-means cells, ``nprobe`` of them searched) or ``"hnsw"`` (graph with
+    ``M`` links per node, ``ef_search`` candidates). With ``metric="cosine"`` vectors are
+    L2-normalised and compared by inner product, so scores are cosine similarities. faiss-gpu is used
+    when it is installed and sees a GPU (``use_gpu="auto"``; HNSW stays on the CPU, faiss has no GPU
+    HNSW), otherwise the CPU build. Every database row may carry a *group* (the patient, or the slide
+    when the patient is unknown); ``search(..., exclude_groups=)`` never returns rows of the query's
+    group (leave-one-patient-out). It over-fetches and filters, doubling the number of candidates (and,
+    for IVF, the number of probed cells once the probed lists run dry) until each query has ``k``
+    results or none are left, so a query whose own slide holds all its nearest tiles still gets ``k``.
+
+    Saved as ``<name>.faiss`` (faiss.write_index) + ``<name>.json`` (kind, parameters, size, features
+    digest) + ``<name>.groups.npz``. The digest hashes what the features came from (per slide: id, tile
+    count, encoder weights digest), so :func:`load_store_index` refuses an index built from other
+    features (:class:`StaleIndexError`) instead of silently answering with wrong ids.
+
+Slide search (SISH, Chen et al. 2022, mahmoodlab/SISH)
+    :func:`mosaic` summarises a slide by a few tiles, :func:`sish_rank` ranks database slides from the
+    mosaic tiles' hits by SISH's uncertainty rule, :func:`mean_similarity_rank` is the simple baseline.
+    :class:`StoreIndex` glues the index to a store: queries by global tile id, by tile image (encoded
+    on the fly) or by whole slide.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+KINDS = ("flat", "ivf", "hnsw")
+METRICS = ("cosine", "ip", "l2")
+LABEL_WEIGHT_SUM = 10.0  # SISH normalises the inverse label frequencies to sum to 10
+
+
+class StaleIndexError(RuntimeError):
+    """A saved index whose features digest differs from the store's current features."""
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def gpu_available() -> bool:
+    """True when the installed faiss is a GPU build and sees at least one device."""
+    faiss = _faiss()
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` (n, d) as float32 unit vectors (all-zero rows stay zero)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def array_digest(x, *, rows: int = 65536) -> str:
+    """blake2b digest of an (N, d) array's float32 values, read in blocks (NumPy or Dask)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((tuple(x.shape), "float32")).encode())
+    for start in range(0, x.shape[0], rows):
+        h.update(np.ascontiguousarray(np.asarray(x[start : start + rows]), dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- tile index
+
+
+class TileIndex:
+    """A faiss index over tile embeddings with leave-one-group-out search.
+
+    Parameters
+    ----------
+    kind : {"flat", "ivf", "hnsw"}
+    nlist : int, optional
+        IVF cells; default ``clip(4 * sqrt(N), 1, N // 39)``.
+    nprobe : int
+        IVF cells searched per query.
+    M, ef_construction, ef_search : int
+        HNSW links per node, build-time and query-time candidate list sizes.
+    metric : {"cosine", "ip", "l2"}
+        Scores are similarities (higher is closer) for cosine/ip, squared L2 distances for l2.
+    use_gpu : {"auto", True, False}
+    train_size : int, optional
+        Rows sampled to train IVF; default ``64 * nlist``.
+    batch_rows : int
+        Rows converted and added per block (bounds memory for Dask inputs).
+    random_state : int
+
+    Attributes
+    ----------
+    index_ : faiss.Index
+    n_, dim_ : int
+    groups_ : (N,) int64 group code of each row, or None
+    group_values_ : (G,) array of the original group values
+    digest_ : str
+    on_gpu_ : bool
+    build_seconds_ : float
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).normal(size=(1000, 16)).astype("float32")
+    >>> idx = TileIndex("flat").fit(x, groups=np.arange(1000) // 10)
+    >>> scores, ids = idx.search(x[:2], 5, exclude_groups=[0, 0])
+    >>> bool((ids >= 10).all())
+    True
+    """
+
+    def __init__(self, kind: str = "flat", *, nlist: int | None = None, nprobe: int = 16, M: int = 32,
+                 ef_construction: int = 40, ef_search: int = 64, metric: str = "cosine", use_gpu="auto",
+                 train_size: int | None = None, batch_rows: int = 65536, random_state: int = 0):
+        self.kind = kind
+        self.nlist = nlist
+        self.nprobe = nprobe
+        self.M = M
+        self.ef_construction = ef_construction
+        self.ef_search = ef_search
+        self.metric = metric
+        self.use_gpu = use_gpu
+        self.train_size = train_size
+        self.batch_rows = batch_rows
+        self.random_state = random_state
+
+    def get_params(self) -> dict:
+        return {k: getattr(self, k) for k in ("kind", "nlist", "nprobe", "M", "ef_construction", "ef_search",
+                                               "metric", "use_gpu", "train_size", "batch_rows", "random_state")}
+
+    # ---- building
+    def _validate(self, n: int) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, not {self.metric!r}")
+        if self.use_gpu not in ("auto", True, False):
+            raise ValueError(f"use_gpu must be 'auto', True or False, not {self.use_gpu!r}")
+        if n < 1:
+            raise ValueError("cannot build an index over 0 vectors")
+        for name in ("nprobe", "M", "ef_construction", "ef_search", "batch_rows"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, not {getattr(self, name)!r}")
+
+    def _nlist(self, n: int) -> int:
+        if self.nlist is not None:
+            return max(1, min(int(self.nlist), n))
+        return int(np.clip(4 * math.sqrt(n), 1, max(1, n // 39)))
+
+    def _prepare(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != 2 or (hasattr(self, "dim_") and x.shape[1] != self.dim_):
+            want = f"(n, {self.dim_})" if hasattr(self, "dim_") else "(n, d)"
+            raise ValueError(f"expected vectors of shape {want}, got {x.shape}")
+        return l2_normalise(x) if self.metric == "cosine" else np.ascontiguousarray(x, dtype=np.float32)
+
+    def _new_index(self, d: int, n: int):
+        faiss = _faiss()
+        mt = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        flat = faiss.IndexFlatL2 if self.metric == "l2" else faiss.IndexFlatIP
+        if self.kind == "flat":
+            index = flat(d)
+        elif self.kind == "ivf":
+            quantizer = flat(d)
+            index = faiss.IndexIVFFlat(quantizer, d, self._nlist(n), mt)
+            index.nprobe = int(self.nprobe)
+        else:
+            index = faiss.IndexHNSWFlat(d, int(self.M), mt)
+            index.hnsw.efConstruction = int(self.ef_construction)
+            index.hnsw.efSearch = int(self.ef_search)
+        return self._maybe_gpu(index)
+
+    def _maybe_gpu(self, index):
+        want = self.use_gpu
+        if want is False:
+            self.on_gpu_ = False
+            return index
+        if not gpu_available():
+            if want is True:
+                raise RuntimeError("use_gpu=True but this faiss build sees no GPU; install faiss-gpu or use 'auto'")
+            self.on_gpu_ = False
+            return index
+        if self.kind == "hnsw":
+            log.info("faiss has no GPU HNSW: the HNSW index stays on the CPU")
+            self.on_gpu_ = False
+            return index
+        faiss = _faiss()
+        self._gpu_res = faiss.StandardGpuResources()
+        self.on_gpu_ = True
+        return faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
+
+    def fit(self, x, *, groups=None, digest: str | None = None) -> "TileIndex":
+        """Build the index over ``x`` (N, d) (NumPy or Dask; float16 is fine).
+
+        ``groups`` (N,) holds each row's group (patient or slide) for leave-one-group-out search;
+        ``digest`` identifies the features (default: a hash of ``x``'s values).
+        """
+        t0 = time.perf_counter()
+        n, d = int(x.shape[0]), int(x.shape[1])
+        self._validate(n)
+        self.n_, self.dim_ = n, d
+        index = self._new_index(d, n)
+        if self.kind == "ivf":
+            nlist = self._nlist(n)
+            size = min(n, self.train_size or 64 * nlist)
+            rng = np.random.default_rng(self.random_state)
+            sample = np.sort(rng.choice(n, size=size, replace=False))
+            index.train(self._prepare(x[sample]))
+        for start in range(0, n, int(self.batch_rows)):
+            index.add(self._prepare(x[start : start + int(self.batch_rows)]))
+        self.index_ = index
+        self._set_groups(groups)
+        self.digest_ = digest if digest is not None else array_digest(x)
+        self.build_seconds_ = time.perf_counter() - t0
+        log.info("built %s index over %d x %d in %.1f s", self.kind, n, d, self.build_seconds_)
+        return self
+
+    def _set_groups(self, groups) -> None:
+        import pandas as pd
+
+        if groups is None:
+            self.groups_, self.group_values_ = None, None
+            return
+        groups = np.asarray(groups)
+        if groups.shape != (self.n_,):
+            raise ValueError(f"groups must have shape ({self.n_},), got {groups.shape}")
+        codes, uniques = pd.factorize(groups)
+        if (codes < 0).any():
+            raise ValueError("groups contain missing values: give every row a patient or slide id")
+        self.groups_ = codes.astype(np.int64)
+        self.group_values_ = np.asarray(uniques)
+        self._group_sizes = np.bincount(self.groups_, minlength=len(self.group_values_))
+
+    # ---- searching
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "index_"):
+            raise RuntimeError("this TileIndex is not built yet: call fit() or TileIndex.load()")
+
+    def _raw_search(self, q: np.ndarray, k: int, nprobe: int | None = None):
+        """faiss search of k rows; IVF probes ``nprobe`` cells, HNSW keeps max(ef_search, k) candidates."""
+        faiss = _faiss()
+        params = None
+        if self.kind == "ivf" and nprobe is not None and nprobe != int(self.nprobe):
+            params = faiss.SearchParametersIVF(nprobe=int(nprobe))
+        elif self.kind == "hnsw" and k > int(self.ef_search):
+            params = faiss.SearchParametersHNSW(efSearch=int(k))  # faiss returns at most efSearch results
+        if params is None or getattr(self, "on_gpu_", False):
+            if params is not None and self.kind == "ivf":  # GPU indexes take nprobe as an attribute
+                old, self.index_.nprobe = self.index_.nprobe, int(nprobe)
+                try:
+                    return self.index_.search(q, k)
+                finally:
+                    self.index_.nprobe = old
+            return self.index_.search(q, k)
+        return self.index_.search(q, k, params=params)
+
+    def _max_k(self) -> int:
+        return min(self.n_, 2048) if getattr(self, "on_gpu_", False) else self.n_
+
+    def group_codes(self, values) -> np.ndarray:
+        """Codes of group ``values`` (-1 for a group absent from the database)."""
+        import pandas as pd
+
+        if self.groups_ is None:
+            raise ValueError("this index was built without groups: pass groups= to fit() to exclude them")
+        return pd.Index(self.group_values_).get_indexer(np.asarray(values))
+
+    def search(self, queries, k: int, *, exclude_groups=None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest rows of each query, never from the query's own group.
+
+        Parameters
+        ----------
+        queries : (nq, d) array
+        k : int
+        exclude_groups : (nq,) group values, optional
+            Rows whose group equals the query's are skipped (values as given to ``fit``).
+
+        Returns
+        -------
+        scores : (nq, k) float32, similarities (cosine/ip) or squared distances (l2), best first
+        ids : (nq, k) int64 row ids, -1 where fewer than ``k`` rows qualify
+        """
+        self._check_fitted()
+        q = self._prepare(queries)
+        nq, k = len(q), int(k)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, not {k}")
+        fill = np.inf if self.metric == "l2" else -np.inf
+        scores = np.full((nq, k), fill, dtype=np.float32)
+        ids = np.full((nq, k), -1, dtype=np.int64)
+        if exclude_groups is None:
+            kk = min(k, self._max_k())
+            d_, i_ = self._raw_search(q, kk)
+            scores[:, :kk], ids[:, :kk] = d_, i_
+            return scores, ids
+        qg = self.group_codes(exclude_groups)
+        if qg.shape != (nq,):
+            raise ValueError(f"exclude_groups must have shape ({nq},), got {qg.shape}")
+        own = np.where(qg >= 0, self._group_sizes[np.maximum(qg, 0)], 0)
+        possible = np.minimum(k, self.n_ - own)  # results that can exist at all
+        todo = np.arange(nq)
+        fetch = min(self._max_k(), 2 * k + 8)
+        nprobe = int(self.nprobe) if self.kind == "ivf" else None
+        nlist = self.index_.nlist if self.kind == "ivf" else None
+        while todo.size:
+            d_, i_ = self._raw_search(q[todo], fetch, nprobe)
+            keep = (i_ >= 0) & (self.groups_[np.maximum(i_, 0)] != qg[todo, None])
+            count = keep.sum(1)
+            exhausted = fetch >= self._max_k() and (nprobe is None or nprobe >= nlist)
+            done = (count >= possible[todo]) | exhausted
+            order = np.argsort(~keep[done], axis=1, kind="stable")[:, :k]
+            rows = todo[done]
+            kk = order.shape[1]
+            took = np.take_along_axis(keep[done], order, 1)
+            scores[rows, :kk] = np.where(took, np.take_along_axis(d_[done], order, 1), fill)
+            ids[rows, :kk] = np.where(took, np.take_along_axis(i_[done], order, 1), -1)
+            todo = todo[~done]
+            if todo.size:
+                if nprobe is not None and (i_[~done] < 0).any():
+                    nprobe = min(nlist, 2 * nprobe)  # the probed lists ran dry: probe more cells
+                fetch = min(self._max_k(), 2 * fetch)
+        return scores, ids
+
+    # ---- persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path`` (.faiss), its ``.json`` sidecar and ``.groups.npz``; returns the index path."""
+        self._check_fitted()
+        faiss = _faiss()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        index = faiss.index_gpu_to_cpu(self.index_) if getattr(self, "on_gpu_", False) else self.index_
+        tmp = path.with_name(path.name + ".tmp")
+        faiss.write_index(index, str(tmp))
+        os.replace(tmp, path)
+        if self.groups_ is not None:
+            values = self.group_values_
+            values = values.astype(str) if values.dtype == object else values
+            with open(path.with_suffix(".groups.npz"), "wb") as fh:
+                np.savez(fh, codes=self.groups_, values=values)
+        meta = {"params": {**self.get_params(), "use_gpu": str(self.use_gpu)}, "n": self.n_, "dim": self.dim_,
+                "digest": self.digest_, "has_groups": self.groups_ is not None,
+                "build_seconds": self.build_seconds_}
+        from .store import write_json_atomic
+
+        write_json_atomic(path.with_suffix(".json"), meta)  # written last: an index without it is incomplete
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, expected_digest: str | None = None, use_gpu="auto") -> "TileIndex":
+        """Read an index saved by :meth:`save`; refuse it if its digest is not ``expected_digest``."""
+        faiss = _faiss()
+        path = Path(path)
+        sidecar = path.with_suffix(".json")
+        if not path.exists() or not sidecar.exists():
+            raise FileNotFoundError(f"no complete index at {path} (need {path.name} and {sidecar.name})")
+        meta = json.loads(sidecar.read_text())
+        if expected_digest is not None and meta["digest"] != expected_digest:
+            raise StaleIndexError(
+                f"index {path} was built from features {meta['digest']}, the store now holds {expected_digest}: "
+                "rebuild it (build_store_index)"
+            )
+        params = dict(meta["params"])
+        params["use_gpu"] = use_gpu
+        self = cls(**params)
+        index = faiss.read_index(str(path))
+        if index.ntotal != meta["n"] or index.d != meta["dim"]:
+            raise StaleIndexError(f"index {path} holds {index.ntotal} x {index.d}, its sidecar says "
+                                  f"{meta['n']} x {meta['dim']}: rebuild it")
+        if self.kind == "ivf":
+            index.nprobe = int(self.nprobe)
+        elif self.kind == "hnsw":
+            index.hnsw.efSearch = int(self.ef_search)
+        self.n_, self.dim_, self.digest_ = meta["n"], meta["dim"], meta["digest"]
+        self.build_seconds_ = meta.get("build_seconds", float("nan"))
+        self.index_ = self._maybe_gpu(index)
+        if meta["has_groups"]:
+            with np.load(path.with_suffix(".groups.npz"), allow_pickle=False) as z:
+                self.groups_, self.group_values_ = z["codes"].astype(np.int64), z["values"]
+            self._group_sizes = np.bincount(self.groups_, minlength=len(self.group_values_))
+        else:
+            self.groups_, self.group_values_ = None, None
+        return self
+
+
+# --------------------------------------------------------------------------- mosaics
+
+
+def near_white(images: np.ndarray, *, grey: int = 235, fraction: float = 0.9) -> np.ndarray:
+    """(n,) True for tiles (n, h, w, 3) uint8 whose grey level is >= ``grey`` on > ``fraction`` of pixels."""
+    g = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return (g >= grey).mean(axis=(1, 2)) > fraction
+
+
+def colour_histograms(images: np.ndarray, *, bins: int = 32) -> np.ndarray:
+    """(n, 3 * bins) per-channel RGB histograms of tiles (n, h, w, 3) uint8, each channel summing to 1."""
+    n = len(images)
+    idx = (images.reshape(n, -1, 3).astype(np.int64) * bins) // 256  # (n, p, 3) bin of each channel
+    offs = idx + np.arange(3) * bins + (np.arange(n) * 3 * bins)[:, None, None]
+    hist = np.bincount(offs.ravel(), minlength=n * 3 * bins).reshape(n, 3 * bins).astype(np.float32)
+    return hist / max(1, idx.shape[1])
+
+
+def mosaic(coords: np.ndarray, cluster_features: np.ndarray, *, keep: np.ndarray | None = None,
+           n_colour: int = 9, rate: float = 0.05, random_state: int = 0) -> np.ndarray:
+    """Indices of a slide's mosaic tiles, following SISH's two-stage k-means.
+
+    Rule: (1) drop tiles where ``keep`` is False (near-white tiles: SISH drops tiles whose grey level
+    is >= 235 on > 90 % of the tile, see :func:`near_white`); (2) k-means with ``min(n_colour, n)``
+    clusters (SISH: 9) on ``cluster_features`` (SISH: RGB histograms of 5x tiles,
+    :func:`colour_histograms`; embeddings work too); (3) inside each of these clusters, k-means on the
+    tile coordinates with ``max(1, round(rate * n_c))`` clusters (rate 5 %); (4) the mosaic is, for
+    each spatial centroid, the cluster's tile nearest to it (SISH keeps the rounded centroid
+    coordinates and re-reads that region; we keep real tiles so their embeddings exist; SISH's code
+    also uses *all* tiles of a cluster smaller than 20 where we keep 1). Duplicates are removed.
+
+    Parameters
+    ----------
+    coords : (n, 2) tile coordinates
+    cluster_features : (n, f) what the first k-means clusters (colour histograms or embeddings)
+    keep : (n,) bool, optional
+
+    Returns
+    -------
+    (m,) int64 sorted tile indices into ``coords``
+    """
+    from sklearn.cluster import KMeans
+
+    coords = np.asarray(coords, dtype=np.float64)
+    cand = np.arange(len(coords)) if keep is None else np.flatnonzero(keep)
+    if cand.size == 0:
+        return np.empty(0, dtype=np.int64)
+    feats = np.asarray(cluster_features, dtype=np.float64)[cand]
+    k1 = min(n_colour, len(np.unique(feats, axis=0)))
+    colour = KMeans(k1, n_init=3, random_state=random_state).fit_predict(feats) if k1 > 1 else np.zeros(len(cand), int)
+    chosen = []
+    for c in range(k1):
+        members = cand[colour == c]
+        if members.size == 0:
+            continue
+        xy = coords[members]
+        k2 = min(max(1, int(round(rate * len(members)))), len(np.unique(xy, axis=0)))
+        centres = KMeans(k2, n_init=1, random_state=random_state).fit(xy).cluster_centers_ if k2 > 1 else xy.mean(0, keepdims=True)
+        d2 = ((xy[None, :, :] - centres[:, None, :]) ** 2).sum(-1)  # (k2, n_c)
+        chosen.append(members[d2.argmin(1)])
+    return np.unique(np.concatenate(chosen)).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- slide ranking
+
+
+def label_weights(slide_labels) -> dict:
+    """SISH label weights: inverse label frequency over slides, normalised to sum to 10 (missing labels ignored)."""
+    import pandas as pd
+
+    labels = pd.Series(list(slide_labels), dtype=object).dropna()
+    counts = labels.value_counts(sort=False)
+    values, counts = counts.index.to_numpy(), counts.to_numpy()
+    if len(values) == 0:
+        return {}
+    inv = 1.0 / counts
+    return dict(zip(values.tolist(), (LABEL_WEIGHT_SUM * inv / inv.sum()).tolist()))
+
+
+def sish_rank(hits: list[list[tuple]], weights: dict) -> list[dict]:
+    """Rank database slides from the mosaic tiles' hits by SISH's uncertainty rule.
+
+    ``hits[i]`` is mosaic tile i's result list of ``(slide, distance, label)`` sorted by distance,
+    best first (it may be empty). Following SISH's ``eval.py``:
+
+    1. Per mosaic tile: label weight ``+= w(label) / (rank + 1)`` over its list (rank from 0),
+       normalised to sum to 1; entropy in bits of these weights (0 = all hits agree).
+    2. Clean: when the list lengths take more than 3 distinct values, keep tiles whose length lies
+       strictly between the 5th and 95th percentiles; let ``t`` = mean over tiles of their top-5 mean
+       distance; sort tiles by entropy and drop those whose top-5 mean distance exceeds ``t``.
+    3. Vote: the first 5 tiles sum their normalised label weights; the top label wins (the next one if
+       all 5 tiles' own majority labels disagree with it); those of the 5 whose own majority label
+       differs from the vote are marked removed.
+    4. Walk the tiles in entropy order; a hit enters once per slide if its tile's entropy is 0 or its
+       distance <= ``t``; drop entries from removed tiles; sort by (entropy, distance).
+
+    Returns
+    -------
+    list of dicts ``{slide, label, entropy, distance, mosaic}``, one per slide, best first
+    """
+    bags = []  # (tile index, entropy, distances, length)
+    label_count = {}
+    for i, res in enumerate(hits):
+        if not res:
+            continue
+        lc = defaultdict(float)
+        for rank, (_, _, lab) in enumerate(res):
+            lc[lab] += weights.get(lab, 0.0) / (rank + 1)
+        total = sum(lc.values())
+        p = {lab: v / total for lab, v in lc.items()} if total > 0 else {lab: 1.0 / len(lc) for lab in lc}
+        ent = max(0.0, float(-sum(v * math.log2(v) for v in p.values() if v > 0)))
+        label_count[i] = p
+        bags.append((i, ent, [h[1] for h in res], len(res)))
+    if not bags:
+        return []
+    lengths = [b[3] for b in bags]
+    if len(set(lengths)) > 3:
+        lo, hi = np.percentile(lengths, 5), np.percentile(lengths, 95)
+        bags = [b for b in bags if lo < b[3] < hi] or bags
+    thr = float(np.mean([np.mean(b[2][:5]) for b in bags]))
+    bags = sorted(bags, key=lambda b: b[1])
+    bags = [b for b in bags if np.mean(b[2][:5]) <= thr]
+    top = bags[:5]
+    board = defaultdict(float)
+    for b in top:
+        for lab, v in label_count[b[0]].items():
+            board[lab] += v
+    removed: set = set()
+    for vote, _ in sorted(board.items(), key=lambda kv: -kv[1]):
+        own = {b[0]: max(label_count[b[0]].items(), key=lambda kv: kv[1])[0] for b in top}
+        removed = {i for i, lab in own.items() if lab != vote}
+        if len(removed) != len(top):
+            break
+    ranked, seen = [], set()
+    for i, ent, _, _ in bags:
+        for slide, dist, lab in hits[i]:
+            if slide in seen or not (ent == 0 or dist <= thr):
+                continue
+            seen.add(slide)
+            ranked.append({"slide": slide, "label": lab, "entropy": ent, "distance": float(dist), "mosaic": i})
+    ranked = [r for r in ranked if r["mosaic"] not in removed]
+    return sorted(ranked, key=lambda r: (r["entropy"], r["distance"]))
+
+
+def mean_similarity_rank(hits: list[list[tuple]]) -> list[dict]:
+    """Baseline slide ranking: mean over mosaic tiles of each slide's best similarity among the tile's hits.
+
+    ``hits[i]`` holds ``(slide, similarity, label)``; a slide absent from a tile's hits counts 0 for it.
+    Returns dicts ``{slide, label, score}``, best first.
+    """
+    m = max(1, len(hits))
+    best: dict = defaultdict(dict)
+    labels = {}
+    for i, res in enumerate(hits):
+        for slide, sim, lab in res:
+            labels[slide] = lab
+            best[slide][i] = max(best[slide].get(i, -np.inf), float(sim))
+    ranked = [{"slide": s, "label": labels[s], "score": sum(v.values()) / m} for s, v in best.items()]
+    return sorted(ranked, key=lambda r: -r["score"])
+
+
+# --------------------------------------------------------------------------- store glue
+
+
+def index_path(store: str | os.PathLike, encoder: str, kind: str) -> Path:
+    """Where the ``kind`` index over ``encoder`` features of a store lives: ``<store>.indexes/<encoder>-<kind>.faiss``."""
+    from .store import encoder_key
+
+    store = Path(store)
+    return store.with_name(store.name + ".indexes") / f"{encoder_key(encoder)}-{kind}.faiss"
+
+
+def features_digest(root, encoder: str, ids: list[str] | None = None) -> str:
+    """Digest of a store's ``encoder`` features: per slide its id, tile count, dim and weights digest.
+
+    A slide whose features carry no ``weights_digest`` attribute is hashed by value instead.
+    """
+    from .store import Key, StoreError, is_complete, slide_ids
+
+    ids = slide_ids(root) if ids is None else ids
+    h = hashlib.sha256(encoder.encode())
+    for s in ids:
+        key = Key.features(s, encoder)
+        if not is_complete(root, key):
+            raise StoreError(f"slide {s!r} has no complete {encoder!r} features: run embedding first")
+        arr = root[key]
+        wd = arr.attrs.get("weights_digest") or array_digest(arr)
+        h.update(json.dumps([s, list(arr.shape), wd]).encode())
+    return h.hexdigest()
+
+
+def slide_table(root, ids: list[str] | None = None):
+    """Slides of a store in manifest order with their exclusion group, labels, tile counts and first global id.
+
+    Columns: slide_id, group (``patient:<id>``, or ``slide:<id>`` without a patient id), patient_id, site,
+    diagnosis, n_tiles, start.
+    """
+    import pandas as pd
+
+    from .store import slide_ids, tile_counts
+
+    ids = slide_ids(root) if ids is None else ids
+    man = pd.DataFrame(root.attrs.get("manifest", []))
+    for col in ("patient_id", "site", "diagnosis"):
+        if col not in man:
+            man[col] = None
+    man = man.set_index("slide_id").loc[ids].reset_index()
+    counts = tile_counts(root, ids)
+    pid = man["patient_id"]
+    has = pid.notna() & (pid.astype(str) != "")
+    man["group"] = np.where(has, "patient:" + pid.astype(str), "slide:" + man["slide_id"].astype(str))
+    man["n_tiles"] = counts
+    man["start"] = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    return man[["slide_id", "group", "patient_id", "site", "diagnosis", "n_tiles", "start"]]
+
+
+def encode_images(images: np.ndarray, encoder) -> np.ndarray:
+    """Embed tiles (n, h, w, 3) uint8 on the fly.
+
+    ``encoder`` is a registry name (:func:`workbench.encoders.get_encoder`), an object with ``.encode``
+    (a :class:`workbench.encoders.Encoder`), one with ``.preprocess`` and ``.model`` (``model(preprocess(t))``
+    on a uint8 NHWC tensor), or any callable mapping tiles to (n, d) features.
+    """
+    if isinstance(encoder, str):
+        from .encoders import get_encoder
+
+        encoder = get_encoder(encoder)
+    if hasattr(encoder, "encode"):
+        return np.asarray(encoder.encode(images), dtype=np.float32)
+    if hasattr(encoder, "preprocess") and hasattr(encoder, "model"):
+        import torch
+
+        param = next(iter(encoder.model.parameters()), None)
+        device = param.device if param is not None else "cpu"
+        with torch.inference_mode():
+            out = encoder.model(encoder.preprocess(torch.as_tensor(np.ascontiguousarray(images)).to(device)))
+        return out.float().cpu().numpy()
+    if callable(encoder):
+        return np.asarray(encoder(images), dtype=np.float32)
+    raise TypeError(f"encoder must be a name, have .encode or .preprocess + .model, or be callable; "
+                    f"got {type(encoder).__name__}")
+
+
+@dataclass
+class StoreIndex:
+    """A :class:`TileIndex` over a store's features, queried by tile id, tile image or slide.
+
+    Row ``i`` of the index is global tile id ``i`` (manifest order). Queries exclude the query's
+    own patient (its slide when the patient is unknown) unless ``exclude=None``.
+    """
+
+    store: Path
+    encoder: str
+    index: TileIndex
+    slides: "object"  # pandas DataFrame from slide_table
+    exclude: str | None = "patient"
+    _features: object = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.exclude not in ("patient", None):
+            raise ValueError(f"exclude must be 'patient' or None, not {self.exclude!r}")
+        self._starts = self.slides["start"].to_numpy()
+
+    @property
+    def features(self):
+        """Lazy (N, d) Dask array of the store's features."""
+        if self._features is None:
+            from .store import features_array, open_store
+
+            self._features = features_array(open_store(self.store), self.encoder, list(self.slides["slide_id"]))
+        return self._features
+
+    def slide_of(self, tile_ids) -> np.ndarray:
+        """Row in :attr:`slides` of each global tile id (-1 for -1)."""
+        tile_ids = np.asarray(tile_ids)
+        pos = np.searchsorted(self._starts, tile_ids, side="right") - 1
+        return np.where(tile_ids >= 0, pos, -1)
+
+    def slide_tiles(self, slide_id: str) -> np.ndarray:
+        """Global tile ids of one slide."""
+        row = self.slides.index[self.slides["slide_id"] == slide_id]
+        if len(row) == 0:
+            raise KeyError(f"slide {slide_id!r} is not in the index of {self.store}")
+        rec = self.slides.loc[row[0]]
+        return np.arange(rec["start"], rec["start"] + rec["n_tiles"], dtype=np.int64)
+
+    def query_vectors(self, vectors, k: int, *, groups=None):
+        """Search raw vectors; ``groups`` (nq,) are the groups to exclude (None: no exclusion)."""
+        t0 = time.perf_counter()
+        out = self.index.search(vectors, k, exclude_groups=groups)
+        self.last_query_seconds_ = time.perf_counter() - t0
+        return out
+
+    def query_tiles(self, tile_ids, k: int):
+        """The ``k`` nearest tiles of each global tile id (its own patient excluded). Returns (scores, ids)."""
+        tile_ids = np.asarray(tile_ids, dtype=np.int64)
+        order = np.argsort(tile_ids)
+        vec = np.empty((len(tile_ids), self.index.dim_), np.float32)
+        vec[order] = np.asarray(self.features[tile_ids[order]], dtype=np.float32)
+        groups = self.slides["group"].to_numpy()[self.slide_of(tile_ids)] if self.exclude else None
+        return self.query_vectors(vec, k, groups=groups)
+
+    def query_images(self, images: np.ndarray, k: int, encoder, *, slide_id: str | None = None):
+        """Encode tiles (n, h, w, 3) uint8 on the fly and search; ``slide_id`` excludes that slide's patient."""
+        vec = encode_images(images, encoder)
+        groups = None
+        if slide_id is not None and self.exclude:
+            g = self.slides.loc[self.slides["slide_id"] == slide_id, "group"]
+            groups = np.repeat(g.iloc[0] if len(g) else f"slide:{slide_id}", len(vec))
+        return self.query_vectors(vec, k, groups=groups)
+
+    def hits_table(self, scores: np.ndarray, ids: np.ndarray):
+        """Long table of search results: query, rank, tile_id, slide_id, tile (position in slide), score, labels."""
+        import pandas as pd
+
+        q, r = np.nonzero(ids >= 0)
+        tid = ids[q, r]
+        srow = self.slide_of(tid)
+        s = self.slides.iloc[srow]
+        return pd.DataFrame({"query": q, "rank": r, "tile_id": tid, "slide_id": s["slide_id"].to_numpy(),
+                             "tile": tid - s["start"].to_numpy(), "score": scores[q, r],
+                             "site": s["site"].to_numpy(), "diagnosis": s["diagnosis"].to_numpy()})
+
+    def read_tiles(self, tile_ids, *, tile_px: int | None = None) -> np.ndarray:
+        """Images (n, px, px, 3) uint8 of global tile ids, read from their slides with :class:`TileReader`."""
+        from .slides import TileReader, open_slide
+        from .store import open_store, read_slide
+
+        tile_ids = np.asarray(tile_ids, dtype=np.int64)
+        root = open_store(self.store)
+        rows = self.slide_of(tile_ids)
+        out = None
+        for row in np.unique(rows):
+            sid = self.slides["slide_id"].iloc[row]
+            info = read_slide(root, sid)
+            px = int(tile_px or info["tile_px"])
+            sel = np.flatnonzero(rows == row)
+            local = tile_ids[sel] - self.slides["start"].iloc[row]
+            with open_slide(info["path"], slide_id=sid, mpp=info.get("mpp")) as slide, \
+                    TileReader(slide, tile_px=px, tile_mpp=info["tile_mpp"] * info["tile_px"] / px) as reader:
+                images = reader.read(info["coords"][local])
+            if out is None:
+                out = np.zeros((len(tile_ids),) + images.shape[1:], np.uint8)
+            out[sel] = images
+        return out if out is not None else np.zeros((0, tile_px or 224, tile_px or 224, 3), np.uint8)
+
+    def mosaic(self, slide_id: str, *, by: str = "features", n_colour: int = 9, rate: float = 0.05,
+               min_tissue: float = 0.1, random_state: int = 0) -> np.ndarray:
+        """Global tile ids of a slide's mosaic (:func:`mosaic`).
+
+        ``by="features"`` clusters the tiles' embeddings and drops tiles with tissue fraction below
+        ``min_tissue`` (no pixels read); ``by="colour"`` reads each tile at 32 px over the same footprint
+        and applies SISH's near-white rule and RGB histograms.
+        """
+        from .store import open_store, read_slide
+
+        root = open_store(self.store)
+        info = read_slide(root, slide_id)
+        ids = self.slide_tiles(slide_id)
+        if by == "features":
+            feats = l2_normalise(np.asarray(self.features[ids[0] : ids[-1] + 1])) if ids.size else np.empty((0, 1))
+            keep = np.asarray(info["tissue"]) >= min_tissue
+        elif by == "colour":
+            from .slides import TileReader, open_slide
+
+            with open_slide(info["path"], slide_id=slide_id, mpp=info.get("mpp")) as slide:
+                px = 32
+                with TileReader(slide, tile_px=px, tile_mpp=info["tile_mpp"] * info["tile_px"] / px) as reader:
+                    images = reader.read(info["coords"])
+            keep, feats = ~near_white(images), colour_histograms(images)
+        else:
+            raise ValueError(f"by must be 'features' or 'colour', not {by!r}")
+        local = mosaic(info["coords"], feats, keep=keep, n_colour=n_colour, rate=rate, random_state=random_state)
+        return ids[local] if ids.size else ids
+
+    def query_slide(self, slide_id: str, *, k_tiles: int = 20, ranking: str = "sish", label: str = "diagnosis",
+                    by: str = "features", mosaic_ids: np.ndarray | None = None):
+        """Rank the database's slides for a query slide (its own patient excluded).
+
+        The slide's mosaic tiles each retrieve ``k_tiles`` tiles; hits are ranked by :func:`sish_rank`
+        (``ranking="sish"``, labels from column ``label`` weighted by inverse slide frequency) or
+        :func:`mean_similarity_rank` (``"mean"``). Returns a DataFrame: rank, slide_id, label and the
+        ranking's score columns.
+        """
+        import pandas as pd
+
+        if ranking not in ("sish", "mean"):
+            raise ValueError(f"ranking must be 'sish' or 'mean', not {ranking!r}")
+        t0 = time.perf_counter()
+        mids = self.mosaic(slide_id, by=by) if mosaic_ids is None else np.asarray(mosaic_ids)
+        scores, ids = self.query_tiles(mids, k_tiles) if mids.size else (np.empty((0, k_tiles)), np.empty((0, k_tiles), int))
+        rows = self.slide_of(ids)
+        slide_names = self.slides["slide_id"].to_numpy()
+        labels = self.slides[label].to_numpy()
+        dist = 1.0 - scores if self.index.metric != "l2" else scores
+        value = dist if ranking == "sish" else scores
+        hits = [[(slide_names[rw], float(v), labels[rw]) for rw, v in zip(rows[i], value[i]) if rw >= 0]
+                for i in range(len(ids))]
+        if ranking == "sish":
+            ranked = sish_rank(hits, label_weights(labels))
+        else:
+            ranked = mean_similarity_rank(hits)
+        self.last_query_seconds_ = time.perf_counter() - t0
+        out = pd.DataFrame(ranked, columns=["slide", "label", "entropy", "distance", "mosaic"] if ranking == "sish"
+                           else ["slide", "label", "score"]).rename(columns={"slide": "slide_id"})
+        out.insert(0, "rank", np.arange(len(out)))
+        return out
+
+
+def _open_for_index(store, encoder):
+    from .store import open_store
+
+    root = open_store(store)
+    table = slide_table(root)
+    table = table[table["n_tiles"] > 0].reset_index(drop=True)
+    # slides without tiles add no rows; starts are recomputed over the slides kept
+    table["start"] = np.concatenate([[0], np.cumsum(table["n_tiles"].to_numpy())[:-1]]).astype(np.int64)
+    return root, table
+
+
+def build_store_index(store: str | os.PathLike, encoder: str, kind: str = "flat", *, save: bool = True,
+                      exclude: str | None = "patient", **params) -> StoreIndex:
+    """Build (and by default save next to the store) a ``kind`` index over the store's ``encoder`` features.
+
+    ``params`` go to :class:`TileIndex` (nlist, nprobe, M, ef_search, metric, use_gpu, ...).
+    """
+    from .store import features_array
+
+    store = Path(store)
+    root, table = _open_for_index(store, encoder)
+    ids = list(table["slide_id"])
+    feats = features_array(root, encoder, ids)
+    groups = np.repeat(table["group"].to_numpy(), table["n_tiles"].to_numpy())
+    digest = features_digest(root, encoder, ids)
+    index = TileIndex(kind, **params).fit(feats, groups=groups, digest=digest)
+    if save:
+        path = index.save(index_path(store, encoder, kind))
+        log.info("saved %s index of %s to %s", kind, store, path)
+    return StoreIndex(store, encoder, index, table, exclude, feats)
+
+
+def load_store_index(store: str | os.PathLike, encoder: str, kind: str = "flat", *, use_gpu="auto",
+                     exclude: str | None = "patient") -> StoreIndex:
+    """Load the saved ``kind`` index of a store; raises :class:`StaleIndexError` if the features changed."""
+    store = Path(store)
+    root, table = _open_for_index(store, encoder)
+    digest = features_digest(root, encoder, list(table["slide_id"]))
+    index = TileIndex.load(index_path(store, encoder, kind), expected_digest=digest, use_gpu=use_gpu)
+    return StoreIndex(store, encoder, index, table, exclude)
