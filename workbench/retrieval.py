@@ -214,10 +214,24 @@ class TileIndex:
             nlist = self._nlist(n)
             size = min(n, self.train_size or 64 * nlist)
             rng = np.random.default_rng(self.random_state)
-            sample = np.sort(rng.choice(n, size=size, replace=False))
-            index.train(self._prepare(x[sample]))
+            sample = self._prepare(x[np.sort(rng.choice(n, size=size, replace=False))])
+            index.train(sample[np.isfinite(sample).all(axis=1)])
+        # NaN/Inf rows (a broken model or tile) are left out of the index and reported, never searched
+        kept, bad = [], []
         for start in range(0, n, int(self.batch_rows)):
-            index.add(self._prepare(x[start : start + int(self.batch_rows)]))
+            block = self._prepare(x[start : start + int(self.batch_rows)])
+            finite = np.isfinite(block).all(axis=1)
+            if not finite.all():
+                bad.extend((start + np.flatnonzero(~finite)).tolist())
+                block = np.ascontiguousarray(block[finite])
+            kept.append(start + np.flatnonzero(finite))
+            if len(block):
+                index.add(block)
+        if bad:
+            log.warning("%d of %d rows are non-finite (NaN/Inf) and were left out of the index: rows %s%s",
+                        len(bad), n, bad[:20], " …" if len(bad) > 20 else "")
+        self.row_ids_ = np.concatenate(kept).astype(np.int64) if bad else None
+        self.nonfinite_rows_ = np.asarray(bad, np.int64)
         self.index_ = index
         self._set_groups(groups)
         self.digest_ = digest if digest is not None else array_digest(x)
@@ -258,14 +272,22 @@ class TileIndex:
             if params is not None and self.kind == "ivf":  # GPU indexes take nprobe as an attribute
                 old, self.index_.nprobe = self.index_.nprobe, int(nprobe)
                 try:
-                    return self.index_.search(q, k)
+                    return self._to_rows(*self.index_.search(q, k))
                 finally:
                     self.index_.nprobe = old
-            return self.index_.search(q, k)
-        return self.index_.search(q, k, params=params)
+            return self._to_rows(*self.index_.search(q, k))
+        return self._to_rows(*self.index_.search(q, k, params=params))
+
+    def _to_rows(self, scores: np.ndarray, ids: np.ndarray):
+        """Map faiss positions to row ids of ``x`` (they differ when non-finite rows were left out)."""
+        row_ids = getattr(self, "row_ids_", None)
+        if row_ids is not None:
+            ids = np.where(ids >= 0, row_ids[np.maximum(ids, 0)], -1)
+        return scores, ids
 
     def _max_k(self) -> int:
-        return min(self.n_, 2048) if getattr(self, "on_gpu_", False) else self.n_
+        n = int(self.index_.ntotal)
+        return min(n, 2048) if getattr(self, "on_gpu_", False) else n
 
     def group_codes(self, values) -> np.ndarray:
         """Codes of group ``values`` (-1 for a group absent from the database)."""
@@ -347,8 +369,12 @@ class TileIndex:
             values = values.astype(str) if values.dtype == object else values
             with open(path.with_suffix(".groups.npz"), "wb") as fh:
                 np.savez(fh, codes=self.groups_, values=values)
+        if getattr(self, "row_ids_", None) is not None:
+            with open(path.with_suffix(".rows.npy"), "wb") as fh:
+                np.save(fh, self.row_ids_)
         meta = {"params": {**self.get_params(), "use_gpu": str(self.use_gpu)}, "n": self.n_, "dim": self.dim_,
                 "digest": self.digest_, "has_groups": self.groups_ is not None,
+                "n_indexed": int(index.ntotal), "has_row_ids": getattr(self, "row_ids_", None) is not None,
                 "build_seconds": self.build_seconds_}
         from .store import write_json_atomic
 
@@ -373,9 +399,12 @@ class TileIndex:
         params["use_gpu"] = use_gpu
         self = cls(**params)
         index = faiss.read_index(str(path))
-        if index.ntotal != meta["n"] or index.d != meta["dim"]:
+        if index.ntotal != meta.get("n_indexed", meta["n"]) or index.d != meta["dim"]:
             raise StaleIndexError(f"index {path} holds {index.ntotal} x {index.d}, its sidecar says "
-                                  f"{meta['n']} x {meta['dim']}: rebuild it")
+                                  f"{meta.get('n_indexed', meta['n'])} x {meta['dim']}: rebuild it")
+        self.row_ids_ = None
+        if meta.get("has_row_ids"):
+            self.row_ids_ = np.load(path.with_suffix(".rows.npy"), allow_pickle=False)
         if self.kind == "ivf":
             index.nprobe = int(self.nprobe)
         elif self.kind == "hnsw":
