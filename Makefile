@@ -5,12 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN_DIR ?= runs/demo
 DEMO_ARGS ?=
+SWEEP ?= sweeps/demo.yml
+SWEEP_ARGS ?=
 # Debian packages for the napari/Qt tests (virtual display with OpenGL through Mesa, Qt's xcb plugin)
 APT_PACKAGES := xvfb xauth libgl1-mesa-dri libegl1 libglx-mesa0 libdbus-1-3 libfontconfig1 libxkbcommon-x11-0 \
 	libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 \
 	libxcb-xfixes0 libxcb-shape0 libxcb-cursor0
 
-.PHONY: setup system-deps demo test test-all reliability benchmarks strip-notebooks clean
+.PHONY: setup system-deps demo test test-all reliability benchmarks sweep strip-notebooks clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +47,9 @@ test-all: setup
 
 reliability: setup
 	$(BIN)/python -m pytest -q -o addopts='--strict-markers' -rA tests/test_reliability.py
+
+sweep: setup
+	$(BIN)/python -m workbench.sweep $(SWEEP) --out runs/$(basename $(notdir $(SWEEP))) $(SWEEP_ARGS)
 
 benchmarks: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

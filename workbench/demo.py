@@ -3,7 +3,8 @@
 ``python -m workbench.demo --run-dir runs/demo`` (what ``make demo`` calls). The slides are generated
 deterministically into ``data/demo/`` once (kept between runs); the manifest is ``data_manifests/demo.csv``
 with paths relative to it. Each notebook is executed with papermill into ``<run-dir>/`` and writes
-``<run-dir>/NN_metrics.json``; the store is ``<run-dir>/demo.zarr``. A summary of all metrics is printed
+``<run-dir>/NN_metrics.json``; the store is ``<run-dir>/demo.zarr``. Before notebook 07 a small
+segmentation sweep (``sweeps/demo.yml``) runs into ``<run-dir>/sweep/``. A summary of all metrics is printed
 and written to ``<run-dir>/metrics.json``.
 """
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh", action="store_true", help="delete the run's store first")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
 
     run_dir = Path(args.run_dir).resolve()
     manifest = build_demo_data(Path(args.data_dir).resolve(), Path(args.manifest).resolve(),
@@ -72,7 +74,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for nb in notebooks:
         t = time.perf_counter()
-        run_notebook(nb, run_dir, params)
+        nb_params = params
+        if nb.name.startswith("07"):  # the sweep report needs a sweep: a few segmentation points
+            from .sweep import run_demo_sweep
+
+            nb_params = {**params, **run_demo_sweep(manifest, run_dir)}
+        run_notebook(nb, run_dir, nb_params)
         log.info("%s done in %.1f s", nb.name, time.perf_counter() - t)
     metrics = read_metrics(run_dir)
     metrics["demo.seconds"] = round(time.perf_counter() - t0, 1)
