@@ -32,8 +32,8 @@ def run_notebook(notebook: str | Path, run_dir: str | Path, parameters: dict, *,
     out = run_dir / notebook.name
     params = {**parameters, "run_dir": str(run_dir)}
     log.info("running %s -> %s", notebook.name, out)
-    pm.execute_notebook(str(notebook), str(out), parameters=params, kernel_name=kernel, cwd=str(notebook.parent), start_timeout=300,
-                        progress_bar=progress)
+    pm.execute_notebook(str(notebook), str(out), parameters=params, kernel_name=kernel, cwd=str(notebook.parent),
+                        start_timeout=300, progress_bar=progress)
     return out
 
 
