@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from workbench.segment import SegmentParams, mask_iou, tissue_mask
+from workbench.segment import SegmentParams, contours_geojson, mask_iou, tissue_mask
 from workbench.slides import open_slide
 from workbench.synthetic import load_truth
 
@@ -58,3 +58,17 @@ def test_synthetic_slide_mask_iou(slide_dir):
     # s1, s3 have no pen; s0, s2 have pen strokes partly on bare glass, which the mask counts as tissue
     assert min(ious["s1"], ious["s3"]) > 0.9, ious
     assert min(ious["s0"], ious["s2"]) > 0.75, ious
+
+
+def test_contours_geojson_in_level0_coordinates():
+    img = _disc_image()
+    _, tissue, holes = tissue_mask(img, 16.0, SegmentParams())
+    gj = contours_geojson(tissue, holes, 16.0, slide_id="disc")
+    assert gj["type"] == "FeatureCollection" and len(gj["features"]) == 1
+    rings = gj["features"][0]["geometry"]["coordinates"]
+    assert len(rings) == 2  # outer ring + the one kept hole
+    outer = np.array(rings[0])
+    assert outer[0].tolist() == outer[-1].tolist()  # closed ring
+    # the disc has radius 150 px at downsample 16, centred at (200, 200): 2400 level-0 px around (3200, 3200)
+    radii = np.hypot(outer[:, 0] - 3200, outer[:, 1] - 3200)
+    assert np.abs(radii - 2400).max() < 16 * 3

@@ -107,3 +107,44 @@ def test_real_cmu_tiles(tmp_path):
     g = st.open_store(tmp_path / "cmu.zarr")[st.Key.slide("cmu1")]
     assert g.attrs["size0"] == 224 and g.attrs["read_level"] == 0  # 0.499 mpp read as is
     assert 40 <= summary.n_tiles[0] <= 117  # 9 x 13 = 117 grid tiles, tissue about half
+    # the tiles look like tissue, not background: stained (saturated) and darker than glass
+    from workbench.slides import TileReader, open_slide
+    import cv2
+
+    with open_slide(path) as slide:
+        tiles = TileReader(slide).read(g["coords"][:])
+    sat = np.array([cv2.cvtColor(t, cv2.COLOR_RGB2HSV)[..., 1].mean() for t in tiles])
+    assert np.median(sat) > 40 and tiles.mean() < 215, (np.median(sat), tiles.mean())
+
+
+def test_overlap_grid():
+    mask = np.ones((10, 10), bool)
+    coords, _ = tile_grid(mask, 10.0, (100, 100), 50, 0.5, stride0=25)
+    assert len(coords) == 9 and coords[:3, 0].tolist() == [0, 25, 50]
+
+
+def test_contours_exported_with_slide(tiled_store):
+    root = st.open_store(tiled_store)
+    gj = root[st.Key.slide("s1")].attrs["contours"]
+    assert gj["type"] == "FeatureCollection" and len(gj["features"]) >= 1
+    xy = np.concatenate([np.array(f["geometry"]["coordinates"][0]) for f in gj["features"]])
+    assert xy.min() >= 0 and xy.max() <= 3072  # level-0 pixels of a 3072-px slide
+
+
+def test_png_and_geojson_exports(tiled_store, tmp_path):
+    import json
+
+    import cv2
+
+    from workbench.export import export_contours, export_tile_pngs
+    from workbench.slides import TileReader, open_slide
+
+    table = export_tile_pngs(tiled_store, tmp_path / "png", slide_ids=["s3"])
+    root = st.open_store(tiled_store)
+    assert len(table) == root[st.Key.coords("s3")].shape[0]
+    png = cv2.cvtColor(cv2.imread(table.path[0]), cv2.COLOR_BGR2RGB)
+    with open_slide(root[st.Key.slide("s3")].attrs["path"]) as slide:
+        direct = TileReader(slide).read(root[st.Key.coords("s3")][:1])[0]
+    np.testing.assert_array_equal(png, direct)  # PNG is lossless
+    (path,) = export_contours(tiled_store, tmp_path / "gj", slide_ids=["s3"])
+    assert json.loads(path.read_text())["type"] == "FeatureCollection"

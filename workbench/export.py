@@ -152,3 +152,50 @@ def import_coords_h5(store_path, slide_id: str, h5_path, *, overwrite: bool = Fa
         g.attrs.update({"n_tiles": int(len(coords)), "coords_source": str(h5_path)})
         st.mark_complete(g)
     return int(len(coords))
+
+
+def export_contours(store_path, out_dir, *, slide_ids: list[str] | None = None) -> list[Path]:
+    """Write each slide's tissue contours as ``<out_dir>/<slide_id>.geojson`` (level-0 pixels; QuPath reads it)."""
+    import json
+
+    root = st.open_store(store_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for sid in slide_ids or st.slide_ids(root):
+        attrs = st.read_slide(root, sid)
+        path = out_dir / f"{sid}.geojson"
+        _atomic(path, lambda tmp, gj=attrs["contours"]: Path(tmp).write_text(json.dumps(gj)))
+        paths.append(path)
+    return paths
+
+
+def export_tile_pngs(store_path, out_dir, *, slide_ids: list[str] | None = None, batch: int = 256) -> pd.DataFrame:
+    """Write every tile as ``<out_dir>/<slide_id>/<slide_id>_x<x>_y<y>.png`` for tile-folder tools.
+
+    Tiles are read at the store's tile size and mpp with :class:`~workbench.slides.TileReader`. Returns a
+    table (slide_id, tile, x, y, path). A slide whose folder is complete (``.complete`` marker) is skipped.
+    """
+    import cv2
+
+    from .slides import TileReader, open_slide
+
+    root = st.open_store(store_path)
+    out_dir = Path(out_dir)
+    rows = []
+    for sid in slide_ids or st.slide_ids(root):
+        info = st.read_slide(root, sid)
+        folder = out_dir / sid
+        folder.mkdir(parents=True, exist_ok=True)
+        coords = info["coords"]
+        names = [folder / f"{sid}_x{x}_y{y}.png" for x, y in coords]
+        if not (folder / ".complete").exists():
+            with open_slide(info["path"], slide_id=sid, mpp=info["mpp"]) as slide, \
+                    TileReader(slide, tile_px=info["tile_px"], tile_mpp=info["tile_mpp"]) as reader:
+                for start in range(0, len(coords), batch):
+                    for name, tile in zip(names[start:start + batch], reader.read(coords[start:start + batch])):
+                        if not cv2.imwrite(str(name), cv2.cvtColor(tile, cv2.COLOR_RGB2BGR)):
+                            raise OSError(f"slide {sid!r}: could not write {name}")
+            (folder / ".complete").write_text(str(len(coords)))
+        rows += [(sid, i, int(x), int(y), str(n)) for i, ((x, y), n) in enumerate(zip(coords, names))]
+    return pd.DataFrame(rows, columns=["slide_id", "tile", "x", "y", "path"])

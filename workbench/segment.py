@@ -118,6 +118,30 @@ def tissue_mask(rgb: np.ndarray, downsample: float, params: SegmentParams | None
     return render_mask(binary.shape, tissue, holes), tissue, holes
 
 
+def contours_geojson(tissue: list, holes: list, downsample: float, *, slide_id: str | None = None,
+                     simplify: float = 1.0) -> dict:
+    """Tissue contours (with their holes) as a GeoJSON FeatureCollection in level-0 pixel coordinates.
+
+    One Polygon feature per tissue piece: the outer ring first, then its kept holes (QuPath and
+    shapely read this directly). Rings are simplified (Douglas-Peucker) to within ``simplify`` mask pixels.
+    """
+    def ring(contour) -> list:
+        if simplify > 0:
+            contour = cv2.approxPolyDP(contour, simplify, True)
+        pts = (np.asarray(contour).reshape(-1, 2) * downsample).round(1).tolist()
+        return pts + pts[:1] if pts and pts[0] != pts[-1] else pts
+
+    features = []
+    for i, (outer, hs) in enumerate(zip(tissue, holes)):
+        features.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [ring(outer)] + [ring(h) for h in hs]},
+            "properties": {"objectType": "annotation", "classification": {"name": "Tissue"}, "piece": i,
+                           **({"slide_id": slide_id} if slide_id else {})},
+        })
+    return {"type": "FeatureCollection", "features": features}
+
+
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two bool masks (resized to ``a``'s shape if needed)."""
     if a.shape != b.shape:

@@ -12,7 +12,7 @@ and resizes (``cv2.INTER_AREA``) only when that level's mpp differs from the tar
 level is a tiled JPEG/LZW/... page (SVS, generic pyramidal TIFF) it decodes every stored tile that the
 batch touches exactly once, in a thread pool straight from the file (imagecodecs releases the GIL), and
 cuts the tiles from the decoded blocks — about 3–5× faster than one ``read_region`` per tile
-(``benchmarks/tile_reading.py``). Anything else goes through OpenSlide's ``read_region``.
+(``benchmarks/tiling.py``). Anything else goes through OpenSlide's ``read_region``.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@
       tissue   (n,)   float32 tissue fraction of each tile
       features/<encoder>      (n, d) float16, attrs: encoder, weights_digest, complete
       prefilter/<name>        (n,) float32 scores, attrs: threshold, complete
+      pixel_qc/<metric>       (n,) float32 blur / background / pen_colour per tile (workbench.tile_qc)
       qc/labels               (n,) int8 QC labels written by the napari widget
   tree/<run>/               level_1 ... level_L (N,) int32; centroids/level_l (k_l, d) float32
   samples/<run>/            indices (m,) int64 global tile ids, attrs: parameters
@@ -83,6 +84,10 @@ class Key:
     @staticmethod
     def prefilter(slide_id: str, name: str) -> str:
         return f"slides/{slide_id}/prefilter/{name}"
+
+    @staticmethod
+    def pixel_qc(slide_id: str, metric: str) -> str:
+        return f"slides/{slide_id}/pixel_qc/{metric}"
 
     @staticmethod
     def qc_labels(slide_id: str) -> str:

@@ -4,7 +4,8 @@ A tile is kept when its **tissue fraction** — the share of its footprint cover
 is at least ``min_tissue`` (default 0.5). This is the mask-based equivalent of CLAM's
 "tile centre / four points inside a contour" test: it uses the same contours (holes cut out) and gives
 a number per tile that later stages can filter on. Tiles form a non-overlapping grid from the slide's
-top-left corner; partial tiles at the right and bottom edges are not made.
+top-left corner (with ``overlap_px`` > 0, neighbouring tiles overlap by that many output pixels);
+partial tiles at the right and bottom edges are not made.
 
 Each slide is one Dask task that segments, grids and writes its own group ``slides/<slide_id>``; the
 slide's ``complete`` attribute is written last, so a killed run leaves at worst an incomplete group that
@@ -25,7 +26,7 @@ import zarr
 
 from . import store as st
 from .manifest import read_manifest, to_records, validate_manifest
-from .segment import SegmentParams, tissue_mask
+from .segment import SegmentParams, contours_geojson, tissue_mask
 from .slides import SlideError, open_slide, tile_footprint
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,15 @@ class TilingParams:
     tile_mpp: float = 0.5
     min_tissue: float = 0.5
     segment: SegmentParams = field(default_factory=SegmentParams)
+    overlap_px: int = 0
 
     def validate(self) -> "TilingParams":
         if self.tile_px < 16:
             raise ValueError(f"tile_px must be >= 16, got {self.tile_px}")
         if not (0.05 <= self.tile_mpp <= 100):
             raise ValueError(f"tile_mpp must be within 0.05–100 µm/px, got {self.tile_mpp}")
+        if not (0 <= self.overlap_px < self.tile_px):
+            raise ValueError(f"overlap_px must be within [0, tile_px), got {self.overlap_px}")
         if not (0.0 < self.min_tissue <= 1.0):
             raise ValueError(f"min_tissue must be within (0, 1], got {self.min_tissue}")
         self.segment.validate()
@@ -54,7 +58,8 @@ class TilingParams:
         return d
 
 
-def tile_grid(mask: np.ndarray, downsample: float, slide_size: tuple[int, int], size0: int, min_tissue: float):
+def tile_grid(mask: np.ndarray, downsample: float, slide_size: tuple[int, int], size0: int, min_tissue: float,
+              stride0: int | None = None):
     """Grid tiles over a slide and keep those with enough tissue.
 
     Parameters
@@ -65,6 +70,8 @@ def tile_grid(mask: np.ndarray, downsample: float, slide_size: tuple[int, int], 
         Level-0 size of the slide.
     size0 : int
         Tile side in level-0 pixels.
+    stride0 : int, optional
+        Step between tiles in level-0 pixels (default ``size0``: no overlap).
 
     Returns
     -------
@@ -72,12 +79,13 @@ def tile_grid(mask: np.ndarray, downsample: float, slide_size: tuple[int, int], 
     tissue : (n,) float32 tissue fraction of each kept tile
     """
     width, height = slide_size
-    nx, ny = width // size0, height // size0
-    if nx == 0 or ny == 0:
+    stride0 = int(stride0 or size0)
+    if width < size0 or height < size0:
         return np.zeros((0, 2), np.int32), np.zeros(0, np.float32)
+    nx, ny = (width - size0) // stride0 + 1, (height - size0) // stride0 + 1
     integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.float64)
     integral[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.float64), axis=1)
-    xs, ys = np.arange(nx) * size0, np.arange(ny) * size0
+    xs, ys = np.arange(nx) * stride0, np.arange(ny) * stride0
     # footprint edges in mask pixels (at least one pixel wide)
     x0 = np.clip(np.round(xs / downsample).astype(int), 0, mask.shape[1] - 1)
     x1 = np.clip(np.maximum(np.round((xs + size0) / downsample).astype(int), x0 + 1), 1, mask.shape[1])
@@ -98,9 +106,10 @@ def tile_slide(path: str, params: TilingParams, *, slide_id: str | None = None, 
     """Segment and grid one slide; returns arrays and attributes (no store I/O)."""
     with open_slide(path, slide_id=slide_id, mpp=mpp) as slide:
         thumb, ds = slide.thumbnail(params.segment.mask_mpp)
-        mask, _, _ = tissue_mask(thumb, ds, params.segment)
+        mask, tissue, holes = tissue_mask(thumb, ds, params.segment)
         size0 = tile_footprint(slide.mpp, params.tile_px, params.tile_mpp)
-        coords, frac = tile_grid(mask, ds, slide.dimensions, size0, params.min_tissue)
+        stride0 = size0 - round(params.overlap_px * size0 / params.tile_px)
+        coords, frac = tile_grid(mask, ds, slide.dimensions, size0, params.min_tissue, stride0)
         attrs = {
             "path": str(slide.path),
             "mpp": slide.mpp,
@@ -111,10 +120,12 @@ def tile_slide(path: str, params: TilingParams, *, slide_id: str | None = None, 
             "tile_px": params.tile_px,
             "tile_mpp": params.tile_mpp,
             "size0": size0,
+            "stride0": stride0,
             "read_level": slide.best_level(params.tile_mpp),
             "mask_downsample": ds,
             "n_tiles": int(len(coords)),
         }
+    attrs["contours"] = contours_geojson(tissue, holes, ds, slide_id=slide_id)
     return {"coords": coords, "tissue": frac, "mask": mask, "attrs": attrs}
 
 
@@ -157,6 +168,7 @@ def tile_slides(
     tile_px: int = 224,
     tile_mpp: float = 0.5,
     min_tissue: float = 0.5,
+    overlap_px: int = 0,
     segment: SegmentParams | dict | None = None,
     on_error: str = "skip",
     client=None,
@@ -172,10 +184,14 @@ def tile_slides(
     store_path : path of the ``.zarr`` dataset store
     tile_px, tile_mpp : output tile size in pixels and its µm/px
     min_tissue : minimum tissue fraction of a kept tile
+    overlap_px : overlap of neighbouring tiles in output pixels (0: a plain grid)
     segment : :class:`SegmentParams` (or a dict of its fields)
     on_error : ``"skip"`` records a bad slide in the store's error table and goes on; ``"raise"`` raises
         after the other slides are done
-    client : a ``dask.distributed.Client`` to run on a cluster; else the local ``scheduler``
+    client : a ``dask.distributed.Client``, or a scheduler address (``"tcp://host:8786"``), to run on a
+        cluster; else the local ``scheduler`` (threads: OpenSlide, the JPEG decoders and OpenCV release
+        the GIL, so one process with a thread per core keeps both cores busy without copying masks
+        between processes)
 
     Returns
     -------
@@ -187,7 +203,11 @@ def tile_slides(
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     if isinstance(segment, dict):
         segment = SegmentParams(**segment)
-    params = TilingParams(tile_px, tile_mpp, min_tissue, segment or SegmentParams()).validate()
+    params = TilingParams(tile_px, tile_mpp, min_tissue, segment or SegmentParams(), overlap_px).validate()
+    if isinstance(client, str):
+        from dask.distributed import Client
+
+        client = Client(client)
     df = read_manifest(manifest) if not isinstance(manifest, pd.DataFrame) else validate_manifest(manifest)
     store_path = str(Path(store_path))
     with st.write_lock(store_path):
