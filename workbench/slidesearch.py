@@ -137,18 +137,8 @@ def sish_rank(hits: list[list[tuple]], weights: dict) -> list[dict]:
     """Rank database slides from the mosaic tiles' hits by SISH's uncertainty rule.
 
     ``hits[i]`` is mosaic tile i's result list of ``(slide, distance, label)`` sorted by distance,
-    best first (it may be empty). Following SISH's ``eval.py``:
-
-    1. Per mosaic tile: label weight ``+= w(label) / (rank + 1)`` over its list (rank from 0),
-       normalised to sum to 1; entropy in bits of these weights (0 = all hits agree).
-    2. Clean: when the list lengths take more than 3 distinct values, keep tiles whose length lies
-       strictly between the 5th and 95th percentiles; let ``t`` = mean over tiles of their top-5 mean
-       distance; sort tiles by entropy and drop those whose top-5 mean distance exceeds ``t``.
-    3. Vote: the first 5 tiles sum their normalised label weights; the top label wins (the next one if
-       all 5 tiles' own majority labels disagree with it); those of the 5 whose own majority label
-       differs from the vote are marked removed.
-    4. Walk the tiles in entropy order; a hit enters once per slide if its tile's entropy is 0 or its
-       distance <= ``t``; drop entries from removed tiles; sort by (entropy, distance).
+    best first (it may be empty). The four steps (weights and entropy, clean, vote, walk) are those
+    of SISH's ``eval.py``, stated in this module's docstring.
 
     Returns
     -------
