@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -24,8 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def build_demo_data(data_dir: Path, manifest_path: Path, *, n_slides: int, size: int, seed: int) -> Path:
     """Generate the demo slides (skipped when they exist with the same settings) and their manifest."""
-    import pandas as pd
-
     from .synthetic import make_demo_set
 
     stamp = data_dir / "settings.json"
@@ -35,11 +32,7 @@ def build_demo_data(data_dir: Path, manifest_path: Path, *, n_slides: int, size:
         return manifest_path
     data_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    df = make_demo_set(data_dir, n_slides=n_slides, size=size, seed=seed)
-    df = df.copy()
-    df["path"] = [os.path.relpath(Path(p).resolve(), manifest_path.parent.resolve()) for p in df["path"]]
-    manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(manifest_path, index=False)
+    df = make_demo_set(data_dir, n_slides=n_slides, size=size, seed=seed, manifest_path=manifest_path)
     stamp.write_text(json.dumps(settings))
     log.info("made %d demo slides in %.1f s", len(df), time.perf_counter() - t0)
     return manifest_path

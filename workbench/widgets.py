@@ -53,6 +53,27 @@ def _display(obj) -> None:
     display(obj)
 
 
+def _live(control, figure):
+    """Display ``control`` above an output that redraws ``figure()`` whenever the control's value changes."""
+    import ipywidgets as ipw
+    import matplotlib.pyplot as plt
+
+    out = ipw.Output()
+
+    def redraw(change=None):
+        with out:
+            out.clear_output(wait=True)
+            fig = figure()
+            _display(fig)
+            plt.close(fig)
+
+    control.observe(redraw, names="value")
+    redraw()
+    box = ipw.VBox([control, out])
+    _display(box)
+    return box
+
+
 # --------------------------------------------------------------------------- threshold
 
 
@@ -122,26 +143,16 @@ class ThresholdSlider:
         if self.static:
             return self.figure()
         import ipywidgets as ipw
-        import matplotlib.pyplot as plt
 
         lo, hi = (float(self.scores.min()), float(self.scores.max())) if len(self.scores) else (0.0, 1.0)
         slider = ipw.FloatSlider(value=self.threshold, min=lo, max=max(hi, lo + 1e-6), step=(hi - lo) / 200 or 0.01,
                                  description="threshold", continuous_update=False)
-        out = ipw.Output()
 
-        def redraw(change=None):
+        def figure():
             self.threshold = float(slider.value)
-            with out:
-                out.clear_output(wait=True)
-                fig = self.figure()
-                _display(fig)
-                plt.close(fig)
+            return self.figure()
 
-        slider.observe(redraw, names="value")
-        redraw()
-        box = ipw.VBox([slider, out])
-        _display(box)
-        return box
+        return _live(slider, figure)
 
 
 # --------------------------------------------------------------------------- gallery
@@ -280,20 +291,6 @@ class TileGallery:
         if self.static:
             return self.figure(key)
         import ipywidgets as ipw
-        import matplotlib.pyplot as plt
 
         pick = ipw.Dropdown(options=keys, value=key, description=self.by)
-        out = ipw.Output()
-
-        def redraw(change=None):
-            with out:
-                out.clear_output(wait=True)
-                fig = self.figure(pick.value)
-                _display(fig)
-                plt.close(fig)
-
-        pick.observe(redraw, names="value")
-        redraw()
-        box = ipw.VBox([pick, out])
-        _display(box)
-        return box
+        return _live(pick, lambda: self.figure(pick.value))
