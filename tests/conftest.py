@@ -4,6 +4,8 @@ Real slides from ../shared/data are used only by tests marked ``realdata``, whic
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +22,28 @@ SMALL_SET = [
     ("s4", "necrosis", True, "p3"),
     ("s5", "tumour", False, "p4"),
 ]
+
+
+@contextlib.contextmanager
+def hold_store_lock(store, *, timeout: float = 10.0):
+    """Hold the store's write lock in another thread, as another run would; yields an Event that releases it."""
+    from workbench import store as st
+
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with st.write_lock(store):
+            held.set()
+            release.wait(timeout)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(5)
+    try:
+        yield release
+    finally:
+        release.set()
+        thread.join()
 
 
 def shared_file(name: str) -> Path:

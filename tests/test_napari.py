@@ -191,22 +191,11 @@ def test_viewer_layers_qc_edits_persist_and_screenshot(store, make_napari_viewer
     assert edits == 4 and "saved, 4 edits" in w.status.value
 
     # another run holds the store's lock: the edit waits in memory, then reaches the store
-    import threading
+    from conftest import hold_store_lock
 
-    held, release = threading.Event(), threading.Event()
-
-    def holder():
-        with st.write_lock(store):
-            held.set()
-            release.wait(10)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    held.wait(5)
-    w.mark_tiles([0], "keep")
-    assert "NOT SAVED" in w.status.value and qc.read_labels(st.open_store(store), "s0")[0] == expect[0]
-    release.set()
-    t.join()
+    with hold_store_lock(store):
+        w.mark_tiles([0], "keep")
+        assert "NOT SAVED" in w.status.value and qc.read_labels(st.open_store(store), "s0")[0] == expect[0]
     assert w.flush() and "saved, 5 edits" in w.status.value
     expect[0] = qc.KEEP
     assert np.array_equal(qc.read_labels(st.open_store(store), "s0"), expect)

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import hold_store_lock
 from workbench import qc
 from workbench import store as st
 
@@ -192,20 +193,10 @@ def test_write_refuses_bad_input_and_waits_for_lock(store):
     root = st.open_store(store)
     n = root[st.Key.coords("s1")].shape[0]
     count = qc.read_info(root, "s1")["edit_count"]
-    held, release = threading.Event(), threading.Event()
-
-    def holder():
-        with st.write_lock(store):
-            held.set()
-            release.wait(5)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    held.wait(5)
-    with pytest.raises(st.StoreError, match="being written by another run"):
-        qc.write_labels(store, "s1", np.zeros(n, np.int8), wait=0.3)
-    assert qc.read_info(st.open_store(store), "s1")["edit_count"] == count  # nothing written
-    threading.Timer(0.3, release.set).start()
-    info = qc.write_labels(store, "s1", np.zeros(n, np.int8), wait=5)  # waits, then writes
-    t.join()
+    with hold_store_lock(store, timeout=5) as release:
+        with pytest.raises(st.StoreError, match="being written by another run"):
+            qc.write_labels(store, "s1", np.zeros(n, np.int8), wait=0.3)
+        assert qc.read_info(st.open_store(store), "s1")["edit_count"] == count  # nothing written
+        threading.Timer(0.3, release.set).start()
+        info = qc.write_labels(store, "s1", np.zeros(n, np.int8), wait=5)  # waits, then writes
     assert info["edit_count"] == count + 1 and (qc.read_labels(st.open_store(store), "s1") == 0).all()
