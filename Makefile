@@ -37,7 +37,7 @@ system-deps:
 	fi
 
 demo: setup
-	$(BIN)/python -m workbench.demo --run-dir $(RUN_DIR) $(DEMO_ARGS)
+	$(BIN)/python -m workbench.runs.demo --run-dir $(RUN_DIR) $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -49,13 +49,13 @@ reliability: setup
 	$(BIN)/python -m pytest -q -o addopts='--strict-markers' -rA tests/test_reliability.py
 
 sweep: setup
-	$(BIN)/python -m workbench.sweep $(SWEEP) --out runs/$(basename $(notdir $(SWEEP))) $(SWEEP_ARGS)
+	$(BIN)/python -m workbench.runs.sweep $(SWEEP) --out runs/$(basename $(notdir $(SWEEP))) $(SWEEP_ARGS)
 
 benchmarks: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 strip-notebooks:
-	$(BIN)/python -m workbench.notebooks strip notebooks/*.ipynb
+	$(BIN)/python -m workbench.runs.notebooks strip notebooks/*.ipynb
 
 clean:
 	rm -rf runs data/demo

@@ -31,10 +31,10 @@ log = logging.getLogger("benchmarks.embedding")
 def main(argv=None) -> dict:
     import torch
 
-    from workbench import embed as E
+    from workbench.features import embed as E
     from workbench import store as st
-    from workbench.synthetic import make_slide
-    from workbench.tiling import tile_slides
+    from workbench.io.synthetic import make_slide
+    from workbench.io.tiling import tile_slides
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--encoder", default="stain-texture")

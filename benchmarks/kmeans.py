@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     import faiss
     import torch
 
-    from workbench.kmeans import assign_torch, lloyd_torch
+    from workbench.curate.kmeans import assign_torch, lloyd_torch
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -4,7 +4,7 @@
 
 1. Writes ``--n`` × ``--dim`` float16 embeddings from a skewed Gaussian mixture (``--k`` components,
    Dirichlet(0.3) sizes, a few NaN rows) into a zarr v3 array, chunk by chunk (never all in RAM).
-2. Fits :class:`workbench.cluster.HierarchicalKMeans` with levels ``[k, k/16, k/256]``, level 1 on a
+2. Fits :class:`workbench.curate.cluster.HierarchicalKMeans` with levels ``[k, k/16, k/256]``, level 1 on a
    random sample of ``--sample-per-cluster`` (50) rows per cluster (no resampling at level 1, as the
    reference's web-scale config), then streams every row from the store and assigns it (tqdm bar);
    the levels above run on the centroids with 10 resampling steps.
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     log = logging.getLogger("bench.ooc")
 
-    from workbench.cluster import HierarchicalKMeans
+    from workbench.curate.cluster import HierarchicalKMeans
 
     path = Path(args.store)
     t0 = time.perf_counter()

@@ -64,7 +64,7 @@ def recall_at(ids: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
 
 def run_size(n: int, dim: int, *, n_queries: int = 200, hnsw_max_n: int = 10**6, seed: int = 0) -> list[dict]:
     """Rows (n, index, params, build_s, query_ms, recall_at_10) for one database size."""
-    from workbench.retrieval import TileIndex
+    from workbench.search.retrieval import TileIndex
 
     x = clustered_vectors(n + n_queries, dim, seed=seed)
     q, x = x[n:], x[:n]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.slides import TileReader, open_slide
-from workbench.synthetic import make_slide
+from workbench.io.slides import TileReader, open_slide
+from workbench.io.synthetic import make_slide
 
 
 def rate(reader_factory, coords, batch, repeats):

@@ -56,7 +56,7 @@ def shared_file(name: str) -> Path:
 @pytest.fixture(scope="session")
 def slide_dir(tmp_path_factory) -> Path:
     """Six 3072² synthetic slides at 0.25 mpp (≈ 30–40 tiles of 224 px at 0.5 mpp each)."""
-    from workbench.synthetic import make_slide
+    from workbench.io.synthetic import make_slide
 
     out = tmp_path_factory.mktemp("slides")
     for i, (sid, dominant, pen, _) in enumerate(SMALL_SET):
@@ -81,7 +81,7 @@ def small_manifest(slide_dir) -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def tiled_store(tmp_path_factory, small_manifest) -> Path:
     """A store with the six small slides tiled (read-only for tests: copy it to modify)."""
-    from workbench.tiling import tile_slides
+    from workbench.io.tiling import tile_slides
 
     path = tmp_path_factory.mktemp("store") / "small.zarr"
     summary = tile_slides(small_manifest, path, progress=False)

@@ -1,6 +1,6 @@
 """Helpers for the reliability suite: small slide files with known content, and ways to break them.
 
-The slides are written here (not by ``workbench.synthetic``) so that each bad-input case controls
+The slides are written here (not by ``workbench.io.synthetic``) so that each bad-input case controls
 exactly what is in the file: an all-white slide, an all-pen slide, a slide smaller than one tile,
 a pyramid whose stored level-0 tiles are overwritten with garbage.
 """

@@ -7,7 +7,7 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from workbench import cluster as hc
+from workbench.curate import cluster as hc
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import shutil
 import numpy as np
 import pytest
 
-from workbench import embed as E
-from workbench import encoders
+from workbench.features import embed as E
+from workbench.features import encoders
 from workbench import store as st
-from workbench.slides import TileReader, open_slide
+from workbench.io.slides import TileReader, open_slide
 
 ENC = "stain-texture"
 
@@ -149,7 +149,7 @@ def test_mussel_export_and_clam_import(tiled_store, tmp_path):
     import pandas as pd
     import torch
 
-    from workbench.export import export_mussel, import_coords_h5, write_coords_h5
+    from workbench.io.export import export_mussel, import_coords_h5, write_coords_h5
 
     path = _copy(tiled_store, tmp_path)
     E.embed_slides(path, ENC, num_workers=0, progress=False)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from workbench import encoders as E
+from workbench.features import encoders as E
 
 SMALL_VIT = dict(depth=2, embed_dim=48, num_heads=2)  # same timm family and block types, tiny
 

@@ -5,8 +5,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from workbench import evaluate as E
-from workbench import retrieval as R
+from workbench.search import evaluate as E
+from workbench.search import retrieval as R
 
 from test_retrieval import make_feature_store
 
@@ -107,9 +107,9 @@ def test_demo_chain_beats_chance(tmp_path):
     above chance. Tile chance (random retrieval): macro precision = 1 / n_classes. Slide chance: a random
     ranking of the other patients' slides (:func:`chance_slide_metrics`). About 1.5 min on 2 cores; measured
     (16 slides of 4096 px): tile macro mv@5 0.80 (chance 0.20), slide mMV@1 0.69 (chance about 0.2)."""
-    synthetic = pytest.importorskip("workbench.synthetic", reason="workbench.synthetic has not landed yet")
-    embed = pytest.importorskip("workbench.embed", reason="workbench.embed.embed_slides has not landed yet")
-    from workbench.tiling import tile_slides
+    synthetic = pytest.importorskip("workbench.io.synthetic", reason="workbench.io.synthetic has not landed yet")
+    embed = pytest.importorskip("workbench.features.embed", reason="workbench.features.embed.embed_slides has not landed yet")
+    from workbench.io.tiling import tile_slides
 
     manifest = synthetic.make_demo_set(tmp_path / "demo", n_slides=16, size=4096)
     store = tmp_path / "demo.zarr"

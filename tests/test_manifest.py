@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from workbench.manifest import ManifestError, read_manifest, validate_manifest
+from workbench.io.manifest import ManifestError, read_manifest, validate_manifest
 
 
 def _write(tmp_path, text, name="m.csv", encoding="utf-8"):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from test_qc import TILE, H, W, make_test_store
-from workbench import qc
+from workbench.ui import qc
 from workbench import store as st
-from workbench.napari import _data
+from workbench.ui.napari import _data
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "runs" / "test-artifacts"
 
@@ -27,7 +27,7 @@ def store(tmp_path_factory):
 
 
 def test_lazy_pyramid_reads_the_slide(store):
-    from workbench.slides import open_slide
+    from workbench.io.slides import open_slide
 
     root = st.open_store(store)
     info = st.read_slide(root, "s0")
@@ -88,14 +88,14 @@ def test_rasters_and_columns(store):
 
 def test_npe2_manifest_validates():
     npe2 = pytest.importorskip("npe2")
-    import workbench.napari as wn
+    import workbench.ui.napari as wn
 
     path = Path(wn.__file__).with_name("napari.yaml")
     manifest = npe2.PluginManifest.from_file(path)
     assert manifest.name == "pathology-workbench"
     (widget,) = manifest.contributions.widgets
     (command,) = manifest.contributions.commands
-    assert widget.command == command.id and command.python_name == "workbench.napari._widget:make_qc_widget"
+    assert widget.command == command.id and command.python_name == "workbench.ui.napari._widget:make_qc_widget"
     manifest.validate_imports()  # every python_name resolves
 
 
@@ -109,7 +109,7 @@ def _viewer_skip_reason() -> str | None:
     for mod in ("napari", "pytestqt", "qtpy"):
         if importlib.util.find_spec(mod) is None:
             return f"{mod} is not installed"
-    from workbench.napari import display_available
+    from workbench.ui.napari import display_available
 
     if not display_available():  # pytest-xvfb sets DISPLAY when Xvfb exists
         return "no display: install Xvfb (apt: xvfb libgl1-mesa-dri) for pytest-xvfb"
@@ -119,7 +119,7 @@ def _viewer_skip_reason() -> str | None:
 @pytest.mark.napari
 @pytest.mark.skipif(_viewer_skip_reason() is not None, reason=str(_viewer_skip_reason()))
 def test_viewer_layers_qc_edits_persist_and_screenshot(store, make_napari_viewer):
-    from workbench.napari import QCWidget
+    from workbench.ui.napari import QCWidget
 
     viewer = make_napari_viewer(show=True)
     w = QCWidget(viewer, store=store, slide_id="s0")

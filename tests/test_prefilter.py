@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from workbench import store as st
-from workbench.prefilter import (MarkerPrefilter, fit_from_store, flags, marker_metrics, qc_training_labels,
+from workbench.features.prefilter import (MarkerPrefilter, fit_from_store, flags, marker_metrics, qc_training_labels,
                                  score_store, training_data, truth_labels)
 
 
@@ -49,7 +49,7 @@ def test_metrics_known_values():
 
 @pytest.fixture(scope="module")
 def embedded_store(tiled_store, tmp_path_factory):
-    from workbench.embed import embed_slides
+    from workbench.features.embed import embed_slides
 
     path = tmp_path_factory.mktemp("pf") / "store.zarr"
     shutil.copytree(tiled_store, path)

@@ -1,4 +1,4 @@
-"""QC labels: pure label arithmetic, regions → tiles, and the store round trip (workbench.qc).
+"""QC labels: pure label arithmetic, regions → tiles, and the store round trip (workbench.ui.qc).
 
 ``make_test_store`` (also used by test_napari.py and test_widgets.py) writes a small pyramidal JPEG TIFF
 with a pink tissue disc and a blue pen stroke, tiles it into a store and adds prefilter scores, a tree
@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from conftest import hold_store_lock
-from workbench import qc
+from workbench.ui import qc
 from workbench import store as st
 
 TILE = 224
@@ -71,8 +71,8 @@ def make_test_store(tmp_path, n_slides: int = 2):
 
 
 def _build_test_store(tmp_path, n_slides: int):
-    from workbench.manifest import to_records, validate_manifest
-    from workbench.tiling import TilingParams, tile_slides
+    from workbench.io.manifest import to_records, validate_manifest
+    from workbench.io.tiling import TilingParams, tile_slides
 
     rows = []
     for i in range(n_slides):

@@ -5,8 +5,8 @@ Every bad input must give a clear error or a recorded skip that names the slide;
 store that a re-run completes, with outputs byte-identical to a clean run's. The default tier is fast;
 ``-m slow`` adds 20 more SIGKILLs. ``make reliability`` runs every tier of this file.
 
-Cases that need a stage that has not landed yet (``workbench.embed``, ``workbench.prefilter``,
-``workbench.sample``) skip with a reason that names the missing module.
+Cases that need a stage that has not landed yet (``workbench.features.embed``, ``workbench.features.prefilter``,
+``workbench.curate.sample``) skip with a reason that names the missing module.
 """
 from __future__ import annotations
 
@@ -42,9 +42,9 @@ from reliability_helpers import (
     write_slide_tiff,
 )
 from workbench import store as st
-from workbench.manifest import ManifestError, read_manifest
-from workbench.slides import SlideError, TileReader, open_slide
-from workbench.tiling import tile_slides
+from workbench.io.manifest import ManifestError, read_manifest
+from workbench.io.slides import SlideError, TileReader, open_slide
+from workbench.io.tiling import tile_slides
 
 pytestmark = pytest.mark.reliability
 
@@ -473,8 +473,8 @@ def test_full_disk_on_error_table_raises(clean, rel_set, tmp_path, monkeypatch):
 
 _HELD_TILER = """
 import os, time
-import workbench.tiling as tl
-from workbench.tiling import tile_slides
+import workbench.io.tiling as tl
+from workbench.io.tiling import tile_slides
 orig, first = tl.tile_slide, []
 def held(*a, **k):  # the first slide waits, lock held, until the test says go
     if not first:
@@ -490,7 +490,7 @@ print("DONE", flush=True)
 """
 
 _PLAIN_TILER = """
-from workbench.tiling import tile_slides
+from workbench.io.tiling import tile_slides
 tile_slides({manifest!r}, {store!r}, progress=False)
 """
 
@@ -545,7 +545,7 @@ with write_lock({str(path)!r}):
 
 _KILL_TILER = """
 import dask, dask.diagnostics, openslide, cv2  # lazy imports first, so timing starts at READY
-from workbench.tiling import tile_slides
+from workbench.io.tiling import tile_slides
 print("READY", flush=True)
 tile_slides({manifest!r}, {store!r}, progress=False)
 """
@@ -650,8 +650,8 @@ def test_tiling_is_deterministic_across_schedulers(clean, rel_set, tmp_path):
 
 
 def test_synthetic_slides_are_deterministic(tmp_path):
-    _skip_unless("workbench.synthetic", "same seed must give identical slide files")
-    from workbench.synthetic import make_slide
+    _skip_unless("workbench.io.synthetic", "same seed must give identical slide files")
+    from workbench.io.synthetic import make_slide
 
     for name in ("a", "b"):
         make_slide(tmp_path / f"{name}.tiff", width=1024, height=1024, seed=7, pen=True, blur=True)
@@ -682,7 +682,7 @@ def _features_store(clean, tmp_path, encoder="rel-enc", bad_rows=None) -> Path:
 
 
 def test_tree_and_sample_are_deterministic(clean, tmp_path):
-    from workbench.cluster import fit_store, load_tree
+    from workbench.curate.cluster import fit_store, load_tree
 
     path = _features_store(clean, tmp_path)
     params = dict(levels=[6, 3], resampling_steps=1, sample_per_cluster=3, random_state=5, backend="torch")
@@ -692,7 +692,7 @@ def test_tree_and_sample_are_deterministic(clean, tmp_path):
     np.testing.assert_array_equal(a.labels, b.labels)
     for ca, cb in zip(a.centroids, b.centroids):
         np.testing.assert_array_equal(ca, cb)
-    from workbench.sample import HierarchicalSampler, sample_store
+    from workbench.curate.sample import HierarchicalSampler, sample_store
 
     n = len(a.labels) // 3
     s1 = sample_store(path, "a", "s1", n, random_state=3)
@@ -708,12 +708,12 @@ BAD_ROWS = {("r1", 0): np.nan, ("r1", 3): np.inf, ("r4", 2): -np.inf}
 
 
 def test_nonfinite_embeddings_excluded_from_tree(clean, tmp_path, caplog):
-    from workbench.cluster import fit_store
+    from workbench.curate.cluster import fit_store
 
     path = _features_store(clean, tmp_path, bad_rows=BAD_ROWS)
     offsets = dict(zip(IDS, np.concatenate([[0], np.cumsum(clean.counts)[:-1]])))
     bad = sorted(int(offsets[s] + r) for s, r in BAD_ROWS)
-    with caplog.at_level(logging.WARNING, logger="workbench.cluster"):
+    with caplog.at_level(logging.WARNING, logger="workbench.curate.cluster"):
         tree = fit_store(path, "rel-enc", "nan", levels=[3, 2], random_state=0, backend="torch")
     assert any("3 of" in r.getMessage() and "NaN/Inf" in r.getMessage() for r in caplog.records), caplog.text
     assert (tree.labels[bad] == -1).all()
@@ -728,7 +728,7 @@ def test_nonfinite_embeddings_excluded_from_tree(clean, tmp_path, caplog):
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
 def test_nonfinite_embeddings_excluded_from_index(kind, caplog):
-    from workbench.retrieval import TileIndex
+    from workbench.search.retrieval import TileIndex
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(800, 16)).astype(np.float32)
@@ -829,7 +829,7 @@ def test_malicious_checkpoint_in_weights_dir_is_refused(tmp_path, monkeypatch, f
 
     import torch
 
-    from workbench.encoders import WeightsError, get_encoder
+    from workbench.features.encoders import WeightsError, get_encoder
 
     marker = str(tmp_path / "code-ran")
     path = tmp_path / "weights" / "timm-vit_tiny_patch16_224.pth"
@@ -859,7 +859,7 @@ def _assert_no_pickle(files):
 
 
 def test_index_saved_without_pickle(tmp_path):
-    from workbench.retrieval import TileIndex
+    from workbench.search.retrieval import TileIndex
 
     x = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
     TileIndex("flat").fit(x, groups=np.arange(300) // 10).save(tmp_path / "idx.faiss")
@@ -871,7 +871,7 @@ def test_index_saved_without_pickle(tmp_path):
 def test_tree_saved_as_plain_arrays(clean, tmp_path):
     import json
 
-    from workbench.cluster import fit_store
+    from workbench.curate.cluster import fit_store
 
     path = _features_store(clean, tmp_path)
     fit_store(path, "rel-enc", "plain", levels=[4, 2], random_state=0, backend="torch")
@@ -890,7 +890,7 @@ def test_prefilter_saved_as_json_and_pickle_refused(tmp_path):
     import json
     import pickle
 
-    from workbench.prefilter import MarkerPrefilter
+    from workbench.features.prefilter import MarkerPrefilter
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(200, 6))
@@ -927,7 +927,7 @@ def emb_set(rel_set, clean, tmp_path_factory):
     summary = tile_slides(d / "manifest.csv", tiled, progress=False)
     assert summary.set_index("slide_id").status.to_dict() == {**{s: "skipped" for s in IDS}, "penA": "tiled",
                                                               "penB": "tiled"}
-    from workbench.embed import embed_slides
+    from workbench.features.embed import embed_slides
 
     ref = d / "embedded.zarr"
     shutil.copytree(tiled, ref)
@@ -947,7 +947,7 @@ def _features(path, ids, encoder="stain-texture") -> dict:
 
 def test_all_pen_slide_flagged_by_prefilter(emb_set):
     """Trained on one all-pen slide and three tissue slides, the prefilter flags every tile of another pen slide."""
-    from workbench.prefilter import MarkerPrefilter
+    from workbench.features.prefilter import MarkerPrefilter
 
     root = st.open_store(emb_set.ref)
     feats = {s: root[st.Key.features(s, "stain-texture")][:].astype(np.float32) for s in emb_set.ids}
@@ -960,7 +960,7 @@ def test_all_pen_slide_flagged_by_prefilter(emb_set):
 
 
 def test_corrupt_tiles_embedding_not_marked_complete(corrupt_slide, clean, rel_set, tmp_path):
-    from workbench.embed import embed_slides
+    from workbench.features.embed import embed_slides
 
     df = pd.DataFrame({"slide_id": ["r0", "r0c"], "path": [rel_set.df.path[0], str(corrupt_slide.path)]})
     path = tmp_path / "c.zarr"
@@ -982,8 +982,8 @@ def test_corrupt_tiles_embedding_not_marked_complete(corrupt_slide, clean, rel_s
 
 def test_nonfinite_embeddings_detected_reported_and_excluded(emb_set, tmp_path, monkeypatch, caplog):
     """A model that emits NaN/Inf for some tiles: rows listed per slide, in the error table, left out of the tree."""
-    import workbench.embed as em
-    from workbench.cluster import fit_store
+    import workbench.features.embed as em
+    from workbench.curate.cluster import fit_store
 
     original = em._prepared
 
@@ -1025,8 +1025,8 @@ def test_nonfinite_embeddings_detected_reported_and_excluded(emb_set, tmp_path, 
 
 
 _KILL_EMBEDDER = """
-import torch, openslide, cv2, workbench.encoders, workbench.slides
-from workbench.embed import embed_slides
+import torch, openslide, cv2, workbench.features.encoders, workbench.io.slides
+from workbench.features.embed import embed_slides
 print("READY", flush=True)
 embed_slides({store!r}, encoder="stain-texture", num_workers=0, batch_size=16, progress=False)
 """
@@ -1041,7 +1041,7 @@ def embedding_window(emb_set, tmp_path_factory) -> float:
 
 
 def _kill_and_resume_embedding(emb_set, window, tmp_path, trial: int, n_trials: int, seed: int):
-    from workbench.embed import embed_slides
+    from workbench.features.embed import embed_slides
 
     rng = np.random.default_rng(seed)
     window = 1.1 * window

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from workbench import retrieval as R
+from workbench.search import retrieval as R
 from workbench.store import Key, create_store, mark_complete, open_store, write_array
 
 

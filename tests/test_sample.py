@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workbench import cluster as hc
-from workbench import sample as hs
+from workbench.curate import cluster as hc
+from workbench.curate import sample as hs
 
 
 def test_cut_hand_examples():

@@ -2,9 +2,9 @@ import cv2
 import numpy as np
 import pytest
 
-from workbench.segment import SegmentParams, contours_geojson, mask_iou, tissue_mask
-from workbench.slides import open_slide
-from workbench.synthetic import load_truth
+from workbench.io.segment import SegmentParams, contours_geojson, mask_iou, tissue_mask
+from workbench.io.slides import open_slide
+from workbench.io.synthetic import load_truth
 
 
 def _disc_image():

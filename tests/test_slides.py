@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_file
-from workbench.slides import MPP_TOLERANCE, SlideError, TileReader, open_slide, resolve_mpp, tile_footprint
+from workbench.io.slides import MPP_TOLERANCE, SlideError, TileReader, open_slide, resolve_mpp, tile_footprint
 
 
 def test_synthetic_slide_levels_and_mpp(slide_dir):

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from workbench import store as st
-from workbench import sweep as sw
+from workbench.runs import sweep as sw
 
 NB01 = "01"
 GOOD = [{"threshold": 5, "median_ksize": 3}, {"threshold": 15, "median_ksize": 11}, {"threshold": 40, "median_ksize": 11}]
@@ -34,7 +34,7 @@ def _write_downstream_notebook(path: Path) -> Path:
     params = nbformat.v4.new_code_cell('store = ""\nrun_dir = ""\nfactor = 1\nthreshold = 0.5  # unused: name shared with 01')
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell(
-        "from workbench import store as st\nfrom workbench.notebooks import write_metrics\n"
+        "from workbench import store as st\nfrom workbench.runs.notebooks import write_metrics\n"
         "n = int(st.tile_counts(st.open_store(store)).sum())\n"
         'write_metrics(run_dir, "98", {"n_tiles": n, "scaled": n * factor})')]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -44,7 +44,7 @@ def _write_downstream_notebook(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def sweep_data(tmp_path_factory) -> dict:
-    from workbench.synthetic import make_slide
+    from workbench.io.synthetic import make_slide
 
     root = tmp_path_factory.mktemp("sweep")
     paths = []
@@ -73,7 +73,9 @@ def e2e(sweep_data) -> dict:
 
 def _direct_iou(slides, threshold, median_ksize) -> tuple[float, int]:
     """Reference: the notebook's mean mask IoU and tile count, computed without papermill."""
-    from workbench import segment, synthetic, tiling
+    from workbench.io import segment
+    from workbench.io import synthetic
+    from workbench.io import tiling
 
     ious, n = [], 0
     for p in slides:
@@ -232,7 +234,7 @@ def test_killed_sweep_resumes(sweep_data, tmp_path):
     spec_path = tmp_path / "kill.yml"
     spec_path.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "workbench.sweep", str(spec_path), "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.runs.sweep", str(spec_path), "--out", str(out),
                              "--max-workers", "1"], start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -254,9 +256,9 @@ def test_killed_sweep_resumes(sweep_data, tmp_path):
 
 @pytest.mark.slow
 def test_report_notebook(sweep_data, e2e, tmp_path):
-    from workbench.notebooks import run_notebook
+    from workbench.runs.notebooks import run_notebook
 
-    run_notebook(sw.ROOT / "notebooks" / "07_sweep_report.ipynb", tmp_path,
+    run_notebook(Path(__file__).resolve().parents[1] / "notebooks" / "07_sweep_report.ipynb", tmp_path,
                  {"sweep": str(sweep_data["spec"]), "results": str(e2e["out"] / "results.parquet")})
     m = json.loads((tmp_path / "07_metrics.json").read_text())
     table = e2e["table"]

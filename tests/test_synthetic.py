@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workbench import synthetic as S
+from workbench.io import synthetic as S
 
 SIZE = 2048
 
@@ -158,7 +158,7 @@ def test_tile_truth_matches_brute_force(slide):
 
 
 def test_demo_set_manifest(tmp_path):
-    from workbench.manifest import read_manifest
+    from workbench.io.manifest import read_manifest
 
     mpath = tmp_path / "manifests" / "demo.csv"
     df = S.make_demo_set(tmp_path / "demo", n_slides=8, size=1024, seed=3, manifest_path=mpath)

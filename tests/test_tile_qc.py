@@ -2,8 +2,8 @@ import numpy as np
 import shutil
 
 from workbench import store as st
-from workbench.synthetic import load_truth, tile_truth
-from workbench.tile_qc import compute_store, read_store, tile_qc
+from workbench.io.synthetic import load_truth, tile_truth
+from workbench.features.tile_qc import compute_store, read_store, tile_qc
 
 
 def _auc(scores, labels):

@@ -3,8 +3,8 @@ import pytest
 import zarr
 
 from workbench import store as st
-from workbench.synthetic import load_truth, tile_truth
-from workbench.tiling import tile_grid, tile_slides
+from workbench.io.synthetic import load_truth, tile_truth
+from workbench.io.tiling import tile_grid, tile_slides
 
 
 def test_tile_grid_fractions_by_hand():
@@ -108,7 +108,7 @@ def test_real_cmu_tiles(tmp_path):
     assert g.attrs["size0"] == 224 and g.attrs["read_level"] == 0  # 0.499 mpp read as is
     assert 40 <= summary.n_tiles[0] <= 117  # 9 x 13 = 117 grid tiles, tissue about half
     # the tiles look like tissue, not background: stained (saturated) and darker than glass
-    from workbench.slides import TileReader, open_slide
+    from workbench.io.slides import TileReader, open_slide
     import cv2
 
     with open_slide(path) as slide:
@@ -136,8 +136,8 @@ def test_png_and_geojson_exports(tiled_store, tmp_path):
 
     import cv2
 
-    from workbench.export import export_contours, export_tile_pngs
-    from workbench.slides import TileReader, open_slide
+    from workbench.io.export import export_contours, export_tile_pngs
+    from workbench.io.slides import TileReader, open_slide
 
     table = export_tile_pngs(tiled_store, tmp_path / "png", slide_ids=["s3"])
     root = st.open_store(tiled_store)

@@ -10,7 +10,7 @@ import pytest
 
 from test_qc import W, make_test_store
 from workbench import store as st
-from workbench import widgets
+from workbench.ui import widgets
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_gallery_by_cluster_score_sample(store):
     assert m.column == "samples/r1" and m.tile_ids(1).tolist() == [15, 18, 21, 24, 27]
 
     # pixels: the gallery's tile equals the slide read directly over the same footprint
-    from workbench.slides import TileReader, open_slide
+    from workbench.io.slides import TileReader, open_slide
 
     n0 = root[st.Key.coords("s0")].shape[0]
     pick = np.array([2, n0 + 1])

@@ -8,7 +8,7 @@
       tissue   (n,)   float32 tissue fraction of each tile
       features/<encoder>      (n, d) float16, attrs: encoder, weights_digest, complete
       prefilter/<name>        (n,) float32 scores, attrs: threshold, complete
-      pixel_qc/<metric>       (n,) float32 blur / background / pen_colour per tile (workbench.tile_qc)
+      pixel_qc/<metric>       (n,) float32 blur / background / pen_colour per tile (workbench.features.tile_qc)
       qc/labels               (n,) int8 QC labels written by the napari widget
   tree/<run>/               level_1 ... level_L (N,) int32; centroids/level_l (k_l, d) float32
   samples/<run>/            indices (m,) int64 global tile ids, attrs: parameters
@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from workbench.errors import StoreError  # noqa: F401  (raised here; defined in workbench.errors)
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,6 @@ LAYOUT_VERSION = 1
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 
 
-class StoreError(RuntimeError):
-    """A store that is missing, locked, of another layout, or lacks an earlier stage's output."""
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -127,7 +126,7 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
 
 def create_store(path: str | os.PathLike, *, manifest: list[dict], tiling: dict) -> zarr.Group:
     """Create a store, or reopen one made with the same tiling parameters (resume)."""
-    from . import __version__
+    from workbench import __version__
 
     path = Path(path)
     if (path / "zarr.json").exists():

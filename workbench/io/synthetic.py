@@ -495,7 +495,7 @@ def _write_tiff(path: Path, img: np.ndarray, mpp: float, tile: int, quality: int
             res = 1e4 / (mpp * ds)  # pixels per centimetre
             tw.write(lv, tile=(tile, tile), compression="jpeg", compressionargs={"level": int(quality)},
                      photometric="rgb", resolution=(res, res), resolutionunit="CENTIMETER",
-                     subfiletype=1 if i else 0, metadata=None, maxworkers=2, software="workbench.synthetic")
+                     subfiletype=1 if i else 0, metadata=None, maxworkers=2, software="workbench.io.synthetic")
     return len(levels)
 
 
@@ -666,7 +666,7 @@ def make_demo_set(out_dir, *, n_slides: int = 16, size: int = 8192, seed: int = 
     pen marks alternate (about half the slides have them, independent of the diagnosis). Sites cycle over
     patients through :data:`DEMO_SITES`. Slides are 0.25 mpp; the ``mpp`` column is left empty (it comes from
     the files). The returned table has absolute paths; the CSV written to ``manifest_path`` (if given) has
-    paths relative to the manifest's folder (as :func:`workbench.manifest.read_manifest` expects).
+    paths relative to the manifest's folder (as :func:`workbench.io.manifest.read_manifest` expects).
     Deterministic for a seed (and independent of ``workers``, the number of processes writing slides;
     default: up to 2). Besides the manifest columns the table has ``pen`` (whether the slide has pen marks).
     """

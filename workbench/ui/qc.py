@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import store as st
+from workbench import store as st
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ A sweep is a small YAML file under ``sweeps/``::
     goal: max                     # ... and in which direction
     metrics: [01.mask_iou_mean, 01.n_tiles]   # what the report plots
 
-``python -m workbench.sweep sweeps/NAME.yml`` or :func:`run_sweep` runs every point into
+``python -m workbench.runs.sweep sweeps/NAME.yml`` or :func:`run_sweep` runs every point into
 ``runs/<sweep>/<point-id>/`` (one executed notebook and ``NN_metrics.json`` per notebook, and ``point.json``),
 and gathers ``runs/<sweep>/results.parquet`` + ``results.csv``: point_id, parameters, status, error,
 seconds (of the stages run for the point; a shared stage counts for each of its points, a reused one
@@ -80,9 +80,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
-SWEEP_DIR = ROOT / "sweeps"
-DEMO_SWEEP = SWEEP_DIR / "demo.yml"
 MANAGED = ("run_dir", "store")  # set by the sweep for every stage
 SPEC_KEYS = {"name", "description", "notebooks", "manifest", "store", "stores_dir", "fixed", "grid", "points",
              "names", "parallel", "metric", "goal", "metrics", "scheduler", "max_workers"}
@@ -101,7 +98,8 @@ class Notebook:
 
     @classmethod
     def resolve(cls, ref: str | os.PathLike, base_dir: Path) -> "Notebook":
-        from .notebooks import numbered_notebooks
+        from workbench.runs.notebooks import numbered_notebooks
+        from workbench.runs.project import notebook_dir
 
         ref_s = str(ref)
         if ref_s.endswith(".ipynb"):
@@ -109,7 +107,7 @@ class Notebook:
         else:
             matches = [p for p in numbered_notebooks() if p.stem == ref_s or p.name[:2] == ref_s.zfill(2)]
             if len(matches) != 1:
-                raise ValueError(f"notebook {ref_s!r}: {len(matches)} matches in {ROOT / 'notebooks'}")
+                raise ValueError(f"notebook {ref_s!r}: {len(matches)} matches in {notebook_dir()}")
             path = matches[0]
         if not path.exists():
             raise FileNotFoundError(f"notebook {path} does not exist")
@@ -234,7 +232,7 @@ def load_spec(spec, *, overrides: dict | None = None) -> SweepSpec:
         return None if v in (None, "") else (base / str(v)).resolve()
 
     name = raw.get("name") or (path.stem if path else "sweep")
-    from .store import check_name
+    from workbench.store import check_name
 
     return SweepSpec(
         name=check_name(str(name), "sweep name"), notebooks=notebooks, points=tuple(points), fixed=fixed,
@@ -329,7 +327,7 @@ def plan_points(spec: SweepSpec, out: Path) -> list[PointPlan]:
 
 def stage_records(store: str | os.PathLike) -> dict:
     """The ``sweep_stages`` record of a store ({} when the store does not exist yet)."""
-    from . import store as st
+    from workbench import store as st
 
     if not (Path(store) / "zarr.json").exists():
         return {}
@@ -337,7 +335,7 @@ def stage_records(store: str | os.PathLike) -> dict:
 
 
 def _record_stage(store: Path, key: str, record: dict) -> bool:
-    from . import store as st
+    from workbench import store as st
 
     if not (store / "zarr.json").exists():
         log.warning("stage %s finished but store %s does not exist: not recorded for reuse", key, store)
@@ -362,7 +360,7 @@ def run_stage(stage: dict, store: str, stage_dir: str, upstream: dict | None = N
     ``previous`` only orders stages of one store (its value is ignored). Returns the stage's record
     plus ``status`` ("ok" / "failed" / "skipped"), ``ran`` (the notebook ran now) and ``error``.
     """
-    from .notebooks import run_notebook
+    from workbench.runs.notebooks import run_notebook
 
     key, number = stage["key"], stage["number"]
     base = {"key": key, "number": number, "ran": False, "seconds": 0.0, "metrics": {}, "run_dir": stage_dir}
@@ -410,8 +408,8 @@ def _link_or_copy(src, dst):
 
 def _finish_point(plan: PointPlan, results: list[dict]) -> dict:
     """Gather a point's stage outputs into its folder and write ``point.json`` (atomically, last)."""
-    from .notebooks import write_metrics
-    from .store import write_json_atomic
+    from workbench.runs.notebooks import write_metrics
+    from workbench.store import write_json_atomic
 
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     (plan.run_dir / "point.json").unlink(missing_ok=True)
@@ -510,7 +508,7 @@ def run_sweep(spec_or_path, *, out=None, client=None, max_workers: int | None = 
     overrides : top-level spec keys to replace (e.g. ``{"manifest": path}``)
     """
     spec = load_spec(spec_or_path, overrides=overrides)
-    out = Path(out) if out is not None else ROOT / "runs" / spec.name
+    out = Path(out) if out is not None else Path.cwd() / "runs" / spec.name
     out.mkdir(parents=True, exist_ok=True)
     plans = plan_points(spec, out)
     done = [p for p in plans if (read_point(p.run_dir) or {}).get("status") == "ok"]
@@ -664,10 +662,13 @@ def plot_sweep(table, params: list[str], metrics: list[str], *, best=None, figsi
 def run_demo_sweep(manifest: str | os.PathLike, run_dir: str | os.PathLike, *, client=None,
                    max_workers: int | None = None) -> dict:
     """Run ``sweeps/demo.yml`` on ``manifest`` into ``<run_dir>/sweep``; returns notebook 07's parameters."""
+    from workbench.runs.project import sweep_dir
+
+    demo_sweep = sweep_dir() / "demo.yml"
     out = Path(run_dir) / "sweep"
-    run_sweep(DEMO_SWEEP, out=out, client=client, max_workers=max_workers,
+    run_sweep(demo_sweep, out=out, client=client, max_workers=max_workers,
               overrides={"manifest": str(Path(manifest).resolve())})
-    return {"sweep": str(DEMO_SWEEP), "results": str((out / "results.parquet").resolve())}
+    return {"sweep": str(demo_sweep), "results": str((out / "results.parquet").resolve())}
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """Running the numbered notebooks with papermill, reading their metrics, and stripping outputs.
 
-``python -m workbench.notebooks strip notebooks/*.ipynb`` removes outputs and execution counts before a commit.
+``python -m workbench.runs.notebooks strip notebooks/*.ipynb`` removes outputs and execution counts before a commit.
 """
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 
-def numbered_notebooks(folder: str | Path = NOTEBOOK_DIR) -> list[Path]:
-    """The ``NN_*.ipynb`` notebooks of a folder, in order."""
+def numbered_notebooks(folder: str | Path | None = None) -> list[Path]:
+    """The ``NN_*.ipynb`` notebooks of a folder (default: the project's ``notebooks/``), in order."""
+    if folder is None:
+        from workbench.runs.project import notebook_dir
+
+        folder = notebook_dir()
     return sorted(p for p in Path(folder).glob("[0-9][0-9]_*.ipynb"))
 
 
@@ -49,7 +52,7 @@ def read_metrics(run_dir: str | Path) -> dict:
 
 def write_metrics(run_dir: str | Path, number: str, metrics: dict) -> Path:
     """Write ``run_dir/NN_metrics.json`` (flat JSON; numpy scalars converted)."""
-    from .store import write_json_atomic
+    from workbench.store import write_json_atomic
 
     flat = {}
     for k, v in metrics.items():
@@ -86,7 +89,7 @@ def strip_outputs(path: str | Path) -> bool:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "strip":
-        print("usage: python -m workbench.notebooks strip NOTEBOOK...", file=sys.stderr)
+        print("usage: python -m workbench.runs.notebooks strip NOTEBOOK...", file=sys.stderr)
         return 2
     for p in argv[1:]:
         if strip_outputs(p):

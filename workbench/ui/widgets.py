@@ -2,7 +2,7 @@
 
 * :class:`TileGallery` — tiles of a store by cluster (a tree level), by score (a prefilter, pages of
   tiles ranked by score) or by sample (pages of a sample run's indices), read at a small size through
-  :class:`~workbench.slides.TileReader`.
+  :class:`~workbench.io.slides.TileReader`.
 * :class:`ThresholdSlider` — the score histogram with a threshold line, the number of tiles flagged and,
   given ground truth, precision / recall at the threshold (notebook 02's prefilter threshold).
 
@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from . import store as st
+from workbench import store as st
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class TileGallery:
 
     def images(self, tile_ids) -> np.ndarray:
         """(m, tile_px, tile_px, 3) uint8 tiles for global ids, read over each tile's full footprint."""
-        from .slides import TileReader, open_slide
+        from workbench.io.slides import TileReader, open_slide
 
         tile_ids = np.asarray(tile_ids, dtype=np.int64)
         out = np.full((len(tile_ids), self.tile_px, self.tile_px, 3), 255, np.uint8)
@@ -272,7 +272,7 @@ class TileGallery:
     def figure(self, key):
         import matplotlib.pyplot as plt
 
-        from .plots import tile_mosaic
+        from workbench.ui.plots import tile_mosaic
 
         ids = self.tile_ids(key)
         mosaic = tile_mosaic(self.images(ids), ncols=self.ncols)

@@ -11,7 +11,7 @@ Layers added for a slide (world coordinates = level-0 pixels, row = y):
 ``pen truth``       the pen-mask ground truth of a synthetic slide, when present
 
 Every edit (a paint stroke, a region, a click in "mark on click" mode, "label ≥ threshold") is saved at
-once through :func:`workbench.qc.write_labels` (write lock held only for the write); if another run holds
+once through :func:`workbench.ui.qc.write_labels` (write lock held only for the write); if another run holds
 the lock the edits stay in memory, the status says so, and a timer (every ``RETRY_S`` s), the next edit,
 "save now" or switching slides retries.
 """
@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlider, Label, PushButton, TextEdit
 
-from .. import qc
-from .. import store as st
-from . import _data
+from workbench.ui import qc
+from workbench import store as st
+from workbench.ui.napari import _data
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class QCWidget(Container):
 
     def open_slide(self, slide_id: str) -> None:
         """Replace the layers by those of ``slide_id`` and load its saved QC labels."""
-        from ..slides import open_slide
+        from workbench.io.slides import open_slide
 
         if not self.flush():  # never drop unsaved labels of the open slide
             self.status.value = f"cannot open {slide_id!r}: labels of {self.slide_id!r} are not saved yet (store locked)"

@@ -1,4 +1,4 @@
-"""The checkpoint-free ``stain-texture`` descriptor, registered in :mod:`workbench.encoders`.
+"""The checkpoint-free ``stain-texture`` descriptor, registered in :mod:`workbench.features.encoders`.
 
 stain-texture: H&E stain colour and grey-level texture of each tile; no learned weights. Input
 (n, h, w, 3) uint8 RGB (112 px by default: a 224-px tile at 0.5 mpp seen at 1 µm/px). Blocks, each a

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import store as st
+from workbench import store as st
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def truth_labels(root, paths: dict | None = None, *, pen_threshold: float = 0.3,
 
     ``paths`` maps slide_id → slide file (default: the path the store recorded for the slide).
     """
-    from .synthetic import load_truth, tile_truth
+    from workbench.io.synthetic import load_truth, tile_truth
 
     out = {}
     for s in st.slide_ids(root) if ids is None else ids:
@@ -306,7 +306,7 @@ def threshold_sweep(y_true, scores, thresholds=None) -> pd.DataFrame:
 
 def tile_images(root, table: pd.DataFrame, *, tile_px: int = 128) -> np.ndarray:
     """RGB images (n, tile_px, tile_px, 3) of the tiles listed in ``table`` (columns slide_id, tile)."""
-    from .slides import TileReader, open_slide
+    from workbench.io.slides import TileReader, open_slide
 
     out = np.zeros((len(table), tile_px, tile_px, 3), np.uint8)
     for s, rows in table.groupby("slide_id", sort=False):

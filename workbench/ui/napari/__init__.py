@@ -2,7 +2,7 @@
 
 ``show(store, slide_id)`` opens a slide with its layers and the QC dock widget; the same widget is
 registered as a napari plugin (``napari.yaml``: Plugins → Pathology QC). The layer data are computed by
-``workbench.napari._data`` (no Qt); the labels are read and written by :mod:`workbench.qc`.
+``workbench.ui.napari._data`` (no Qt); the labels are read and written by :mod:`workbench.ui.qc`.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def display_available() -> bool:
 
 def __getattr__(name):
     if name in ("QCWidget", "make_qc_widget", "show"):
-        from . import _widget
+        from workbench.ui.napari import _widget
 
         return getattr(_widget, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,7 @@ regions line up.
 * :func:`slide_pyramid` — the slide's pyramid levels as Dask arrays. Each level is a
   :class:`LevelArray` (an array-like whose ``__getitem__`` reads that region from the slide) wrapped by
   ``dask.array.from_array``: building the arrays reads no pixels, so a 100k × 100k slide opens at once,
-  and napari computes only the chunks in view. Chunks come from :class:`~workbench.slides.TileReader`
+  and napari computes only the chunks in view. Chunks come from :class:`~workbench.io.slides.TileReader`
   (the TIFF fast path: stored tiles decoded once, in threads) or OpenSlide ``read_region``.
 * :func:`tile_grid` / :func:`tile_raster` — tiles on their grid (one raster pixel per tile), so a slide
   with 10^5 tiles is one small image rather than 10^5 shapes.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import store as st
+from workbench import store as st
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class LevelArray:
         self._reader = None
         self._lock = threading.Lock()
         if fast:
-            from ..slides import TileReader
+            from workbench.io.slides import TileReader
 
             reader = TileReader(slide, tile_px=self.chunk, tile_mpp=slide.level_mpp(level), workers=2)
             if reader.backend == "tiff-direct" and reader.level == level:
@@ -106,7 +106,7 @@ def slide_pyramid(slide, *, chunk: int = CHUNK, fast: bool = True, min_side: int
 
     Parameters
     ----------
-    slide : :class:`~workbench.slides.Slide` (kept open by the caller while the arrays are used)
+    slide : :class:`~workbench.io.slides.Slide` (kept open by the caller while the arrays are used)
     chunk : chunk side in pixels
     fast : use the TIFF fast path where the file allows it
     min_side : drop levels whose longer side is below this (napari needs none of them)
@@ -211,7 +211,7 @@ def membership(indices, start: int, stop: int, *, rows: int = 1 << 20) -> np.nda
 
 def column_values(root, slide_id: str, name: str) -> np.ndarray:
     """(n,) values of one column (see :func:`list_columns`) for the slide's tiles, as float32 or int."""
-    from .. import qc
+    from workbench.ui import qc
 
     n = root[st.Key.coords(slide_id)].shape[0]
     if name == "tissue":
@@ -263,7 +263,7 @@ def pen_truth(slide_path: str | Path) -> tuple[np.ndarray, float] | None:
 def find_store_index(store: str | Path, root=None, slide_id: str | None = None):
     """A saved retrieval index over this store's features, or ``None`` when none exists or it is stale."""
     try:
-        from .. import retrieval
+        from workbench.search import retrieval
     except ImportError:
         return None
     load = getattr(retrieval, "load_store_index", None)

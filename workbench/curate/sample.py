@@ -148,7 +148,7 @@ class HierarchicalSampler:
         self.random_state = random_state
 
     def fit(self, tree, y=None):
-        """``tree``: a :class:`workbench.cluster.Tree`, a fitted ``HierarchicalKMeans`` or (N, L) labels."""
+        """``tree``: a :class:`workbench.curate.cluster.Tree`, a fitted ``HierarchicalKMeans`` or (N, L) labels."""
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if int(self.n) < 0:
@@ -373,8 +373,8 @@ def balance_metrics(labels_subset, labels_full, classes=None, *, class_names=Non
 def sample_store(store_path, tree_run: str, run: str, n: int, *, strategy: str = "random",
                  level: int | None = None, random_state=0) -> np.ndarray:
     """Sample ``n`` tiles from ``tree/<tree_run>`` and write ``samples/<run>/indices`` (int64) + attrs."""
-    from . import store as st
-    from .cluster import load_tree
+    from workbench import store as st
+    from workbench.curate.cluster import load_tree
 
     tree = load_tree(store_path, tree_run)
     sampler = HierarchicalSampler(n, strategy=strategy, level=level, random_state=random_state).fit(tree)
@@ -393,7 +393,7 @@ def sample_store(store_path, tree_run: str, run: str, n: int, *, strategy: str =
 
 def load_sample(store_path, run: str) -> np.ndarray:
     """The (m,) int64 global tile ids of ``samples/<run>``."""
-    from . import store as st
+    from workbench import store as st
 
     root = st.open_store(store_path, mode="r")
     key = st.Key.sample(run)
@@ -405,14 +405,14 @@ def load_sample(store_path, run: str) -> np.ndarray:
 def demo_tile_classes(store_path) -> np.ndarray:
     """(N,) true tissue class name of every tile of a store of synthetic demo slides (None = background).
 
-    Thin wrapper over :func:`workbench.evaluate.synthetic_tile_labels` (the one place that reads the truth).
+    Thin wrapper over :func:`workbench.search.evaluate.synthetic_tile_labels` (the one place that reads the truth).
     """
     from types import SimpleNamespace
 
     import pandas as pd
 
-    from . import store as st
-    from .evaluate import synthetic_tile_labels
+    from workbench import store as st
+    from workbench.search.evaluate import synthetic_tile_labels
 
     root = st.open_store(store_path)
     return synthetic_tile_labels(SimpleNamespace(store=str(store_path),
@@ -421,7 +421,7 @@ def demo_tile_classes(store_path) -> np.ndarray:
 
 def tile_metadata(store_path, column: str) -> np.ndarray:
     """(N,) value of a manifest column (site, diagnosis, patient_id) for every global tile id."""
-    from . import store as st
+    from workbench import store as st
 
     root = st.open_store(store_path)
     manifest = {r["slide_id"]: r for r in root.attrs["manifest"]}

@@ -159,7 +159,7 @@ def labels_matrix(results: list, kmax: int) -> np.ndarray:
 
 def evaluate_tiles(store_index, tile_labels: np.ndarray, *, ks=(1, 5, 10), n_queries: int = 1000,
                    query_ids: np.ndarray | None = None, random_state: int = 0):
-    """Leave-one-patient-out tile retrieval over a :class:`~workbench.retrieval.StoreIndex`.
+    """Leave-one-patient-out tile retrieval over a :class:`~workbench.search.retrieval.StoreIndex`.
 
     ``tile_labels`` (N,) gives every tile's label (None/NaN = unlabelled, never a query). Queries are
     ``query_ids`` or ``n_queries`` labelled tiles drawn at random. Returns (table, query_ms), the latter
@@ -213,9 +213,9 @@ def evaluate_slides(store_index, *, label: str = "diagnosis", ks=(1, 5), k_tiles
 
 def synthetic_tile_labels(store_index) -> np.ndarray:
     """(N,) ground-truth class name of every tile of a store of synthetic slides (majority class of its
-    footprint, from :func:`workbench.synthetic.tile_truth`); None where the truth is background."""
-    from .store import open_store, read_slide
-    from .synthetic import CLASS_NAMES, load_truth, tile_truth
+    footprint, from :func:`workbench.io.synthetic.tile_truth`); None where the truth is background."""
+    from workbench.store import open_store, read_slide
+    from workbench.io.synthetic import CLASS_NAMES, load_truth, tile_truth
 
     root = open_store(store_index.store)
     parts = []

@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from . import store as st
-from .manifest import read_manifest, to_records, validate_manifest
-from .segment import SegmentParams, contours_geojson, tissue_mask
-from .slides import SlideError, open_slide, tile_footprint
+from workbench import store as st
+from workbench.io.manifest import read_manifest, to_records, validate_manifest
+from workbench.io.segment import SegmentParams, contours_geojson, tissue_mask
+from workbench.io.slides import SlideError, open_slide, tile_footprint
 
 log = logging.getLogger(__name__)
 

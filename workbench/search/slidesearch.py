@@ -2,7 +2,7 @@
 
 :func:`mosaic` summarises a slide by a few tiles, :func:`sish_rank` ranks database slides from the
 mosaic tiles' hits by SISH's uncertainty rule, :func:`mean_similarity_rank` is the simple baseline.
-:class:`workbench.retrieval.StoreIndex` runs the searches (``StoreIndex.mosaic``,
+:class:`workbench.search.retrieval.StoreIndex` runs the searches (``StoreIndex.mosaic``,
 ``StoreIndex.query_slide``); this module holds only the rules, on plain arrays and hit lists.
 
 Mosaic rule (:func:`mosaic`)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import store as st
+from workbench import store as st
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def export_mussel(store_path, out_dir, encoder: str, *, workflow_id: str | None 
 def _level_downsample(attrs: dict, level: int) -> float:
     if level == 0:
         return 1.0
-    from .slides import open_slide
+    from workbench.io.slides import open_slide
 
     with open_slide(attrs["path"], mpp=attrs.get("mpp")) as slide:
         return float(slide.level_downsamples[level])
@@ -173,12 +173,12 @@ def export_contours(store_path, out_dir, *, slide_ids: list[str] | None = None) 
 def export_tile_pngs(store_path, out_dir, *, slide_ids: list[str] | None = None, batch: int = 256) -> pd.DataFrame:
     """Write every tile as ``<out_dir>/<slide_id>/<slide_id>_x<x>_y<y>.png`` for tile-folder tools.
 
-    Tiles are read at the store's tile size and mpp with :class:`~workbench.slides.TileReader`. Returns a
+    Tiles are read at the store's tile size and mpp with :class:`~workbench.io.slides.TileReader`. Returns a
     table (slide_id, tile, x, y, path). A slide whose folder is complete (``.complete`` marker) is skipped.
     """
     import cv2
 
-    from .slides import TileReader, open_slide
+    from workbench.io.slides import TileReader, open_slide
 
     root = st.open_store(store_path)
     out_dir = Path(out_dir)

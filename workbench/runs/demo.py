@@ -1,6 +1,6 @@
 """The demo: build the synthetic demo slides, then run every numbered notebook into a run folder.
 
-``python -m workbench.demo --run-dir runs/demo`` (what ``make demo`` calls). The slides are generated
+``python -m workbench.runs.demo --run-dir runs/demo`` (what ``make demo`` calls). The slides are generated
 deterministically into ``data/demo/`` once (kept between runs); the manifest is ``data_manifests/demo.csv``
 with paths relative to it. Each notebook is executed with papermill into ``<run-dir>/`` and writes
 ``<run-dir>/NN_metrics.json``; the store is ``<run-dir>/demo.zarr``. Before notebook 07 a small
@@ -15,15 +15,14 @@ import logging
 import time
 from pathlib import Path
 
-from .notebooks import numbered_notebooks, read_metrics, run_notebook
+from workbench.runs.notebooks import numbered_notebooks, read_metrics, run_notebook
 
-log = logging.getLogger("workbench.demo")
-ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger("workbench.runs.demo")
 
 
 def build_demo_data(data_dir: Path, manifest_path: Path, *, n_slides: int, size: int, seed: int) -> Path:
     """Generate the demo slides (skipped when they exist with the same settings) and their manifest."""
-    from .synthetic import make_demo_set
+    from workbench.io.synthetic import make_demo_set
 
     stamp = data_dir / "settings.json"
     settings = {"n_slides": n_slides, "size": size, "seed": seed}
@@ -69,7 +68,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         nb_params = params
         if nb.name.startswith("07"):  # the sweep report needs a sweep: a few segmentation points
-            from .sweep import run_demo_sweep
+            from workbench.runs.sweep import run_demo_sweep
 
             nb_params = {**params, **run_demo_sweep(manifest, run_dir)}
         run_notebook(nb, run_dir, nb_params)

@@ -20,7 +20,7 @@ Tile index
 Slide search
     The SISH mosaic and ranking rules (:func:`mosaic`, :func:`label_weights`, :func:`sish_rank`,
     :func:`mean_similarity_rank`, :func:`near_white`, :func:`colour_histograms`) live in
-    :mod:`workbench.slidesearch` and are re-exported here. :class:`StoreIndex` glues the index to a
+    :mod:`workbench.search.slidesearch` and are re-exported here. :class:`StoreIndex` glues the index to a
     store: queries by global tile id, by tile image (encoded on the fly) or by whole slide.
 """
 from __future__ import annotations
@@ -36,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .slidesearch import (LABEL_WEIGHT_SUM, colour_histograms, label_weights, mean_similarity_rank, mosaic,
+from workbench.search.slidesearch import (LABEL_WEIGHT_SUM, colour_histograms, label_weights, mean_similarity_rank, mosaic,
                           near_white, sish_rank)
+from workbench.errors import StaleIndexError  # noqa: F401  (raised here; defined in workbench.errors)
 
 __all__ = [
     # tile index
@@ -45,7 +46,7 @@ __all__ = [
     # store glue
     "index_path", "features_digest", "slide_table", "encode_images", "StoreIndex", "build_store_index",
     "load_store_index",
-    # re-exported from workbench.slidesearch
+    # re-exported from workbench.search.slidesearch
     "LABEL_WEIGHT_SUM", "near_white", "colour_histograms", "mosaic", "label_weights", "sish_rank",
     "mean_similarity_rank",
 ]
@@ -56,8 +57,6 @@ KINDS = ("flat", "ivf", "hnsw")
 METRICS = ("cosine", "ip", "l2")
 
 
-class StaleIndexError(RuntimeError):
-    """A saved index whose features digest differs from the store's current features."""
 
 
 def _faiss():
@@ -388,7 +387,7 @@ class TileIndex:
                 "digest": self.digest_, "has_groups": self.groups_ is not None,
                 "n_indexed": int(index.ntotal), "has_row_ids": getattr(self, "row_ids_", None) is not None,
                 "build_seconds": self.build_seconds_}
-        from .store import write_json_atomic
+        from workbench.store import write_json_atomic
 
         write_json_atomic(path.with_suffix(".json"), meta)  # written last: an index without it is incomplete
         return path
@@ -438,7 +437,7 @@ class TileIndex:
 
 def index_path(store: str | os.PathLike, encoder: str, kind: str) -> Path:
     """Where the ``kind`` index over ``encoder`` features of a store lives: ``<store>.indexes/<encoder>-<kind>.faiss``."""
-    from .store import encoder_key
+    from workbench.store import encoder_key
 
     store = Path(store)
     return store.with_name(store.name + ".indexes") / f"{encoder_key(encoder)}-{kind}.faiss"
@@ -449,7 +448,7 @@ def features_digest(root, encoder: str, ids: list[str] | None = None) -> str:
 
     A slide whose features carry no ``weights_digest`` attribute is hashed by value instead.
     """
-    from .store import Key, StoreError, is_complete, slide_ids
+    from workbench.store import Key, StoreError, is_complete, slide_ids
 
     ids = slide_ids(root) if ids is None else ids
     h = hashlib.sha256(encoder.encode())
@@ -471,7 +470,7 @@ def slide_table(root, ids: list[str] | None = None):
     """
     import pandas as pd
 
-    from .store import slide_ids, tile_counts
+    from workbench.store import slide_ids, tile_counts
 
     ids = slide_ids(root) if ids is None else ids
     man = pd.DataFrame(root.attrs.get("manifest", []))
@@ -491,12 +490,12 @@ def slide_table(root, ids: list[str] | None = None):
 def encode_images(images: np.ndarray, encoder) -> np.ndarray:
     """Embed tiles (n, h, w, 3) uint8 on the fly.
 
-    ``encoder`` is a registry name (:func:`workbench.encoders.get_encoder`), an object with ``.encode``
-    (a :class:`workbench.encoders.Encoder`), one with ``.preprocess`` and ``.model`` (``model(preprocess(t))``
+    ``encoder`` is a registry name (:func:`workbench.features.encoders.get_encoder`), an object with ``.encode``
+    (a :class:`workbench.features.encoders.Encoder`), one with ``.preprocess`` and ``.model`` (``model(preprocess(t))``
     on a uint8 NHWC tensor), or any callable mapping tiles to (n, d) features.
     """
     if isinstance(encoder, str):
-        from .encoders import get_encoder
+        from workbench.features.encoders import get_encoder
 
         encoder = get_encoder(encoder)
     if hasattr(encoder, "encode"):
@@ -539,7 +538,7 @@ class StoreIndex:
     def features(self):
         """Lazy (N, d) Dask array of the store's features."""
         if self._features is None:
-            from .store import features_array, open_store
+            from workbench.store import features_array, open_store
 
             self._features = features_array(open_store(self.store), self.encoder, list(self.slides["slide_id"]))
         return self._features
@@ -597,8 +596,8 @@ class StoreIndex:
 
     def read_tiles(self, tile_ids, *, tile_px: int | None = None) -> np.ndarray:
         """Images (n, px, px, 3) uint8 of global tile ids, read from their slides with :class:`TileReader`."""
-        from .slides import TileReader, open_slide
-        from .store import open_store, read_slide
+        from workbench.io.slides import TileReader, open_slide
+        from workbench.store import open_store, read_slide
 
         tile_ids = np.asarray(tile_ids, dtype=np.int64)
         root = open_store(self.store)
@@ -626,7 +625,7 @@ class StoreIndex:
         ``min_tissue`` (no pixels read); ``by="colour"`` reads each tile at 32 px over the same footprint
         and applies SISH's near-white rule and RGB histograms.
         """
-        from .store import open_store, read_slide
+        from workbench.store import open_store, read_slide
 
         root = open_store(self.store)
         info = read_slide(root, slide_id)
@@ -635,7 +634,7 @@ class StoreIndex:
             feats = l2_normalise(np.asarray(self.features[ids[0] : ids[-1] + 1])) if ids.size else np.empty((0, 1))
             keep = np.asarray(info["tissue"]) >= min_tissue
         elif by == "colour":
-            from .slides import TileReader, open_slide
+            from workbench.io.slides import TileReader, open_slide
 
             with open_slide(info["path"], slide_id=slide_id, mpp=info.get("mpp")) as slide:
                 px = 32
@@ -682,7 +681,7 @@ class StoreIndex:
 
 
 def _open_for_index(store, encoder):
-    from .store import open_store
+    from workbench.store import open_store
 
     root = open_store(store)
     table = slide_table(root)
@@ -698,7 +697,7 @@ def build_store_index(store: str | os.PathLike, encoder: str, kind: str = "flat"
 
     ``params`` go to :class:`TileIndex` (nlist, nprobe, M, ef_search, metric, use_gpu, ...).
     """
-    from .store import features_array
+    from workbench.store import features_array
 
     store = Path(store)
     root, table = _open_for_index(store, encoder)

@@ -8,7 +8,7 @@ centroid (or random ones), re-run k-means on that union only, and re-assign all 
 the new centroids. Levels with ``sample_per_cluster <= 1`` skip resampling.
 
 The k-means kernels and the backends (``torch``, ``faiss``, ``cuml``, ``auto``) live in
-:mod:`workbench.kmeans`; they are re-exported here.
+:mod:`workbench.curate.kmeans`; they are re-exported here.
 
 Out of core. ``X`` may be a numpy array, a Dask array (``store.features_array``) or a zarr array.
 With ``fit_sample_per_cluster=s`` and more than ``s·k₁`` rows, level 1 is *fitted on a uniform
@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .kmeans import (BACKENDS, STRATEGIES, _as_tensor, _finite_rows, _iter_chunks, _l2_normalize, _n_rows,
+from workbench.curate.kmeans import (BACKENDS, STRATEGIES, _as_tensor, _finite_rows, _iter_chunks, _l2_normalize, _n_rows,
                      _torch_device, assign_torch, kmeans, kmeans_plusplus, lloyd_torch, resample_indices,
                      resolve_backend)
 
@@ -349,7 +349,7 @@ class HierarchicalKMeans:
 
 def _kept_rows(root, ids, counts) -> np.ndarray:
     """(N,) bool: False for tiles flagged by a complete prefilter whose attrs say ``drop=True``."""
-    from . import store as st
+    from workbench import store as st
 
     keep = np.ones(int(counts.sum()), dtype=bool)
     offset = 0
@@ -371,7 +371,7 @@ def fit_store(store_path, encoder: str, run: str, *, client=None, **params) -> T
     Tiles flagged by a prefilter saved with ``drop=True`` are left out (label -1), as are NaN/Inf rows.
     ``params`` go to :class:`HierarchicalKMeans`. Returns the :class:`Tree`.
     """
-    from . import store as st
+    from workbench import store as st
 
     key = st.Key.tree(run)
     root = st.open_store(store_path, mode="r")
@@ -425,7 +425,7 @@ def _digest(ids) -> str:
 
 def load_tree(store_path, run: str) -> Tree:
     """Read ``tree/<run>`` back as a :class:`Tree`; refuses an incomplete tree or changed slide set."""
-    from . import store as st
+    from workbench import store as st
 
     root = st.open_store(store_path, mode="r")
     key = st.Key.tree(run)
@@ -444,7 +444,7 @@ def load_tree(store_path, run: str) -> Tree:
 
 def export_swissai_csv(store_path, run: str, path) -> Path:
     """Write the swiss-ai cluster CSV: slide_id, tile_x, tile_y, level_1 … level_L (one row per tile)."""
-    from . import store as st
+    from workbench import store as st
 
     tree = load_tree(store_path, run)
     root = st.open_store(store_path, mode="r")
@@ -485,8 +485,8 @@ def read_cluster_tiles(store_path, labels: np.ndarray, cluster: int, n: int = 8,
 
     ``labels`` (N,) cluster of every global tile id at the level of interest.
     """
-    from . import store as st
-    from .slides import TileReader, open_slide
+    from workbench import store as st
+    from workbench.io.slides import TileReader, open_slide
 
     root = st.open_store(store_path)
     ids = np.nonzero(np.asarray(labels) == cluster)[0]

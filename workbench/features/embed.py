@@ -1,7 +1,7 @@
 """Batched tile embedding into the store: ``slides/<id>/features/<encoder>`` (n, d) float16.
 
 Per slide, a torch ``DataLoader`` whose worker processes each open their own slide handle and read
-whole batches with :class:`~workbench.slides.TileReader` (one batched decode per batch), straight at
+whole batches with :class:`~workbench.io.slides.TileReader` (one batched decode per batch), straight at
 the encoder's input size over the tile's footprint (so resizing happens in the workers, with
 ``cv2.INTER_AREA``); pinned memory and ``non_blocking`` copies on CUDA; ``torch.inference_mode``;
 bf16 (or fp16) autocast on CUDA for networks, fp32 on CPU and for the hand-crafted descriptor;
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import store as st
+from workbench import store as st
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class TileBatches:
         return len(self.items)
 
     def _reader(self, k: int):
-        from .slides import TileReader, open_slide
+        from workbench.io.slides import TileReader, open_slide
 
         if self._open is not None and self._open[0] == k:
             return self._open[1]
@@ -142,7 +142,7 @@ def auto_batch_size(encoder, device: str, *, start: int = 512, floor: int = 8) -
 
 def _prepared(name: str, weights, device: str, compile: bool):
     """The encoder and its model on ``device`` (built once per process)."""
-    from .encoders import get_encoder
+    from workbench.features.encoders import get_encoder
 
     key = (name, str(weights), device, bool(compile))
     if key not in _ENCODERS:
@@ -275,7 +275,7 @@ def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", 
     Parameters
     ----------
     store_path : the ``.zarr`` dataset store (tiled)
-    encoder : registry name (``workbench.encoders.list_encoders()``) or ``timm:<model>``
+    encoder : registry name (``workbench.features.encoders.list_encoders()``) or ``timm:<model>``
     weights : checkpoint file, ``"random"``, or None to search the usual places
     device : ``"cuda"``, ``"cuda:1"``, ``"cpu"``; None picks CUDA when present
     batch_size : tiles per batch; None fits it to the device's memory

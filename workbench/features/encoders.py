@@ -8,7 +8,7 @@ descriptor's definition for the checkpoint-free encoder). ``list_encoders()`` sh
 
 Registered (DESIGN.md §3): ``h-optimus-0`` (ViT-g/14, 4 registers), ``uni`` (ViT-L/16), ``ctranspath``
 (Swin-T with a convolutional stem), ``timm:<model name>`` for any timm model, and ``stain-texture``, a
-**hand-crafted colour/texture descriptor** (no learned weights; see :mod:`workbench.descriptors`).
+**hand-crafted colour/texture descriptor** (no learned weights; see :mod:`workbench.features.descriptors`).
 
 Weights are found, in order: an explicit ``weights=`` file (``.safetensors``, or a torch file loaded
 with ``weights_only=True`` — a pickle that carries code is refused); ``$WORKBENCH_WEIGHTS_DIR/<name>``;
@@ -30,9 +30,10 @@ from typing import Callable
 
 import numpy as np
 
-from .descriptors import (  # noqa: F401  (re-exported: workbench.encoders.stain_texture_features etc.)
+from workbench.features.descriptors import (  # noqa: F401  (re-exported: workbench.features.encoders.stain_texture_features etc.)
     _BLOCKS, _CLASSES, _LUTS, _MAG_EDGES, _N_STATS, STAIN_RANGES, STAIN_TEXTURE_VERSION, _hist, _luts,
     _stain_texture_class, _texture, stain_texture_features)
+from workbench.errors import WeightsError  # noqa: F401  (raised here; defined in workbench.errors)
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 RANDOM = "random"
 
 
-class WeightsError(RuntimeError):
-    """Weights that are missing, unsafe, or do not match the architecture; the message says what to do."""
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from workbench.errors import SlideError  # noqa: F401  (raised here; defined in workbench.errors)
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,6 @@ MPP_TOLERANCE = 0.02  # relative: a level within 2 % of the target mpp is read a
 WHITE = 255
 
 
-class SlideError(RuntimeError):
-    """A slide that cannot be opened or read; the message names the slide and the file."""
 
 
 def _composite_white(rgba: np.ndarray) -> np.ndarray:

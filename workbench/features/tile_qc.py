@@ -7,7 +7,7 @@ Pure functions of a batch of RGB tiles (n, h, w, 3) uint8, each returning (n,) f
 * ``pen_colour`` — share of pixels with a marker-ink colour that H&E does not produce: blue (OpenCV hue
   95–125) or green (hue 35–90) with saturation ≥ 60, or near-black (value < 50).
 
-They are filters and features next to the learned marker prefilter (``workbench.prefilter``), not a
+They are filters and features next to the learned marker prefilter (``workbench.features.prefilter``), not a
 replacement for it: ``compute_store`` writes them to ``slides/<id>/pixel_qc/<metric>`` for every slide.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 import cv2
 import numpy as np
 
-from . import store as st
+from workbench import store as st
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def compute_store(store_path, *, batch: int = 256, progress: bool = True) -> dic
     """
     from tqdm.auto import tqdm
 
-    from .slides import TileReader, open_slide
+    from workbench.io.slides import TileReader, open_slide
 
     root = st.open_store(store_path, mode="a")
     done = {}
@@ -74,5 +74,5 @@ def compute_store(store_path, *, batch: int = 256, progress: bool = True) -> dic
 def read_store(root, slide_id: str) -> dict[str, np.ndarray]:
     """The QC columns of one slide, or a clear error if they were not computed."""
     if not st.is_complete(root, st.Key.pixel_qc(slide_id, METRICS[-1])):
-        raise st.StoreError(f"slide {slide_id!r} has no pixel QC: run workbench.tile_qc.compute_store first")
+        raise st.StoreError(f"slide {slide_id!r} has no pixel QC: run workbench.features.tile_qc.compute_store first")
     return {m: root[st.Key.pixel_qc(slide_id, m)][:] for m in METRICS}

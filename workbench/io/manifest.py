@@ -17,10 +17,9 @@ import pandera.pandas as pa
 REQUIRED = ("slide_id", "path")
 OPTIONAL_TEXT = ("patient_id", "site", "diagnosis")
 SLIDE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]*$"
+from workbench.errors import ManifestError  # noqa: F401  (raised here; defined in workbench.errors)
 
 
-class ManifestError(ValueError):
-    """A manifest that cannot be used; the message lists every bad row."""
 
 
 def _schema() -> pa.DataFrameSchema:

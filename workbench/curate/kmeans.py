@@ -1,4 +1,4 @@
-"""k-means kernels and backends for :mod:`workbench.cluster` (DESIGN.md §4).
+"""k-means kernels and backends for :mod:`workbench.curate.cluster` (DESIGN.md §4).
 
 One flat k-means (:func:`kmeans`): greedy k-means++ init (:func:`kmeans_plusplus`, ``2 + ln k`` local
 trials), ``n_iter`` Lloyd iterations, sums in float64, chunked assignment (:func:`assign_torch`);
@@ -13,7 +13,7 @@ Backends, chosen at run time (:func:`resolve_backend`):
 * ``"faiss"`` – ``faiss.Kmeans`` (GPU when faiss-gpu and a device are present), started from the
   same k-means++ centroids, so the trees agree with ours within tolerance.
 * ``"cuml"`` – RAPIDS ``cuml.KMeans`` on one GPU, or ``cuml.dask.cluster.KMeans`` over a Dask-CUDA
-  cluster when ``client=`` is given to :meth:`workbench.cluster.HierarchicalKMeans.fit`.
+  cluster when ``client=`` is given to :meth:`workbench.curate.cluster.HierarchicalKMeans.fit`.
 * ``"auto"`` – cuML when it imports and a GPU exists, else torch.
 """
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Curation: k-means kernels, the hierarchical k-means tree, balanced sampling."""

@@ -1,0 +1,1 @@
+"""Tile features: encoders, the checkpoint-free descriptor, embedding, pixel QC, marker prefilter."""

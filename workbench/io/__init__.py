@@ -1,0 +1,1 @@
+"""Slides in: manifests, slide reading, tissue segmentation, tiling, synthetic slides, exports."""

@@ -1,0 +1,1 @@
+"""Search: tile indexes, slide search, retrieval metrics."""

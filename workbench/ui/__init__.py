@@ -1,0 +1,1 @@
+"""Looking at it: notebook widgets, plots, QC labels, the napari plugin."""
