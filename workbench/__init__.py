@@ -5,4 +5,4 @@ Stages, one module each: ``manifest`` → ``slides`` → ``segment`` → ``tilin
 ``evaluate``; ``store`` holds the Zarr layout, ``synthetic`` makes slides with ground truth, ``sweep`` runs
 papermill sweeps, ``napari`` and ``widgets`` show it all. Heavy libraries (torch, faiss, cuML, napari) load lazily.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
