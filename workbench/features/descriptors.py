@@ -127,7 +127,7 @@ def stain_texture_features(tiles: np.ndarray) -> np.ndarray:
     return np.concatenate(out + [stats], axis=1).astype(np.float32)
 
 
-def _stain_texture_class():
+def stain_texture_module_class():
     """A torch module around :func:`stain_texture_features` (built lazily: importing stays torch-free)."""
     if "StainTexture" in _CLASSES:
         return _CLASSES["StainTexture"]

@@ -30,9 +30,10 @@ from typing import Callable
 
 import numpy as np
 
-from workbench.features.descriptors import (  # noqa: F401  (re-exported: workbench.features.encoders.stain_texture_features etc.)
-    _BLOCKS, _CLASSES, _LUTS, _MAG_EDGES, _N_STATS, STAIN_RANGES, STAIN_TEXTURE_VERSION, _hist, _luts,
-    _stain_texture_class, _texture, stain_texture_features)
+from workbench.features.descriptors import (  # noqa: F401  (stain_texture_features re-exported for users)
+    stain_texture_features,
+    stain_texture_module_class,
+)
 from workbench.errors import WeightsError  # noqa: F401  (raised here; defined in workbench.errors)
 
 log = logging.getLogger(__name__)
@@ -287,7 +288,7 @@ def _ctranspath(**kw):
           input_px=112, mpp=None, dim=153, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), checkpoint_free=True,
           precision="fp32")
 def _stain_texture(**kw):
-    return _stain_texture_class()(**kw)
+    return stain_texture_module_class()(**kw)
 
 
 # --------------------------------------------------------------------------- weights
