@@ -6,7 +6,7 @@
 (``weights_source``, text) with their ``weights_digest`` (sha256 of the weights file, or of the
 descriptor's definition for the checkpoint-free encoder). ``list_encoders()`` shows the registry.
 
-Registered (DESIGN.md §3): ``h-optimus-0`` (ViT-g/14, 4 registers), ``uni`` (ViT-L/16), ``ctranspath``
+Registered (published settings: Saillard et al. 2024 H-optimus-0; Chen et al. 2024 UNI; Wang et al. 2022 CTransPath): ``h-optimus-0`` (ViT-g/14, 4 registers), ``uni`` (ViT-L/16), ``ctranspath``
 (Swin-T with a convolutional stem), ``timm:<model name>`` for any timm model, and ``stain-texture``, a
 **hand-crafted colour/texture descriptor** (no learned weights; see :mod:`workbench.features.descriptors`).
 
