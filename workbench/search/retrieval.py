@@ -38,7 +38,7 @@ import numpy as np
 
 from workbench.search.slidesearch import (LABEL_WEIGHT_SUM, colour_histograms, label_weights, mean_similarity_rank, mosaic,
                           near_white, sish_rank)
-from workbench.errors import StaleIndexError  # noqa: F401  (raised here; defined in workbench.errors)
+from workbench.errors import StaleError, StaleIndexError  # noqa: F401  (raised here; defined in workbench.errors)
 
 __all__ = [
     # tile index
@@ -444,22 +444,17 @@ def index_path(store: str | os.PathLike, encoder: str, kind: str) -> Path:
 
 
 def features_digest(root, encoder: str, ids: list[str] | None = None) -> str:
-    """Digest of a store's ``encoder`` features: per slide its id, tile count, dim and weights digest.
+    """Digest of what an index over a store's ``encoder`` features is built from: per slide its id, shape,
+    weights digest and the digest of its feature *values* (kept at write time), and the tiles' coords.
 
-    A slide whose features carry no ``weights_digest`` attribute is hashed by value instead.
+    The features' chunks are checked against what was written (a 4-byte read per chunk): features
+    rewritten in place raise :class:`~workbench.errors.StaleError`.
     """
-    from workbench.store import Key, StoreError, is_complete, slide_ids
+    from workbench import store as st
 
-    ids = slide_ids(root) if ids is None else ids
-    h = hashlib.sha256(encoder.encode())
-    for s in ids:
-        key = Key.features(s, encoder)
-        if not is_complete(root, key):
-            raise StoreError(f"slide {s!r} has no complete {encoder!r} features: run embedding first")
-        arr = root[key]
-        wd = arr.attrs.get("weights_digest") or array_digest(arr)
-        h.update(json.dumps([s, list(arr.shape), wd]).encode())
-    return h.hexdigest()
+    ids = st.slide_ids(root) if ids is None else ids
+    return hashlib.sha256(json.dumps([st.features_digest(root, encoder, ids), st.tiling_digest(root, ids)])
+                          .encode()).hexdigest()
 
 
 def slide_table(root, ids: list[str] | None = None):
@@ -717,6 +712,10 @@ def load_store_index(store: str | os.PathLike, encoder: str, kind: str = "flat",
     """Load the saved ``kind`` index of a store; raises :class:`StaleIndexError` if the features changed."""
     store = Path(store)
     root, table = _open_for_index(store, encoder)
-    digest = features_digest(root, encoder, list(table["slide_id"]))
+    try:
+        digest = features_digest(root, encoder, list(table["slide_id"]))
+    except StaleError as exc:
+        raise StaleIndexError(f"index {index_path(store, encoder, kind)} cannot be trusted: {exc}; then rebuild "
+                              "it (build_store_index)") from exc
     index = TileIndex.load(index_path(store, encoder, kind), expected_digest=digest, use_gpu=use_gpu)
     return StoreIndex(store, encoder, index, table, exclude)
