@@ -202,7 +202,7 @@ def open_store(path, mode: str = "r") -> zarr.Group:
         return path
     path = as_path(path)
     if not (path / "zarr.json").exists():
-        from workbench.runs.migrate import recover
+        from workbench.migrate import recover
 
         recover(path)  # a migration killed between its two renames: put the store back
     if not (path / "zarr.json").exists():
