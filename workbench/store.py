@@ -776,12 +776,19 @@ def write_run(store, key: str, identity: dict, build, *, overwrite: bool = False
             if old == identity:
                 return False
             if not overwrite:
-                changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+                def flat(d, pre=""):
+                    out = {}
+                    for k, v in d.items():
+                        out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+                    return out
+
+                fo, fn = flat(old), flat(identity)
+                changed = sorted(k for k in set(fo) | set(fn) if fo.get(k) != fn.get(k))
+                diff = "; ".join(f"{k}: {fo.get(k)!r} -> {fn.get(k)!r}" for k in changed)
                 raise RunExistsError(
-                    f"{what} {key.rsplit('/', 1)[1]!r} exists in {path} with other "
-                    f"{', '.join(changed) or 'parameters'} ({ {k: old.get(k) for k in changed} } -> "
-                    f"{ {k: identity.get(k) for k in changed} }); give another run name, or overwrite=True "
-                    "to replace it")
+                    f"{what} {key.rsplit('/', 1)[1]!r} exists in {path} with other parameters or inputs ({diff}); "
+                    "give another run name, or overwrite=True to replace it (the old run stays readable until the "
+                    "new one is complete)")
         parent, name = key.rsplit("/", 1)
         tmp_key = f"{parent}/{RUN_TMP}{name}-{os.getpid()}"
         g = root.create_group(tmp_key, overwrite=True)

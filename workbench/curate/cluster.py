@@ -422,7 +422,7 @@ def fit_store(store_path, encoder: str, run: str | None = None, *, overwrite: bo
             log.info("tree %r: same parameters over the same features: reusing it", run)
             return load_tree(store_path, run)
         if not overwrite:
-            st.write_run(store_path, key, identity, lambda g: None)  # raises RunExistsError naming what differs
+            st.write_run(store_path, key, identity, lambda g: None, what="tree")  # raises RunExistsError naming what differs
     ids = st.slide_ids(root)
     X = st.features_array(root, encoder, ids)
     counts = st.tile_counts(root, ids)
