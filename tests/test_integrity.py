@@ -57,7 +57,9 @@ def chunk_file(store: Path, key: str) -> Path:
 
 
 def faults(store) -> pd.DataFrame:
-    t = workbench.dataset.verify(store)
+    from workbench.dataset import verify
+
+    t = verify(store)
     return t[t.status != "ok"]
 
 
@@ -304,7 +306,7 @@ def test_sigkill_during_overwrite_leaves_the_old_or_new_run_readable(base, tmp_p
     assert [len(c) for c in load_tree(store, "a").centroids] == [8, 2]
     fit_store(store, ENC, "a", overwrite=True, **TREE)  # back to the old tree
     seen = set()
-    for frac in (0.2, 0.5, 0.8, 0.9, 0.95, 0.98, 1.0):
+    for frac in (0.3, 0.7, 0.95, 1.0):
         run_and_kill(script, total * frac)
         tree = load_tree(store, "a")  # never raises: the old or the new run is there, complete
         if np.array_equal(tree.labels, old):
@@ -377,7 +379,9 @@ def downgrade_to_v1(src: Path, dst: Path) -> None:
         return dict(g.attrs)
 
     copy(s, d)
-    d.attrs.update(attrs)
+    meta = json.loads((dst / "zarr.json").read_text())
+    meta["attributes"] = {**meta["attributes"], "layout_version": 1}  # (zarr keeps and mutates the attrs dict it was given)
+    (dst / "zarr.json").write_text(json.dumps(meta))
 
 
 def _arrays(path) -> dict:
@@ -418,7 +422,7 @@ def test_v1_store_is_refused_by_name_and_migrate_survives_sigkill(base, tmp_path
     script = _MIGRATE.format(store=str(v1))
     total = time_child(script)
     downgrade_to_v1(src, v1)
-    for frac in (0.1, 0.3, 0.5, 0.7, 0.9, 0.97):
+    for frac in (0.2, 0.5, 0.8, 0.95):
         run_and_kill(script, total * frac)
         # the store is whole: still v1 (old, untouched, usable) or already v2
         try:
