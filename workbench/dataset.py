@@ -28,7 +28,7 @@ from workbench.errors import IntegrityError, StoreError, WorkbenchError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Dataset", "open_dataset", "as_dataset", "verify"]
+__all__ = ["Dataset", "open_dataset", "as_dataset", "verify", "run_column"]
 
 
 class Dataset:
@@ -111,18 +111,27 @@ class Dataset:
 
     def truth_path(self, slide_id: str) -> Path | None:
         """The ground-truth file of a synthetic slide (``<slide>.truth.npz``), or None."""
-        from workbench.ui.napari._data import truth_path
+        return st.Key.truth(self.root[st.Key.slide(slide_id)].attrs["path"])
 
-        return truth_path(self.root[st.Key.slide(slide_id)].attrs["path"])
+    def tile_columns(self, slide_id: str) -> list[str]:
+        """Per-tile columns of a slide (tissue, qc, prefilter/<name>, tree/<run>/level_<l>, samples/<run>)."""
+        from workbench.ui.napari._data import list_columns
+
+        return list_columns(self.root, slide_id)
+
+    def column(self, slide_id: str, name: str) -> np.ndarray:
+        """(n,) values of one per-tile column for a slide's tiles (lineage-checked for trees and samples)."""
+        from workbench.ui.napari._data import column_values
+
+        return column_values(self.root, slide_id, name)
 
     # ---- feature sets
     def encoders(self) -> list[str]:
         """Encoders with complete features on at least one slide."""
         out = []
         for s in self.slide_ids:
-            g = self.root[st.Key.slide(s)]
-            if "features" in g:
-                for _, arr in g["features"].arrays():
+            if st.Key.features_group(s) in self.root:
+                for _, arr in self.root[st.Key.features_group(s)].arrays():
                     enc = arr.attrs.get("encoder")
                     if enc and arr.attrs.get("complete") and enc not in out:
                         out.append(enc)
@@ -164,13 +173,13 @@ class Dataset:
             status = "incomplete"
             if g.attrs.get("complete"):
                 try:
-                    self.tree(run) if parent == "tree" else self.sample(run)
+                    self.tree(run) if parent == st.Key.TREES else self.sample(run)
                     status = "ok"
                 except WorkbenchError as exc:
                     status = f"{type(exc).__name__}"
             lin = dict(g.attrs.get("lineage", {}))
             row = {"run": run, "status": status, "digest": st.node_digest(g)[:10]}
-            if parent == "tree":
+            if parent == st.Key.TREES:
                 row.update({"encoder": p.get("encoder"), "levels": p.get("levels"), "n_tiles": p.get("n_tiles"),
                             "features_digest": str(lin.get("features_digest"))[:10]})
             else:
@@ -182,11 +191,11 @@ class Dataset:
     @property
     def trees(self):
         """One row per tree run: run, status (ok / stale error), digest, encoder, levels, n_tiles, inputs."""
-        return self._runs("tree")
+        return self._runs(st.Key.TREES)
 
     @property
     def samples(self):
-        return self._runs("samples")
+        return self._runs(st.Key.SAMPLES)
 
     @property
     def runs(self):
@@ -211,7 +220,7 @@ class Dataset:
     # ---- indexes
     @property
     def index_dir(self) -> Path:
-        return self.path.with_name(self.path.name + ".indexes")
+        return st.Key.index_dir(self.path)
 
     @property
     def indexes(self):
@@ -293,9 +302,8 @@ def _index_files(ds: Dataset):
         return []
     names = {}
     for s in ds.slide_ids:
-        g = ds.root[st.Key.slide(s)]
-        if "features" in g:
-            for name, arr in g["features"].arrays():
+        if st.Key.features_group(s) in ds.root:
+            for name, arr in ds.root[st.Key.features_group(s)].arrays():
                 names[name] = arr.attrs.get("encoder", name)
     out = []
     for sidecar in sorted(ds.index_dir.glob("*.json")):
@@ -305,6 +313,27 @@ def _index_files(ds: Dataset):
                 out.append((names[key], stem[len(key) + 1:], sidecar))
                 break
     return out
+
+
+def run_column(root, name: str):
+    """The array behind a ``tree/<run>/level_<l>`` column ((N,) labels) or a ``samples/<run>`` column ((m,)
+    global ids), after checking its lineage: a stale tree raises :class:`~workbench.errors.StaleError`, and a
+    sample's ids are re-derived from its tile keys if the slides were re-tiled."""
+    parts = name.split("/")
+    if parts[0] == st.Key.TREES and len(parts) == 3:
+        from workbench.curate.cluster import check_tree_lineage
+
+        key = st.run_key(root, st.Key.tree(parts[1]))
+        check_tree_lineage(root, parts[1], dict(root[key].attrs))
+        return root[f"{key}/{parts[2]}"]
+    if parts[0] == st.Key.SAMPLES and len(parts) == 2:
+        key = st.run_key(root, st.Key.sample(parts[1]))
+        if root[key].attrs.get("lineage"):
+            from workbench.curate.sample import load_sample
+
+            return load_sample(st.store_path(root), parts[1], check_tree=False)
+        return root[f"{key}/indices"]
+    raise KeyError(f"{name!r} is not a tree level (tree/<run>/level_<l>) or a sample (samples/<run>)")
 
 
 # --------------------------------------------------------------------------- verify
@@ -349,8 +378,9 @@ def _check_array(arr, rows: list, values: bool) -> None:
 
 
 def _walk(group, rows, values):
-    for _, arr in sorted(group.arrays(), key=lambda x: x[0]):
-        _check_array(arr, rows, values)
+    for name, arr in sorted(group.arrays(), key=lambda x: x[0]):
+        if not name.startswith(st.RUN_TMP):
+            _check_array(arr, rows, values)
     for name, sub in sorted(group.groups(), key=lambda x: x[0]):
         if name.startswith(st.RUN_TMP):
             continue
@@ -392,8 +422,8 @@ def verify(store, *, values: bool = True):
         rows.append({"node": key, "check": "slide file", "status": "FAULT" if change else "ok",
                      "detail": change or ("same file as at tiling" if a.get("file_identity") else "not recorded")})
         cd = st.array_digest_of(root[st.Key.coords(s)])
-        if "features" in root[key]:
-            for name, arr in root[key]["features"].arrays():
+        if st.Key.features_group(s) in root:
+            for name, arr in root[st.Key.features_group(s)].arrays():
                 if arr.attrs.get("complete") and arr.attrs.get("coords_digest") not in (None, cd):
                     rows.append({"node": arr.path, "check": "lineage", "status": "FAULT",
                                  "detail": f"slide {s!r}: features {name!r} were computed over other tiles; re-embed"})
@@ -401,7 +431,7 @@ def verify(store, *, values: bool = True):
                     rows.append({"node": arr.path, "check": "lineage", "status": "FAULT",
                                  "detail": f"slide {s!r}: {arr.shape[0]} feature rows for "
                                            f"{root[st.Key.coords(s)].shape[0]} tiles; re-embed"})
-    for parent, load in (("tree", ds.tree), ("samples", ds.sample)):
+    for parent, load in ((st.Key.TREES, ds.tree), (st.Key.SAMPLES, ds.sample)):
         for run in st.run_names(root, parent):
             node = f"{parent}/{run}"
             try:

@@ -101,13 +101,42 @@ class Key:
         return f"slides/{slide_id}/qc/labels"
 
     @staticmethod
+    def features_group(slide_id: str) -> str:
+        return f"slides/{slide_id}/features"
+
+    @staticmethod
+    def prefilters(slide_id: str) -> str:
+        return f"slides/{slide_id}/prefilter"
+
+    @staticmethod
     def tree(run: str) -> str:
-        return f"tree/{check_name(run, 'tree run')}"
+        return f"{Key.TREES}/{check_name(run, 'tree run')}"
+
+    @staticmethod
+    def tree_level(run: str, level: int) -> str:
+        return f"{Key.tree(run)}/level_{int(level)}"
 
     @staticmethod
     def sample(run: str) -> str:
-        return f"samples/{check_name(run, 'sample run')}"
+        return f"{Key.SAMPLES}/{check_name(run, 'sample run')}"
 
+    @staticmethod
+    def index_dir(store) -> Path:
+        """``<store>.indexes/``: saved retrieval indexes live next to the store."""
+        p = Path(os.fspath(store))
+        return p.with_name(p.name + ".indexes")
+
+    @staticmethod
+    def truth(slide_path) -> Path | None:
+        """``<slide>.truth.npz`` next to a synthetic slide (suffix appended or replacing), if it exists."""
+        p = Path(str(slide_path))
+        for cand in (p.with_name(p.name + ".truth.npz"), p.with_suffix(".truth.npz")):
+            if cand.exists():
+                return cand
+        return None
+
+    TREES = "tree"
+    SAMPLES = "samples"
     ERRORS = "errors"
 
 
@@ -721,7 +750,7 @@ def recover_runs(path) -> None:
     import shutil
 
     path = as_path(path)
-    for parent in ("tree", "samples"):
+    for parent in (Key.TREES, Key.SAMPLES):
         d = path / parent
         if not d.is_dir():
             continue

@@ -354,7 +354,7 @@ def _kept_rows(root, ids, counts) -> np.ndarray:
     keep = np.ones(int(counts.sum()), dtype=bool)
     offset = 0
     for s, c in zip(ids, counts):
-        group_key = f"{st.Key.slide(s)}/prefilter"
+        group_key = st.Key.prefilters(s)
         if group_key in root:
             for name, arr in root[group_key].arrays():
                 a = dict(arr.attrs)
@@ -371,7 +371,7 @@ def _prefilter_digest(root, ids) -> str:
 
     parts = []
     for s in ids:
-        group_key = f"{st.Key.slide(s)}/prefilter"
+        group_key = st.Key.prefilters(s)
         if group_key in root:
             for name, arr in sorted(root[group_key].arrays()):
                 a = dict(arr.attrs)
@@ -567,7 +567,7 @@ def read_cluster_tiles(store_path, labels: np.ndarray, cluster: int, n: int = 8,
     tiling = root.attrs["tiling"]
     out = []
     for sid, rows in index.groupby("slide_id", sort=False):
-        info = root[st.Key.slide(sid)].attrs
+        info = st.check_slide_file(root, sid)  # never read pixels of another file at these coordinates
         with open_slide(info["path"], slide_id=sid, mpp=info.get("mpp")) as slide:
             reader = TileReader(slide, tile_px=int(tiling["tile_px"]), tile_mpp=float(tiling["tile_mpp"]))
             out.append(reader.read(rows[["x", "y"]].to_numpy()))

@@ -226,7 +226,7 @@ def write_features(root, job: dict, enc, feats: np.ndarray, device: str, seconds
         log.warning("slide %r: %s", slide_id, msg)
     attrs = job["attrs"]
     chunk_rows = int(min(65536, max(1024, (16 << 20) // max(1, 2 * enc.dim))))
-    fg = root.require_group(f"{st.Key.slide(slide_id)}/features")
+    fg = root.require_group(st.Key.features_group(slide_id))
     name = st.Key.features(slide_id, enc.name).rsplit("/", 1)[1]
     cuda = device.startswith("cuda")
     arr = st.write_array(fg, name, half, chunk_rows=chunk_rows, attrs={

@@ -437,10 +437,9 @@ class TileIndex:
 
 def index_path(store: str | os.PathLike, encoder: str, kind: str) -> Path:
     """Where the ``kind`` index over ``encoder`` features of a store lives: ``<store>.indexes/<encoder>-<kind>.faiss``."""
-    from workbench.store import encoder_key
+    from workbench.store import Key, encoder_key
 
-    store = Path(store)
-    return store.with_name(store.name + ".indexes") / f"{encoder_key(encoder)}-{kind}.faiss"
+    return Key.index_dir(store) / f"{encoder_key(encoder)}-{kind}.faiss"
 
 
 def features_digest(root, encoder: str, ids: list[str] | None = None) -> str:
@@ -592,7 +591,7 @@ class StoreIndex:
     def read_tiles(self, tile_ids, *, tile_px: int | None = None) -> np.ndarray:
         """Images (n, px, px, 3) uint8 of global tile ids, read from their slides with :class:`TileReader`."""
         from workbench.io.slides import TileReader, open_slide
-        from workbench.store import open_store, read_slide
+        from workbench.store import check_slide_file, open_store, read_slide
 
         tile_ids = np.asarray(tile_ids, dtype=np.int64)
         root = open_store(self.store)
@@ -601,6 +600,7 @@ class StoreIndex:
         for row in np.unique(rows):
             sid = self.slides["slide_id"].iloc[row]
             info = read_slide(root, sid)
+            check_slide_file(root, sid)  # never read pixels of another file at these coordinates
             px = int(tile_px or info["tile_px"])
             sel = np.flatnonzero(rows == row)
             local = tile_ids[sel] - self.slides["start"].iloc[row]
@@ -630,6 +630,9 @@ class StoreIndex:
             keep = np.asarray(info["tissue"]) >= min_tissue
         elif by == "colour":
             from workbench.io.slides import TileReader, open_slide
+            from workbench.store import check_slide_file
+
+            check_slide_file(root, slide_id)
 
             with open_slide(info["path"], slide_id=slide_id, mpp=info.get("mpp")) as slide:
                 px = 32
