@@ -45,6 +45,18 @@ class Dataset:
     def __fspath__(self) -> str:
         return str(self.path)
 
+    # ---- group-like: functions that read an open store group (``root[key]``, ``root.attrs``) take a Dataset too
+    def __getitem__(self, key):
+        return self.root[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self.root
+
+    def __getattr__(self, name):
+        if name in ("root", "path", "mode") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.root, name)  # attrs, store, groups(), arrays(), ...
+
     def reload(self) -> "Dataset":
         """Re-open the store (after another process wrote to it)."""
         self.root = st.open_store(self.path, mode=self.mode)
@@ -101,6 +113,10 @@ class Dataset:
 
     def coords(self, slide_id: str) -> np.ndarray:
         return self.root[st.Key.coords(slide_id)][:]
+
+    def mask(self, slide_id: str) -> np.ndarray:
+        """The slide's tissue mask (at the slide's ``mask_downsample``)."""
+        return self.root[f"{st.Key.slide(slide_id)}/mask"][:]
 
     def open_slide(self, slide_id: str):
         """Open a slide's file after checking it is the file that was tiled (:class:`StaleError` if not)."""
