@@ -165,6 +165,21 @@ def test_features_rewritten_in_place_make_index_and_tree_stale(base, tmp_path):
     assert (bad.node == "stain-texture-flat.faiss").any() and (bad.node == "tree/a").any()
 
 
+def test_corrupted_index_file_is_refused(base, tmp_path):
+    from workbench.errors import ChecksumError
+    from workbench.search.retrieval import build_store_index, index_path, load_store_index
+
+    store = copy_store(base, tmp_path)
+    build_store_index(store, ENC, "flat")
+    path = index_path(store, ENC, "flat")
+    raw = bytearray(path.read_bytes())
+    raw[-100] ^= 0x01  # one bit of one stored vector
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ChecksumError, match="fails its sha256"):
+        load_store_index(store, ENC, "flat")
+    assert (faults(store).node == "stain-texture-flat.faiss").any()
+
+
 def test_features_rewritten_through_the_store_api_make_the_index_stale(base, tmp_path):
     from workbench.search.retrieval import build_store_index, load_store_index
 
@@ -178,6 +193,21 @@ def test_features_rewritten_through_the_store_api_make_the_index_stale(base, tmp
     new = st.write_array(root[f"{st.Key.slide('r3')}/features"], a.basename, vals,
                          attrs={k: v for k, v in attrs.items() if not k.startswith("wb_") and k != "digest"})
     assert new.attrs["digest"] != attrs["digest"]
+    with pytest.raises(StaleIndexError, match="rebuild"):
+        load_store_index(store, ENC, "flat")
+
+
+def test_new_patient_ids_make_the_saved_index_stale(base, tmp_path):
+    """The index keeps each row's patient for leave-one-patient-out search: a manifest that regroups slides
+    must not leave it excluding the old patients."""
+    from workbench.io.tiling import tile_slides
+    from workbench.search.retrieval import build_store_index, load_store_index
+
+    store = copy_store(base, tmp_path)
+    build_store_index(store, ENC, "flat")
+    man = base[1].copy()
+    man.loc[man.slide_id == "r2", "patient_id"] = "p0"
+    tile_slides(man, store, progress=False)
     with pytest.raises(StaleIndexError, match="rebuild"):
         load_store_index(store, ENC, "flat")
 

@@ -323,6 +323,8 @@ def _index_files(ds: Dataset):
                 names[name] = arr.attrs.get("encoder", name)
     out = []
     for sidecar in sorted(ds.index_dir.glob("*.json")):
+        if sidecar.name.endswith(".sha256.json"):
+            continue
         stem = sidecar.name[: -len(".json")]
         for key in sorted(names, key=len, reverse=True):
             if stem.startswith(key + "-"):

@@ -444,7 +444,8 @@ def index_path(store: str | os.PathLike, encoder: str, kind: str) -> Path:
 
 def features_digest(root, encoder: str, ids: list[str] | None = None) -> str:
     """Digest of what an index over a store's ``encoder`` features is built from: per slide its id, shape,
-    weights digest and the digest of its feature *values* (kept at write time), and the tiles' coords.
+    weights digest and the digest of its feature *values* (kept at write time), the tiles' coords, and each
+    slide's exclusion group (patient).
 
     The features' chunks are checked against what was written (a 4-byte read per chunk): features
     rewritten in place raise :class:`~workbench.errors.StaleError`.
@@ -452,7 +453,8 @@ def features_digest(root, encoder: str, ids: list[str] | None = None) -> str:
     from workbench import store as st
 
     ids = st.slide_ids(root) if ids is None else ids
-    return hashlib.sha256(json.dumps([st.features_digest(root, encoder, ids), st.tiling_digest(root, ids)])
+    groups = slide_table(root, ids)["group"].tolist()  # the leave-one-patient-out groups saved with the index
+    return hashlib.sha256(json.dumps([st.features_digest(root, encoder, ids), st.tiling_digest(root, ids), groups])
                           .encode()).hexdigest()
 
 
@@ -706,8 +708,45 @@ def build_store_index(store: str | os.PathLike, encoder: str, kind: str = "flat"
     index = TileIndex(kind, **params).fit(feats, groups=groups, digest=digest)
     if save:
         path = index.save(index_path(store, encoder, kind))
+        _write_file_sums(path)
         log.info("saved %s index of %s to %s", kind, store, path)
     return StoreIndex(store, encoder, index, table, exclude, feats)
+
+
+def _index_files(path: Path) -> list[Path]:
+    """The files of a saved index: ``<name>.faiss`` and its sidecars (``.json``, ``.groups.npz``, ``.rows.npy``)."""
+    return [p for p in (path, path.with_suffix(".json"), path.with_suffix(".groups.npz"), path.with_suffix(".rows.npy"))
+            if p.exists()]
+
+
+def _sum_file(path: Path) -> Path:
+    return path.with_suffix(".sha256.json")
+
+
+def _write_file_sums(path: Path) -> None:
+    """Record the sha256 of every file of a saved index (checked by :func:`load_store_index`)."""
+    from workbench.store import write_json_atomic
+
+    sums = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in _index_files(path)}
+    write_json_atomic(_sum_file(path), sums)
+
+
+def _check_file_sums(path: Path) -> None:
+    """Raise :class:`~workbench.errors.ChecksumError` if a file of a saved index changed since it was saved."""
+    from workbench.errors import ChecksumError
+
+    sums_path = _sum_file(path)
+    if not sums_path.exists():
+        if path.exists():
+            raise StaleIndexError(f"index {path} has no checksums ({sums_path.name}): it was saved by an older "
+                                  "workbench or its save was interrupted; rebuild it (build_store_index)")
+        return
+    sums = json.loads(sums_path.read_text())
+    for name, want in sums.items():
+        f = path.with_name(name)
+        if not f.exists() or hashlib.sha256(f.read_bytes()).hexdigest() != want:
+            raise ChecksumError(f"index file {f} " + ("is missing" if not f.exists() else "fails its sha256 checksum")
+                                + " (the file changed since the index was saved): rebuild it (build_store_index)")
 
 
 def load_store_index(store: str | os.PathLike, encoder: str, kind: str = "flat", *, use_gpu="auto",
@@ -720,5 +759,6 @@ def load_store_index(store: str | os.PathLike, encoder: str, kind: str = "flat",
     except StaleError as exc:
         raise StaleIndexError(f"index {index_path(store, encoder, kind)} cannot be trusted: {exc}; then rebuild "
                               "it (build_store_index)") from exc
+    _check_file_sums(index_path(store, encoder, kind))
     index = TileIndex.load(index_path(store, encoder, kind), expected_digest=digest, use_gpu=use_gpu)
     return StoreIndex(store, encoder, index, table, exclude)
