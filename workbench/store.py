@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -35,11 +36,18 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from workbench.errors import StoreError  # noqa: F401  (raised here; defined in workbench.errors)
+from zarr.storage import LocalStore
+
+from workbench.errors import (ChecksumError, LayoutVersionError, MissingChunkError, RunExistsError,  # noqa: F401
+                              StaleError, StoreError)
 
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+# attrs every array written by write_array carries (after its data): chunk count, per-chunk sha256 of the
+# values, per-chunk crc32c of the stored bytes (the codec's 4-byte tail) and a digest of the values
+WRITTEN = "wb_chunks"
+_CHUNK_KEY = re.compile(r"^(?:(.*)/)?c(?:/\d+)+$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 
 
@@ -93,39 +101,190 @@ class Key:
         return f"slides/{slide_id}/qc/labels"
 
     @staticmethod
+    def features_group(slide_id: str) -> str:
+        return f"slides/{slide_id}/features"
+
+    @staticmethod
+    def prefilters(slide_id: str) -> str:
+        return f"slides/{slide_id}/prefilter"
+
+    @staticmethod
     def tree(run: str) -> str:
-        return f"tree/{check_name(run, 'tree run')}"
+        return f"{Key.TREES}/{check_name(run, 'tree run')}"
+
+    @staticmethod
+    def tree_level(run: str, level: int) -> str:
+        return f"{Key.tree(run)}/level_{int(level)}"
 
     @staticmethod
     def sample(run: str) -> str:
-        return f"samples/{check_name(run, 'sample run')}"
+        return f"{Key.SAMPLES}/{check_name(run, 'sample run')}"
 
+    @staticmethod
+    def index_dir(store) -> Path:
+        """``<store>.indexes/``: saved retrieval indexes live next to the store."""
+        p = Path(os.fspath(store))
+        return p.with_name(p.name + ".indexes")
+
+    @staticmethod
+    def truth(slide_path) -> Path | None:
+        """``<slide>.truth.npz`` next to a synthetic slide (suffix appended or replacing), if it exists."""
+        p = Path(str(slide_path))
+        for cand in (p.with_name(p.name + ".truth.npz"), p.with_suffix(".truth.npz")):
+            if cand.exists():
+                return cand
+        return None
+
+    TREES = "tree"
+    SAMPLES = "samples"
     ERRORS = "errors"
+
+
+# --------------------------------------------------------------------------- checked chunk reads
+
+
+def describe_key(key: str) -> str:
+    """``slides/r1/features/toy`` -> ``slide 'r1', array 'features/toy'`` (for error messages)."""
+    parts = key.strip("/").split("/")
+    if len(parts) >= 3 and parts[0] == "slides":
+        return f"slide {parts[1]!r}, array {'/'.join(parts[2:])!r}"
+    return f"array {key.strip('/')!r}"
+
+
+class CheckedStore(LocalStore):
+    """A local Zarr store that refuses a corrupted or a missing chunk of an array the workbench wrote.
+
+    Every chunk read is checked here, whoever reads it (NumPy slicing, Dask, napari): a chunk whose
+    crc32c tail does not match its bytes raises :class:`ChecksumError`; a chunk file that is gone from an
+    array whose attrs say it was written in full (``wb_chunks``; every chunk is written, empty or not)
+    raises :class:`MissingChunkError` instead of reading back as the fill value. Both name the slide and
+    the array.
+    """
+
+    def __init__(self, root, *, read_only: bool = False) -> None:
+        super().__init__(root, read_only=read_only)
+        self._crc: dict[str, bool] = {}
+
+    def _meta(self, prefix: str) -> dict | None:
+        try:
+            return json.loads((self.root / prefix / "zarr.json").read_bytes())
+        except (OSError, ValueError):
+            return None
+
+    def _has_crc(self, prefix: str) -> bool:
+        if prefix not in self._crc:
+            meta = self._meta(prefix) or {}
+            self._crc[prefix] = any(c.get("name") == "crc32c" for c in meta.get("codecs", [])
+                                    if isinstance(c, dict))
+        return self._crc[prefix]
+
+    async def get(self, key, prototype=None, byte_range=None):
+        buf = await super().get(key, prototype, byte_range)
+        m = _CHUNK_KEY.match(key)
+        if m is None:
+            return buf
+        prefix = m.group(1) or ""
+        if buf is None:
+            meta = self._meta(prefix)
+            if meta is not None and WRITTEN in meta.get("attributes", {}):
+                raise MissingChunkError(
+                    f"{describe_key(prefix)}: chunk {key[len(prefix):].lstrip('/')} is missing from store "
+                    f"{self.root} (it was written): the store lost data; restore it from a backup or re-run "
+                    "the stage that wrote it (`python -m workbench verify` lists every fault)")
+            return buf
+        if byte_range is None and self._has_crc(prefix):
+            import google_crc32c
+
+            data = buf.as_numpy_array().view(np.uint8)
+            if len(data) < 4 or google_crc32c.value(data[:-4].tobytes()) != int.from_bytes(data[-4:].tobytes(),
+                                                                                            "little"):
+                raise ChecksumError(
+                    f"{describe_key(prefix)}: chunk {key[len(prefix):].lstrip('/')} of store {self.root} fails its "
+                    "crc32c checksum (the bytes on disk changed): restore the store from a backup or re-run the "
+                    "stage that wrote it")
+        return buf
+
+
+def open_root(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
+    """The root group of a store through :class:`CheckedStore` (no layout check: use :func:`open_store`)."""
+    store = CheckedStore(Path(path), read_only=(mode == "r"))
+    return zarr.open_group(store=store, mode=mode, zarr_format=3)
 
 
 # --------------------------------------------------------------------------- opening
 
 
-def open_store(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
-    """Open an existing dataset store. ``mode`` is ``"r"`` or ``"a"``.
+def as_path(store) -> Path:
+    """The filesystem path of a store given as a path, a :class:`~workbench.dataset.Dataset` or an open group."""
+    if isinstance(store, zarr.Group):
+        return store_path(store)
+    return Path(os.fspath(store))
 
-    Refuses a path that is not a workbench store, or one written by another layout version.
+
+def open_store(path, mode: str = "r") -> zarr.Group:
+    """Open an existing dataset store (a path or a Dataset). ``mode`` is ``"r"`` or ``"a"``.
+
+    Refuses a path that is not a workbench store, or one written by another layout version (a
+    version-1 store names ``python -m workbench migrate``).
     """
-    path = Path(path)
+    if isinstance(path, zarr.Group):
+        return path
+    path = as_path(path)
+    if not (path / "zarr.json").exists():
+        from workbench.migrate import recover
+
+        recover(path)  # a migration killed between its two renames: put the store back
     if not (path / "zarr.json").exists():
         raise StoreError(f"{path} is not a workbench store (no zarr.json): create it with tile_slides()")
-    root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    root = open_root(path, mode)
     version = root.attrs.get("layout_version")
     if version != LAYOUT_VERSION:
-        raise StoreError(
+        if version == 1:
+            raise LayoutVersionError(
+                f"store {path} has layout version 1 (no checksums, no lineage); this workbench reads version "
+                f"{LAYOUT_VERSION}: upgrade it in place with `python -m workbench migrate {path}` (crash-safe; "
+                "nothing was changed)")
+        raise LayoutVersionError(
             f"store {path} has layout version {version!r}, this workbench reads version {LAYOUT_VERSION}; "
             "re-tile into a new store (nothing was changed)"
         )
     return root
 
 
+def _merge_manifest(path: Path, old: list[dict], new: list[dict], root: zarr.Group) -> list[dict]:
+    """The store's manifest after a re-run: existing slides keep their place (global tile ids never move),
+    new ones are appended, slides left out are dropped. A slide id whose file changed is refused."""
+    new_by_id = {r["slide_id"]: r for r in new}
+    merged = [new_by_id[r["slide_id"]] for r in old if r["slide_id"] in new_by_id]
+    known = {r["slide_id"] for r in merged}
+    merged += [r for r in new if r["slide_id"] not in known]
+    for rec in merged:
+        sid = rec["slide_id"]
+        key = Key.slide(sid)
+        if not is_complete(root, key):
+            continue
+        attrs = root[key].attrs
+        was = attrs.get("manifest_path", attrs.get("path"))
+        if str(rec["path"]) == str(was) or _resolved(rec["path"]) == _resolved(attrs.get("path", "")):
+            continue
+        stored = attrs.get("file_identity")
+        now = file_identity(rec["path"]) if Path(str(rec["path"])).exists() else None
+        if stored and now and same_file(stored, now):
+            log.info("slide %r moved from %s to %s (same file): path updated", sid, was, rec["path"])
+            continue
+        raise StaleError(
+            f"slide {sid!r} was tiled from {was}; the manifest now gives {rec['path']}, "
+            + ("which is another file" if now else "which does not exist")
+            + f": give the new file a new slide_id, or tile it into a new store (store {path} was not changed)")
+    return merged
+
+
 def create_store(path: str | os.PathLike, *, manifest: list[dict], tiling: dict) -> zarr.Group:
-    """Create a store, or reopen one made with the same tiling parameters (resume)."""
+    """Create a store, or reopen one made with the same tiling parameters (resume).
+
+    On resume, slides already in the store keep their order (a reordered manifest never moves global
+    tile ids); a manifest that points an existing slide id at another file is refused (:class:`StaleError`).
+    """
     from workbench import __version__
 
     path = Path(path)
@@ -136,14 +295,14 @@ def create_store(path: str | os.PathLike, *, manifest: list[dict], tiling: dict)
             raise StoreError(
                 f"store {path} was tiled with {old}, not {tiling}; use a new store path for new tiling parameters"
             )
-        root.attrs["manifest"] = manifest
+        root.attrs["manifest"] = _merge_manifest(path, list(root.attrs.get("manifest", [])), manifest, root)
         return root
     # The folder may already hold the write lock's ``.lock`` file (write_lock runs first); anything else
     # means it is not ours. The root is created with its attributes in one (atomic) write, so a run killed
     # here leaves either no store or a complete root, never one without a layout version.
     if path.is_dir() and any(p.name != ".lock" for p in path.iterdir()):
         raise StoreError(f"{path} exists, is not empty and is not a workbench store (no zarr.json); use another path")
-    return zarr.create_group(
+    zarr.create_group(
         str(path),
         zarr_format=3,
         attributes={
@@ -153,6 +312,7 @@ def create_store(path: str | os.PathLike, *, manifest: list[dict], tiling: dict)
             "tiling": tiling,
         },
     )
+    return open_root(path, "a")
 
 
 def store_path(root: zarr.Group) -> Path:
@@ -220,16 +380,100 @@ def mark_complete(node) -> None:
     node.attrs["complete"] = True
 
 
+def _chunk_keys(arr) -> list[str]:
+    """Chunk keys (``c/i/j``) of an array, in C order."""
+    import itertools
+
+    grid = [max(1, -(-s // c)) for s, c in zip(arr.shape, arr.chunks)]
+    if arr.size == 0:
+        return []
+    return ["c/" + "/".join(map(str, idx)) for idx in itertools.product(*[range(g) for g in grid])]
+
+
+def _chunk_dir(arr) -> Path:
+    return store_path_of(arr) / arr.path
+
+
+def store_path_of(node) -> Path:
+    return Path(str(node.store.root))
+
+
+def stored_crcs(arr) -> list[int | None]:
+    """The crc32c tail (last 4 bytes) of each stored chunk file of an array; None for a missing file."""
+    base = _chunk_dir(arr)
+    out = []
+    for key in _chunk_keys(arr):
+        try:
+            with open(base / key, "rb") as fh:
+                fh.seek(-4, os.SEEK_END)
+                out.append(int.from_bytes(fh.read(4), "little"))
+        except (FileNotFoundError, OSError):
+            out.append(None)
+    return out
+
+
+def _value_hashes(data: np.ndarray, rows: int) -> list[str]:
+    return [hashlib.sha256(np.ascontiguousarray(data[a:a + rows]).tobytes()).hexdigest()
+            for a in range(0, len(data), rows)]
+
+
+def values_digest(hashes: list[str], shape, dtype) -> str:
+    h = hashlib.sha256(json.dumps([list(shape), str(dtype)]).encode())
+    for x in hashes:
+        h.update(x.encode())
+    return h.hexdigest()
+
+
 def write_array(group: zarr.Group, name: str, data: np.ndarray, *, chunk_rows: int = 65536, attrs=None):
-    """(Re)write one array of a group, chunked along its first axis."""
+    """(Re)write one array of a group, chunked along its first axis: the one write path of the store.
+
+    Chunks are zstd-compressed and crc32c-checksummed; every chunk is written (empty or not), so a missing
+    chunk file is an error, never the fill value. After the data, the attrs record the chunk count, the
+    sha256 of each chunk's values, the crc32c of each stored chunk and a digest of all values (``digest``):
+    what lineage and :func:`verify` check.
+    """
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
     data = np.asarray(data)
-    chunks = (max(1, min(chunk_rows, len(data))),) + data.shape[1:]
-    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, overwrite=True)
+    rows = max(1, min(chunk_rows, len(data))) if data.ndim else 1
+    chunks = (rows,) + data.shape[1:]
+    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, overwrite=True,
+                             compressors=[ZstdCodec(level=3), Crc32cCodec()],
+                             config={"write_empty_chunks": True})
     if data.size:
         arr[...] = data
-    if attrs:
-        arr.attrs.update(attrs)
+    hashes = _value_hashes(data, rows) if data.size else []
+    lineage = {WRITTEN: len(_chunk_keys(arr)), "wb_sha256": hashes, "wb_crc32c": stored_crcs(arr),
+               "digest": values_digest(hashes, data.shape, data.dtype)}
+    arr.attrs.update({**(attrs or {}), **lineage})
     return arr
+
+
+def array_digest_of(arr) -> str | None:
+    """The values digest recorded when an array was written (None for an array written otherwise)."""
+    return arr.attrs.get("digest") if WRITTEN in arr.attrs else None
+
+
+def check_fresh(arr, what: str | None = None) -> None:
+    """Raise :class:`StaleError` if an array's chunk files are not the ones written with its attrs.
+
+    Cheap: reads the 4-byte crc32c tail of each chunk file. Catches values rewritten in place (by zarr
+    directly, bypassing :func:`write_array`) and chunks deleted since.
+    """
+    a = arr.attrs
+    if WRITTEN not in a:
+        return
+    want = a.get("wb_crc32c", [])
+    now = stored_crcs(arr)
+    for key, w, c in zip(_chunk_keys(arr), want, now):
+        if c is None:
+            raise MissingChunkError(f"{what or describe_key(arr.path)}: chunk {key} is missing from store "
+                                    f"{store_path_of(arr)} (it was written)")
+        if w != c:
+            raise StaleError(
+                f"{what or describe_key(arr.path)}: chunk {key} was rewritten after the array was written (its "
+                "values no longer match the lineage recorded with it); re-run the stage that writes it "
+                "(e.g. embed_slides for features) and rebuild what was derived from it")
 
 
 def read_slide(root: zarr.Group, slide_id: str) -> dict:
@@ -328,3 +572,257 @@ def _json_default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     return str(o)
+
+
+# --------------------------------------------------------------------------- slide file identity
+
+_MIB = 1 << 20
+
+
+def _resolved(p) -> str:
+    try:
+        return str(Path(str(p)).resolve())
+    except OSError:
+        return str(p)
+
+
+def file_identity(path) -> dict:
+    """Identity of a slide file: size, mtime and a sha256 of its first and last MiB plus 16 samples of
+    64 KiB spread over the file (the header and the directory of a TIFF/SVS, and its tile data)."""
+    path = Path(str(path))
+    st_ = path.stat()
+    if path.is_dir():  # a multi-file slide (MRXS data folder, DICOM series): names, sizes and times of its files
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        listing = [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+        return {"size": int(sum(x[1] for x in listing)), "mtime_ns": int(max([x[2] for x in listing], default=0)),
+                "sha256_sampled": _sha(listing)}
+    size = st_.st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        spans = [(0, min(size, _MIB)), (max(0, size - _MIB), size)]
+        spans += [(int(size * k / 17), min(size, int(size * k / 17) + 65536)) for k in range(1, 17)]
+        for a, b in spans:
+            fh.seek(a)
+            h.update(fh.read(max(0, b - a)))
+    return {"size": int(size), "mtime_ns": int(st_.st_mtime_ns), "sha256_sampled": h.hexdigest()}
+
+
+def same_file(a: dict, b: dict) -> bool:
+    return a.get("size") == b.get("size") and a.get("sha256_sampled") == b.get("sha256_sampled")
+
+
+def identity_change(stored: dict | None, path) -> str | None:
+    """What changed about a slide file since ``stored`` was recorded (None: unchanged or nothing recorded)."""
+    if not stored:
+        return None
+    path = Path(str(path))
+    if not path.exists():
+        return f"the file {path} is gone"
+    now = file_identity(path)
+    changes = [k for k in ("size", "sha256_sampled", "mtime_ns") if stored.get(k) != now.get(k)]
+    if not changes:
+        return None
+    what = {"size": f"size {stored.get('size')} -> {now['size']} bytes", "sha256_sampled": "content hash",
+            "mtime_ns": "modification time"}
+    return f"the file {path} changed since tiling ({', '.join(what[c] for c in changes)})"
+
+
+def check_slide_file(root: zarr.Group, slide_id: str) -> dict:
+    """The slide's attrs, after checking its file is the one it was tiled from (:class:`StaleError` if not)."""
+    attrs = dict(root[Key.slide(slide_id)].attrs)
+    change = identity_change(attrs.get("file_identity"), attrs.get("path", ""))
+    if change:
+        raise StaleError(f"slide {slide_id!r}: {change}; its tiles would be read at the old coordinates. Re-tile "
+                         "it into a new store (or give the new file a new slide_id); nothing was read")
+    return attrs
+
+
+# --------------------------------------------------------------------------- lineage digests
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
+def tiling_digest(root: zarr.Group, ids: list[str] | None = None) -> str:
+    """Digest of what global tile ids mean: the slides in order and each slide's coords values."""
+    ids = slide_ids(root) if ids is None else ids
+    parts = []
+    for s in ids:
+        arr = root[Key.coords(s)]
+        parts.append([s, list(arr.shape), array_digest_of(arr) or _legacy_digest(arr)])
+    return _sha(parts)
+
+
+def _legacy_digest(arr) -> str:
+    h = hashlib.sha256(repr((arr.shape, str(arr.dtype))).encode())
+    h.update(np.ascontiguousarray(arr[...]).tobytes())
+    return h.hexdigest()
+
+
+def features_digest(root: zarr.Group, encoder: str, ids: list[str] | None = None, *, check: bool = True) -> str:
+    """Digest of a store's ``encoder`` features: per slide its id, shape, weights digest and value digest.
+
+    With ``check`` (default) every features array is first checked against the chunks on disk
+    (:func:`check_fresh`, a 4-byte read per chunk), so features rewritten in place are refused as stale.
+    """
+    ids = slide_ids(root) if ids is None else ids
+    parts = []
+    for s in ids:
+        key = Key.features(s, encoder)
+        if not is_complete(root, key):
+            raise StoreError(f"slide {s!r} has no complete {encoder!r} features: run embedding first")
+        arr = root[key]
+        if check:
+            check_fresh(arr, f"slide {s!r}, features {encoder!r}")
+        parts.append([s, list(arr.shape), arr.attrs.get("weights_digest"), array_digest_of(arr) or _legacy_digest(arr)])
+    return _sha([encoder, parts])
+
+
+def node_digest(group: zarr.Group) -> str:
+    """Digest of a run group (tree / sample): its parameters and the values digest of each of its arrays."""
+    parts = []
+    for name, arr in sorted(group.arrays()):
+        parts.append([name, array_digest_of(arr) or _legacy_digest(arr)])
+    for name, sub in sorted(group.groups()):
+        parts.append([name, node_digest(sub)])
+    return _sha([dict(group.attrs.get("parameters", {})), parts])
+
+
+# --------------------------------------------------------------------------- named runs, swapped atomically
+
+RUN_TMP, RUN_OLD = "_tmp-", "_old-"
+
+
+def _renameat2_exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def swap_in(tmp: Path, final: Path) -> None:
+    """Make directory ``tmp`` (complete) the new ``final``: at every instant ``final`` (or, on filesystems
+    without an atomic exchange, ``_old-<name>`` beside it) holds a complete old or new version."""
+    import shutil
+
+    _fsync_dir(tmp)
+    if not final.exists():
+        os.rename(tmp, final)
+    elif _renameat2_exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old version
+    else:
+        old = final.with_name(RUN_OLD + final.name)
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)   # readers fall back to _old-<name> until the next rename
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(final.parent)
+
+
+def recover_runs(path) -> None:
+    """Clean up after a run killed while swapping: restore ``_old-<name>`` when ``<name>`` is gone, drop temps."""
+    import shutil
+
+    path = as_path(path)
+    for parent in (Key.TREES, Key.SAMPLES):
+        d = path / parent
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if p.name.startswith(RUN_OLD):
+                final = d / p.name[len(RUN_OLD):]
+                if final.exists():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    os.rename(p, final)
+            elif p.name.startswith(RUN_TMP):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def run_key(root: zarr.Group, key: str) -> str:
+    """``key``, or its ``_old-`` copy when a swap was killed between its two renames."""
+    if key in root:
+        return key
+    parent, name = key.rsplit("/", 1)
+    old = f"{parent}/{RUN_OLD}{name}"
+    return old if old in root else key
+
+
+def run_names(root: zarr.Group, parent: str) -> list[str]:
+    """Names of the runs under ``tree`` or ``samples`` (temporaries left out)."""
+    if parent not in root:
+        return []
+    names = set()
+    for name, _ in root[parent].groups():
+        if name.startswith(RUN_TMP):
+            continue
+        names.add(name[len(RUN_OLD):] if name.startswith(RUN_OLD) else name)
+    return sorted(names)
+
+
+def write_run(store, key: str, identity: dict, build, *, overwrite: bool = False, what: str = "run"):
+    """Write a named run (``tree/<name>``, ``samples/<name>``) under the store's write lock.
+
+    ``identity``: the parameters and input digests that define the run. If the run exists with the same
+    identity it is kept (returns False: nothing written); with another identity :class:`RunExistsError`
+    unless ``overwrite=True``. The new run is built by ``build(group)`` under a temporary name and then
+    swapped in atomically (:func:`swap_in`): a kill at any moment leaves the old or the new run readable.
+    Returns True when written.
+    """
+    path = as_path(store)
+    identity = json.loads(json.dumps(identity, sort_keys=True, default=_json_default))
+    with write_lock(path):
+        recover_runs(path)
+        root = open_store(path, mode="a")
+        if is_complete(root, key):
+            old = dict(root[key].attrs.get("identity", {}))
+            if old == identity:
+                return False
+            if not overwrite:
+                def flat(d, pre=""):
+                    out = {}
+                    for k, v in d.items():
+                        out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+                    return out
+
+                fo, fn = flat(old), flat(identity)
+                changed = sorted(k for k in set(fo) | set(fn) if fo.get(k) != fn.get(k))
+                diff = "; ".join(f"{k}: {fo.get(k)!r} -> {fn.get(k)!r}" for k in changed)
+                raise RunExistsError(
+                    f"{what} {key.rsplit('/', 1)[1]!r} exists in {path} with other parameters or inputs ({diff}); "
+                    "give another run name, or overwrite=True to replace it (the old run stays readable until the "
+                    "new one is complete)")
+        parent, name = key.rsplit("/", 1)
+        tmp_key = f"{parent}/{RUN_TMP}{name}-{os.getpid()}"
+        g = root.create_group(tmp_key, overwrite=True)
+        build(g)
+        g.attrs["identity"] = identity
+        mark_complete(g)
+        swap_in(path / tmp_key, path / key)
+        return True

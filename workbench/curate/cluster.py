@@ -354,7 +354,7 @@ def _kept_rows(root, ids, counts) -> np.ndarray:
     keep = np.ones(int(counts.sum()), dtype=bool)
     offset = 0
     for s, c in zip(ids, counts):
-        group_key = f"{st.Key.slide(s)}/prefilter"
+        group_key = st.Key.prefilters(s)
         if group_key in root:
             for name, arr in root[group_key].arrays():
                 a = dict(arr.attrs)
@@ -365,16 +365,64 @@ def _kept_rows(root, ids, counts) -> np.ndarray:
     return keep
 
 
-def fit_store(store_path, encoder: str, run: str, *, client=None, **params) -> Tree:
-    """Fit a tree on a store's ``encoder`` features and save it as ``tree/<run>`` (arrays + attrs).
+def _prefilter_digest(root, ids) -> str:
+    """Digest of the prefilters that drop tiles (``drop=True``): which tiles a tree leaves out."""
+    from workbench import store as st
+
+    parts = []
+    for s in ids:
+        group_key = st.Key.prefilters(s)
+        if group_key in root:
+            for name, arr in sorted(root[group_key].arrays()):
+                a = dict(arr.attrs)
+                if a.get("drop", False) and a.get("complete", False):
+                    parts.append([s, name, a.get("threshold"), st.array_digest_of(arr)])
+    return st._sha(parts)
+
+
+def tree_lineage(root, encoder: str) -> dict:
+    """What a tree over a store's ``encoder`` features is built from, as digests (checks the features)."""
+    from workbench import store as st
+
+    ids = st.slide_ids(root)
+    return {"encoder": encoder, "tiling_digest": st.tiling_digest(root, ids),
+            "features_digest": st.features_digest(root, encoder, ids), "prefilter_digest": _prefilter_digest(root, ids)}
+
+
+def tree_run_name(encoder: str, params: dict) -> str:
+    """The run name derived from the parameters: ``hkm-<encoder>-<hash>``."""
+    from workbench import store as st
+
+    return f"hkm-{st.encoder_key(encoder)}-{st._sha(params)[:10]}"
+
+
+def fit_store(store_path, encoder: str, run: str | None = None, *, overwrite: bool = False, client=None,
+              **params) -> Tree:
+    """Fit a tree on a store's ``encoder`` features and save it as the named run ``tree/<run>``.
 
     Tiles flagged by a prefilter saved with ``drop=True`` are left out (label -1), as are NaN/Inf rows.
-    ``params`` go to :class:`HierarchicalKMeans`. Returns the :class:`Tree`.
+    ``params`` go to :class:`HierarchicalKMeans`. ``run`` defaults to a name derived from the parameters.
+    The same parameters over the same inputs reuse the saved tree; a run of that name with other parameters
+    (or over inputs that changed) raises :class:`~workbench.errors.RunExistsError` unless ``overwrite=True``;
+    replacing is atomic (the old tree stays readable until the new one is complete). Returns the :class:`Tree`.
     """
     from workbench import store as st
 
+    hk = HierarchicalKMeans(**params)
+    hk._validate()
+    fit_params = {k: v for k, v in hk.get_params().items() if k not in ("device", "progress")}
+    run = tree_run_name(encoder, fit_params) if run is None else run
     key = st.Key.tree(run)
     root = st.open_store(store_path, mode="r")
+    lineage = tree_lineage(root, encoder)
+    identity = {**lineage, "params": fit_params}
+    if st.is_complete(root, st.run_key(root, key)):
+        old = dict(root[st.run_key(root, key)].attrs.get("identity", {}))
+        if old == _jsonable(identity):
+            log.info("tree %r: same parameters over the same features: reusing it", run)
+            return load_tree(store_path, run)
+        if not overwrite:
+            st.write_run(store_path, key, identity, lambda g: None, what="tree")  # raises RunExistsError naming what differs
     ids = st.slide_ids(root)
     X = st.features_array(root, encoder, ids)
     counts = st.tile_counts(root, ids)
@@ -385,7 +433,7 @@ def fit_store(store_path, encoder: str, run: str, *, client=None, **params) -> T
     if not keep.all():
         log.info("fit_store: %d of %d tiles dropped by prefilters", int((~keep).sum()), n)
         X = X[np.nonzero(keep)[0]]
-    hk = HierarchicalKMeans(**params).fit(X, client=client)
+    hk = hk.fit(X, client=client)
     kept = np.nonzero(keep)[0]
     level1 = np.full(n, -1, np.int32)
     dist = np.full(n, np.nan, np.float32)
@@ -393,18 +441,18 @@ def fit_store(store_path, encoder: str, run: str, *, client=None, **params) -> T
     tree = hk.tree_
     tree = Tree(compose_labels(level1, tree.parents), tree.centroids, tree.parents, dist,
                 {**tree.attrs, "encoder": encoder, "n_tiles": n, "n_dropped_prefilter": int((~keep).sum()),
-                 "slide_ids_digest": _digest(ids)})
-    with st.write_lock(store_path):
-        root = st.open_store(store_path, mode="a")
-        g = root.create_group(key, overwrite=True)
+                 "slide_ids_digest": _digest(ids), "run": run})
+
+    def build(g):
         for l in range(tree.n_levels):
             st.write_array(g, f"level_{l + 1}", tree.labels[:, l])
             st.write_array(g, f"centroids/level_{l + 1}", tree.centroids[l].astype(np.float32))
             if l:
                 st.write_array(g, f"parents/level_{l}", np.asarray(tree.parents[l - 1], np.int32))
         st.write_array(g, "distance", tree.distances)
-        g.attrs.update({"parameters": _jsonable(tree.attrs), "n_levels": tree.n_levels})
-        st.mark_complete(g)
+        g.attrs.update({"parameters": _jsonable(tree.attrs), "n_levels": tree.n_levels, "lineage": lineage})
+
+    st.write_run(store_path, key, identity, build, overwrite=True, what="tree")
     log.info("tree %r: %s clusters over %d tiles in %.1f s", run, [len(c) for c in tree.centroids], n,
              hk.fit_seconds_)
     return tree
@@ -414,7 +462,7 @@ def _jsonable(obj):
     """Attrs as plain JSON types (numpy scalars and arrays converted)."""
     import json
 
-    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    return json.loads(json.dumps(obj, sort_keys=True, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
 def _digest(ids) -> str:
@@ -423,19 +471,41 @@ def _digest(ids) -> str:
     return hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
 
 
+def check_tree_lineage(root, run: str, attrs: dict) -> None:
+    """Raise :class:`~workbench.errors.StaleError` saying what changed if a tree's inputs are not the store's now."""
+    from workbench import store as st
+
+    lineage = attrs.get("lineage")
+    if not lineage:
+        if attrs.get("parameters", {}).get("slide_ids_digest") not in (None, _digest(st.slide_ids(root))):
+            raise st.StaleError(f"tree {run!r} was fitted on another set of slides than {st.store_path(root)} now "
+                                f"holds; refit it (fit_store(..., {run!r}, overwrite=True))")
+        return
+    now = tree_lineage(root, lineage["encoder"])
+    what = {"tiling_digest": "the slides or their tiles (re-tiled, reordered, added or removed)",
+            "features_digest": f"the {lineage['encoder']!r} features (re-embedded or rewritten)",
+            "prefilter_digest": "the prefilters that drop tiles"}
+    changed = [what[k] for k in what if lineage.get(k) != now.get(k)]
+    if changed:
+        raise st.StaleError(f"tree {run!r} of {st.store_path(root)} is stale: {' and '.join(changed)} changed since "
+                            f"it was fitted; refit it: fit_store(store, {lineage['encoder']!r}, {run!r}, "
+                            "overwrite=True, ...)")
+
+
 def load_tree(store_path, run: str) -> Tree:
-    """Read ``tree/<run>`` back as a :class:`Tree`; refuses an incomplete tree or changed slide set."""
+    """Read ``tree/<run>`` back as a :class:`Tree`; refuses an incomplete tree, or one whose inputs changed
+    (:class:`~workbench.errors.StaleError`: the slides' tiles, the features or the dropping prefilters)."""
     from workbench import store as st
 
     root = st.open_store(store_path, mode="r")
-    key = st.Key.tree(run)
+    key = st.run_key(root, st.Key.tree(run))
     if not st.is_complete(root, key):
-        raise st.StoreError(f"tree {run!r} is missing or incomplete in {store_path}: run fit_store first")
+        raise st.StoreError(f"tree {run!r} is missing or incomplete in {st.as_path(store_path)}: run fit_store first")
     g = root[key]
     L = int(g.attrs["n_levels"])
+    check_tree_lineage(root, run, dict(g.attrs))
     attrs = dict(g.attrs["parameters"])
-    if attrs.get("slide_ids_digest") not in (None, _digest(st.slide_ids(root))):
-        raise st.StoreError(f"tree {run!r} was fitted on another set of slides than {store_path} now holds; refit it")
+    attrs["digest"] = st.node_digest(g)
     labels = np.stack([g[f"level_{l + 1}"][:] for l in range(L)], axis=1).astype(np.int32)
     centroids = [g[f"centroids/level_{l + 1}"][:] for l in range(L)]
     parents = [g[f"parents/level_{l}"][:] for l in range(1, L)]
@@ -497,7 +567,7 @@ def read_cluster_tiles(store_path, labels: np.ndarray, cluster: int, n: int = 8,
     tiling = root.attrs["tiling"]
     out = []
     for sid, rows in index.groupby("slide_id", sort=False):
-        info = root[st.Key.slide(sid)].attrs
+        info = st.check_slide_file(root, sid)  # never read pixels of another file at these coordinates
         with open_slide(info["path"], slide_id=sid, mpp=info.get("mpp")) as slide:
             reader = TileReader(slide, tile_px=int(tiling["tile_px"]), tile_mpp=float(tiling["tile_mpp"]))
             out.append(reader.read(rows[["x", "y"]].to_numpy()))

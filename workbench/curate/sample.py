@@ -22,6 +22,7 @@ Example
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -370,36 +371,103 @@ def balance_metrics(labels_subset, labels_full, classes=None, *, class_names=Non
 # =========================================================================== store glue
 
 
-def sample_store(store_path, tree_run: str, run: str, n: int, *, strategy: str = "random",
-                 level: int | None = None, random_state=0) -> np.ndarray:
-    """Sample ``n`` tiles from ``tree/<tree_run>`` and write ``samples/<run>/indices`` (int64) + attrs."""
+def sample_store(store_path, tree_run: str, run: str | None, n: int, *, strategy: str = "random",
+                 level: int | None = None, random_state=0, overwrite: bool = False) -> np.ndarray:
+    """Sample ``n`` tiles from ``tree/<tree_run>`` and save them as the named run ``samples/<run>``.
+
+    Saved: ``indices`` (m,) int64 global tile ids, and each tile's stable key (``slide`` (m,) int32 index
+    into the ``slide_ids`` attr, ``xy`` (m, 2) int32 level-0 corner), with the tiling and tree digests
+    it was drawn from. ``run`` defaults to a name derived from the parameters; the same parameters from
+    the same tree reuse the saved sample; other ones need another name or ``overwrite=True`` (atomic).
+    """
     from workbench import store as st
     from workbench.curate.cluster import load_tree
 
-    tree = load_tree(store_path, tree_run)
+    tree = load_tree(store_path, tree_run)  # refuses a stale tree
+    params = {"tree_run": tree_run, "n": int(n), "strategy": strategy, "level": level,
+              "random_state": random_state}
+    run = f"{tree_run}-n{int(n)}-{st._sha(params)[:8]}" if run is None else run
+    key = st.Key.sample(run)
+    root = st.open_store(store_path, mode="r")
+    ids = st.slide_ids(root)
+    identity = {"params": params, "tree_digest": tree.attrs.get("digest"),
+                "tiling_digest": st.tiling_digest(root, ids)}
+    existing = st.run_key(root, key)
+    if st.is_complete(root, existing) and dict(root[existing].attrs.get("identity", {})) == \
+            json.loads(json.dumps(identity, sort_keys=True)):
+        log.info("sample %r: same parameters from the same tree: reusing it", run)
+        return load_sample(store_path, run)
     sampler = HierarchicalSampler(n, strategy=strategy, level=level, random_state=random_state).fit(tree)
     idx = sampler.indices_
-    with st.write_lock(store_path):
-        root = st.open_store(store_path, mode="a")
-        g = root.create_group(st.Key.sample(run), overwrite=True)
+    table = st.tile_index(root, ids)
+    rows = table.iloc[idx]
+    slide_pos = {s: i for i, s in enumerate(ids)}
+
+    def build(g):
         st.write_array(g, "indices", idx)
-        g.attrs["parameters"] = {"tree_run": tree_run, "n": int(n), "strategy": strategy, "level": level,
-                                 "random_state": random_state, "n_sampled": int(len(idx)), "cut": sampler.cut_,
+        st.write_array(g, "slide", rows["slide_id"].map(slide_pos).to_numpy(np.int32))
+        st.write_array(g, "xy", rows[["x", "y"]].to_numpy(np.int32).reshape(-1, 2))
+        g.attrs["slide_ids"] = ids
+        g.attrs["lineage"] = {"tree_run": tree_run, "tree_digest": identity["tree_digest"],
+                              "tiling_digest": identity["tiling_digest"]}
+        g.attrs["parameters"] = {**params, "n_sampled": int(len(idx)), "cut": sampler.cut_,
                                  "encoder": tree.attrs.get("encoder")}
-        st.mark_complete(g)
+
+    st.write_run(store_path, key, identity, build, overwrite=overwrite, what="sample")
     log.info("sample %r: %d tiles from tree %r", run, len(idx), tree_run)
     return idx
 
 
-def load_sample(store_path, run: str) -> np.ndarray:
-    """The (m,) int64 global tile ids of ``samples/<run>``."""
+def load_sample(store_path, run: str, *, check_tree: bool = True) -> np.ndarray:
+    """The (m,) int64 global tile ids of ``samples/<run>``, always naming the tiles that were sampled.
+
+    If the slides were re-tiled or reordered since, the ids are re-derived from the saved tile keys
+    (slide id, level-0 x, y); a tile that no longer exists raises :class:`~workbench.errors.StaleError`.
+    With ``check_tree``, a sample whose tree was replaced or went stale is refused too.
+    """
     from workbench import store as st
 
     root = st.open_store(store_path, mode="r")
-    key = st.Key.sample(run)
+    key = st.run_key(root, st.Key.sample(run))
     if not st.is_complete(root, key):
-        raise st.StoreError(f"sample {run!r} is missing or incomplete in {store_path}: run sample_store first")
-    return root[key]["indices"][:].astype(np.int64)
+        raise st.StoreError(f"sample {run!r} is missing or incomplete in {st.as_path(store_path)}: "
+                            "run sample_store first")
+    g = root[key]
+    idx = g["indices"][:].astype(np.int64)
+    lineage = g.attrs.get("lineage")
+    if not lineage:
+        return idx
+    if check_tree:
+        from workbench.curate.cluster import load_tree
+
+        tree_run = lineage["tree_run"]
+        try:
+            digest = load_tree(store_path, tree_run).attrs.get("digest")
+        except st.StaleError as exc:
+            raise st.StaleError(f"sample {run!r} comes from tree {tree_run!r}, which is stale: {exc}") from exc
+        except st.StoreError:
+            digest = None
+        if digest != lineage["tree_digest"]:
+            raise st.StaleError(
+                f"sample {run!r} was drawn from tree {tree_run!r} as it was; that tree was "
+                + ("removed" if digest is None else "replaced") + " since: re-run sample_store(..., overwrite=True) "
+                "(or load_sample(..., check_tree=False) for the tiles alone)")
+    if lineage["tiling_digest"] == st.tiling_digest(root):
+        return idx
+    saved_ids = list(g.attrs["slide_ids"])
+    slides = np.asarray(saved_ids, dtype=object)[g["slide"][:]]
+    xy = g["xy"][:]
+    table = st.tile_index(root)
+    lookup = {(s, int(x), int(y)): i for i, (s, x, y) in enumerate(zip(table["slide_id"], table["x"], table["y"]))}
+    out = np.array([lookup.get((s, int(x), int(y)), -1) for s, (x, y) in zip(slides, xy)], np.int64)
+    if (out < 0).any():
+        bad = np.flatnonzero(out < 0)
+        raise st.StaleError(
+            f"sample {run!r}: {len(bad)} of {len(out)} sampled tiles no longer exist in {st.as_path(store_path)} "
+            f"(e.g. slide {slides[bad[0]]!r} at x={int(xy[bad[0], 0])}, y={int(xy[bad[0], 1])}): the slides were "
+            "re-tiled; refit the tree and re-run sample_store")
+    log.warning("sample %r: the slides were re-tiled or reordered since; ids re-derived from the saved tile keys", run)
+    return out
 
 
 def demo_tile_classes(store_path) -> np.ndarray:

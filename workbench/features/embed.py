@@ -159,13 +159,14 @@ def _prepared(name: str, weights, device: str, compile: bool):
 def slide_job(root, slide_id: str, enc) -> dict:
     """What the loader needs to read one tiled slide at the encoder's input size."""
     g = root[st.Key.slide(slide_id)]
-    attrs = dict(g.attrs)
+    attrs = st.check_slide_file(root, slide_id)  # StaleError if the file is not the one that was tiled
     px, mpp = read_geometry(attrs, root.attrs.get("tiling", {}), enc.input_px)
     if enc.mpp is not None and abs(float(attrs.get("tile_mpp", 0.5)) - enc.mpp) > 1e-6:
         log.warning("slide %r: tiles are at %s mpp, encoder %r was trained at %s mpp; each tile's footprint is "
                     "resized to %d px", slide_id, attrs.get("tile_mpp"), enc.name, enc.mpp, enc.input_px)
-    return {"slide_id": slide_id, "path": attrs["path"], "mpp": attrs.get("mpp"), "coords": g["coords"][:],
-            "read_px": px, "read_mpp": mpp, "attrs": attrs}
+    coords = g["coords"]
+    return {"slide_id": slide_id, "path": attrs["path"], "mpp": attrs.get("mpp"), "coords": coords[:],
+            "coords_digest": st.array_digest_of(coords), "read_px": px, "read_mpp": mpp, "attrs": attrs}
 
 
 def run_slides(root, jobs: list[dict], enc, model, device: str, *, batch_size: int, num_workers: int,
@@ -225,32 +226,42 @@ def write_features(root, job: dict, enc, feats: np.ndarray, device: str, seconds
         log.warning("slide %r: %s", slide_id, msg)
     attrs = job["attrs"]
     chunk_rows = int(min(65536, max(1024, (16 << 20) // max(1, 2 * enc.dim))))
-    fg = root.require_group(f"{st.Key.slide(slide_id)}/features")
+    fg = root.require_group(st.Key.features_group(slide_id))
     name = st.Key.features(slide_id, enc.name).rsplit("/", 1)[1]
     cuda = device.startswith("cuda")
     arr = st.write_array(fg, name, half, chunk_rows=chunk_rows, attrs={
         **enc.attrs(), "tile_px": attrs.get("tile_px"), "tile_mpp": attrs.get("tile_mpp"),
         "read_px": job["read_px"], "device": device, "precision": enc.precision if cuda else "fp32",
         "n_tiles": int(n), "n_nonfinite": int(len(bad)), "nonfinite_rows": bad.tolist(),
-        "seconds": round(seconds, 3)})
+        "seconds": round(seconds, 3), "coords_digest": job.get("coords_digest")})
     st.mark_complete(arr)
     return {"slide_id": slide_id, "status": "embedded", "n_tiles": int(n), "n_nonfinite": int(len(bad)),
             "seconds": seconds, "tiles_per_s": n / seconds if seconds > 0 else float("nan"), "error": msg}
 
 
 def _is_done(root, slide_id: str, enc) -> bool:
+    """Complete features of these weights, over the slide's current tiles, whose chunks are as written."""
     key = st.Key.features(slide_id, enc.name)
-    return st.is_complete(root, key) and root[key].attrs.get("weights_digest") == enc.weights_digest
+    if not (st.is_complete(root, key) and root[key].attrs.get("weights_digest") == enc.weights_digest):
+        return False
+    arr = root[key]
+    if arr.attrs.get("coords_digest") != st.array_digest_of(root[st.Key.coords(slide_id)]):
+        log.warning("slide %r: %s features were computed over other tiles: re-embedding", slide_id, enc.name)
+        return False
+    try:
+        st.check_fresh(arr)
+    except st.StoreError as exc:
+        log.warning("%s: re-embedding", exc)
+        return False
+    return True
 
 
 def _slide_task(store_path: str, slide_id: str, name: str, weights, device: str | None, batch_size: int | None,
                 num_workers: int | None, compile: bool) -> dict:
     """One slide on a dask worker: build (or reuse) the encoder, embed, write the slide's own group."""
-    import zarr
-
     device = pick_device(device)
     enc, model = _prepared(name, weights, device, compile)
-    root = zarr.open_group(store_path, mode="a", zarr_format=3)
+    root = st.open_root(store_path, mode="a")
     if _is_done(root, slide_id, enc):
         return _row(slide_id, "skipped", int(root[st.Key.coords(slide_id)].shape[0]))
     bs = batch_size or auto_batch_size(enc, device)
@@ -292,7 +303,7 @@ def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", 
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-    store_path = str(Path(store_path))
+    store_path = str(st.as_path(store_path))
     root = st.open_store(store_path, mode="a")
     ids = st.slide_ids(root)
     if not ids:
@@ -320,7 +331,7 @@ def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", 
             for s in todo:
                 try:
                     jobs.append(slide_job(root, s, enc))
-                except (KeyError, ValueError) as exc:
+                except (KeyError, ValueError, st.StaleError) as exc:
                     if on_error == "raise":
                         raise
                     rows.append(_row(s, "error", 0, error=f"{type(exc).__name__}: {exc}"))

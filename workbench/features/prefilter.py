@@ -235,7 +235,7 @@ def score_store(store_path: str | os.PathLike, prefilter: MarkerPrefilter, encod
                                  f"{prefilter.weights_digest_}")
             scores = prefilter.predict_proba(feats[:]).astype(np.float32)
             flagged = int((np.nan_to_num(scores, nan=-1.0) >= prefilter.threshold).sum())
-            g = root.require_group(f"{st.Key.slide(s)}/prefilter")
+            g = root.require_group(st.Key.prefilters(s))
             arr = st.write_array(g, name, scores, attrs={
                 "threshold": float(prefilter.threshold), "drop": bool(drop), "encoder": encoder,
                 "weights_digest": digest, "n_flagged": flagged, "method": "logistic regression on features"})

@@ -105,6 +105,7 @@ def tile_grid(mask: np.ndarray, downsample: float, slide_size: tuple[int, int], 
 def tile_slide(path: str, params: TilingParams, *, slide_id: str | None = None, mpp: float | None = None) -> dict:
     """Segment and grid one slide; returns arrays and attributes (no store I/O)."""
     with open_slide(path, slide_id=slide_id, mpp=mpp) as slide:
+        identity = st.file_identity(path)  # recorded with the tiles: embedding refuses the slide if the file changes
         thumb, ds = slide.thumbnail(params.segment.mask_mpp)
         mask, tissue, holes = tissue_mask(thumb, ds, params.segment)
         size0 = tile_footprint(slide.mpp, params.tile_px, params.tile_mpp)
@@ -124,6 +125,8 @@ def tile_slide(path: str, params: TilingParams, *, slide_id: str | None = None, 
             "read_level": slide.best_level(params.tile_mpp),
             "mask_downsample": ds,
             "n_tiles": int(len(coords)),
+            "manifest_path": str(path),
+            "file_identity": identity,
         }
     attrs["contours"] = contours_geojson(tissue, holes, ds, slide_id=slide_id)
     return {"coords": coords, "tissue": frac, "mask": mask, "attrs": attrs}
@@ -141,7 +144,7 @@ def _write_slide(root: zarr.Group, slide_id: str, result: dict) -> None:
 def _tile_task(store_path: str, rec: dict, params: TilingParams) -> dict:
     sid = rec["slide_id"]
     t0 = time.perf_counter()
-    root = zarr.open_group(store_path, mode="a", zarr_format=3)
+    root = st.open_root(store_path, mode="a")
     if st.is_complete(root, st.Key.slide(sid)):
         return {"slide_id": sid, "status": "skipped", "n_tiles": int(root[st.Key.coords(sid)].shape[0]),
                 "seconds": 0.0, "error": None}

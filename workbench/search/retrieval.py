@@ -38,7 +38,7 @@ import numpy as np
 
 from workbench.search.slidesearch import (LABEL_WEIGHT_SUM, colour_histograms, label_weights, mean_similarity_rank, mosaic,
                           near_white, sish_rank)
-from workbench.errors import StaleIndexError  # noqa: F401  (raised here; defined in workbench.errors)
+from workbench.errors import StaleError, StaleIndexError  # noqa: F401  (raised here; defined in workbench.errors)
 
 __all__ = [
     # tile index
@@ -437,29 +437,25 @@ class TileIndex:
 
 def index_path(store: str | os.PathLike, encoder: str, kind: str) -> Path:
     """Where the ``kind`` index over ``encoder`` features of a store lives: ``<store>.indexes/<encoder>-<kind>.faiss``."""
-    from workbench.store import encoder_key
+    from workbench.store import Key, encoder_key
 
-    store = Path(store)
-    return store.with_name(store.name + ".indexes") / f"{encoder_key(encoder)}-{kind}.faiss"
+    return Key.index_dir(store) / f"{encoder_key(encoder)}-{kind}.faiss"
 
 
 def features_digest(root, encoder: str, ids: list[str] | None = None) -> str:
-    """Digest of a store's ``encoder`` features: per slide its id, tile count, dim and weights digest.
+    """Digest of what an index over a store's ``encoder`` features is built from: per slide its id, shape,
+    weights digest and the digest of its feature *values* (kept at write time), the tiles' coords, and each
+    slide's exclusion group (patient).
 
-    A slide whose features carry no ``weights_digest`` attribute is hashed by value instead.
+    The features' chunks are checked against what was written (a 4-byte read per chunk): features
+    rewritten in place raise :class:`~workbench.errors.StaleError`.
     """
-    from workbench.store import Key, StoreError, is_complete, slide_ids
+    from workbench import store as st
 
-    ids = slide_ids(root) if ids is None else ids
-    h = hashlib.sha256(encoder.encode())
-    for s in ids:
-        key = Key.features(s, encoder)
-        if not is_complete(root, key):
-            raise StoreError(f"slide {s!r} has no complete {encoder!r} features: run embedding first")
-        arr = root[key]
-        wd = arr.attrs.get("weights_digest") or array_digest(arr)
-        h.update(json.dumps([s, list(arr.shape), wd]).encode())
-    return h.hexdigest()
+    ids = st.slide_ids(root) if ids is None else ids
+    groups = slide_table(root, ids)["group"].tolist()  # the leave-one-patient-out groups saved with the index
+    return hashlib.sha256(json.dumps([st.features_digest(root, encoder, ids), st.tiling_digest(root, ids), groups])
+                          .encode()).hexdigest()
 
 
 def slide_table(root, ids: list[str] | None = None):
@@ -597,7 +593,7 @@ class StoreIndex:
     def read_tiles(self, tile_ids, *, tile_px: int | None = None) -> np.ndarray:
         """Images (n, px, px, 3) uint8 of global tile ids, read from their slides with :class:`TileReader`."""
         from workbench.io.slides import TileReader, open_slide
-        from workbench.store import open_store, read_slide
+        from workbench.store import check_slide_file, open_store, read_slide
 
         tile_ids = np.asarray(tile_ids, dtype=np.int64)
         root = open_store(self.store)
@@ -606,6 +602,7 @@ class StoreIndex:
         for row in np.unique(rows):
             sid = self.slides["slide_id"].iloc[row]
             info = read_slide(root, sid)
+            check_slide_file(root, sid)  # never read pixels of another file at these coordinates
             px = int(tile_px or info["tile_px"])
             sel = np.flatnonzero(rows == row)
             local = tile_ids[sel] - self.slides["start"].iloc[row]
@@ -635,6 +632,9 @@ class StoreIndex:
             keep = np.asarray(info["tissue"]) >= min_tissue
         elif by == "colour":
             from workbench.io.slides import TileReader, open_slide
+            from workbench.store import check_slide_file
+
+            check_slide_file(root, slide_id)
 
             with open_slide(info["path"], slide_id=slide_id, mpp=info.get("mpp")) as slide:
                 px = 32
@@ -708,8 +708,45 @@ def build_store_index(store: str | os.PathLike, encoder: str, kind: str = "flat"
     index = TileIndex(kind, **params).fit(feats, groups=groups, digest=digest)
     if save:
         path = index.save(index_path(store, encoder, kind))
+        _write_file_sums(path)
         log.info("saved %s index of %s to %s", kind, store, path)
     return StoreIndex(store, encoder, index, table, exclude, feats)
+
+
+def _index_files(path: Path) -> list[Path]:
+    """The files of a saved index: ``<name>.faiss`` and its sidecars (``.json``, ``.groups.npz``, ``.rows.npy``)."""
+    return [p for p in (path, path.with_suffix(".json"), path.with_suffix(".groups.npz"), path.with_suffix(".rows.npy"))
+            if p.exists()]
+
+
+def _sum_file(path: Path) -> Path:
+    return path.with_suffix(".sha256.json")
+
+
+def _write_file_sums(path: Path) -> None:
+    """Record the sha256 of every file of a saved index (checked by :func:`load_store_index`)."""
+    from workbench.store import write_json_atomic
+
+    sums = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in _index_files(path)}
+    write_json_atomic(_sum_file(path), sums)
+
+
+def _check_file_sums(path: Path) -> None:
+    """Raise :class:`~workbench.errors.ChecksumError` if a file of a saved index changed since it was saved."""
+    from workbench.errors import ChecksumError
+
+    sums_path = _sum_file(path)
+    if not sums_path.exists():
+        if path.exists():
+            raise StaleIndexError(f"index {path} has no checksums ({sums_path.name}): it was saved by an older "
+                                  "workbench or its save was interrupted; rebuild it (build_store_index)")
+        return
+    sums = json.loads(sums_path.read_text())
+    for name, want in sums.items():
+        f = path.with_name(name)
+        if not f.exists() or hashlib.sha256(f.read_bytes()).hexdigest() != want:
+            raise ChecksumError(f"index file {f} " + ("is missing" if not f.exists() else "fails its sha256 checksum")
+                                + " (the file changed since the index was saved): rebuild it (build_store_index)")
 
 
 def load_store_index(store: str | os.PathLike, encoder: str, kind: str = "flat", *, use_gpu="auto",
@@ -717,6 +754,11 @@ def load_store_index(store: str | os.PathLike, encoder: str, kind: str = "flat",
     """Load the saved ``kind`` index of a store; raises :class:`StaleIndexError` if the features changed."""
     store = Path(store)
     root, table = _open_for_index(store, encoder)
-    digest = features_digest(root, encoder, list(table["slide_id"]))
+    try:
+        digest = features_digest(root, encoder, list(table["slide_id"]))
+    except StaleError as exc:
+        raise StaleIndexError(f"index {index_path(store, encoder, kind)} cannot be trusted: {exc}; then rebuild "
+                              "it (build_store_index)") from exc
+    _check_file_sums(index_path(store, encoder, kind))
     index = TileIndex.load(index_path(store, encoder, kind), expected_digest=digest, use_gpu=use_gpu)
     return StoreIndex(store, encoder, index, table, exclude)

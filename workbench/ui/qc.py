@@ -194,15 +194,11 @@ def write_labels(store: str | os.PathLike, slide_id: str, labels: np.ndarray, *,
         labels = check_labels(labels, n, slide_id)
         key = st.Key.qc_labels(slide_id)
         old = read_info(root, slide_id)
-        try:
-            arr = root[key]
-            if arr.shape != (n,) or arr.dtype != np.int8:
-                raise KeyError(key)
-            if n:
-                arr[...] = labels
-        except KeyError:
-            group = root.require_group(key.rsplit("/", 1)[0])
-            arr = st.write_array(group, key.rsplit("/", 1)[1], labels)
+        # through the store's one write path (checksummed chunks, values digest), written beside the old labels
+        # and swapped in atomically: a kill mid-write leaves the old labels, never none
+        parent, name = key.rsplit("/", 1)
+        group = root.require_group(parent)
+        tmp = f"{st.RUN_TMP}{name}"
         now = time.time()
         info = {
             "edit_count": old["edit_count"] + int(edits),
@@ -211,7 +207,8 @@ def write_labels(store: str | os.PathLike, slide_id: str, labels: np.ndarray, *,
             "regions": (old["regions"] if regions is None else list(regions))[-MAX_REGIONS:],
             "values": {str(v): k for k, v in LABELS.items()},
         }
-        arr.attrs.update(info)  # written after the data: a reader never sees a count ahead of its labels
+        st.write_array(group, tmp, labels, attrs=info)
+        st.swap_in(store / parent / tmp, store / key)
     log.info("slide %r: saved QC labels (%d labelled, edit %d)", slide_id, int((labels >= 0).sum()),
              info["edit_count"])
     return info

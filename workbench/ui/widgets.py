@@ -20,6 +20,7 @@ import os
 import numpy as np
 
 from workbench import store as st
+from workbench.dataset import run_column
 
 log = logging.getLogger(__name__)
 
@@ -206,29 +207,31 @@ class TileGallery:
         self._order = None
 
     def _default_column(self) -> str:
-        group = {"cluster": "tree", "score": "slides", "sample": "samples"}[self.by]
         if self.by == "score":
             return "tissue"
-        if group not in self.root or not list(self.root[group].group_keys()):
+        group = {"cluster": st.Key.TREES, "sample": st.Key.SAMPLES}[self.by]
+        runs = st.run_names(self.root, group)
+        if not runs:
             raise st.StoreError(f"store {self.store} has no {group}/ runs to browse by {self.by}")
-        run = sorted(self.root[group].group_keys())[-1]
+        run = runs[-1]
         if self.by == "sample":
-            return f"samples/{run}"
-        levels = sorted(k for k in self.root[group][run].array_keys() if k.startswith("level_"))
-        return f"tree/{run}/{levels[0]}"
+            return st.Key.sample(run)
+        g = self.root[st.run_key(self.root, st.Key.tree(run))]
+        levels = sorted(k for k in g.array_keys() if k.startswith("level_"))
+        return f"{st.Key.tree(run)}/{levels[0]}"
 
     # ---------------------------------------------------------------- what to show
     def keys(self) -> list:
         """Cluster ids (largest first), or page numbers."""
         if self.by == "cluster":
-            labels = np.asarray(self.root[self.column][:])
+            labels = np.asarray(run_column(self.root, self.column)[:])
             values, counts = np.unique(labels, return_counts=True)
             return values[np.argsort(-counts, kind="stable")].tolist()
         total = self._sample_indices().shape[0] if self.by == "sample" else int(self.starts_[-1])
         return list(range(max(1, -(-total // self.n))))
 
     def _sample_indices(self):
-        return self.root[f"{self.column}/indices"]
+        return run_column(self.root, self.column)
 
     def _scores(self) -> np.ndarray:
         if self.column == "tissue":
@@ -242,7 +245,7 @@ class TileGallery:
         """Global tile ids shown for a key (cluster id or page)."""
         if self.by == "cluster":
             rng = np.random.default_rng(self.random_state)
-            return _members(self.root[self.column], key, self.n, rng)
+            return _members(run_column(self.root, self.column), key, self.n, rng)
         page = slice(int(key) * self.n, (int(key) + 1) * self.n)
         if self.by == "sample":
             return np.asarray(self._sample_indices()[page], dtype=np.int64)
@@ -261,6 +264,7 @@ class TileGallery:
         for row in np.unique(slide_row):
             sid = self.ids_[row]
             info = st.read_slide(self.root, sid)
+            st.check_slide_file(self.root, sid)  # never read pixels of another file at these coordinates
             sel = np.flatnonzero(slide_row == row)
             local = tile_ids[sel] - self.starts_[row]
             mpp = info["tile_mpp"] * info["tile_px"] / self.tile_px

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["QCWidget", "make_qc_widget", "show", "display_available"]
+__all__ = ["QCWidget", "make_qc_widget", "show", "display_available", "list_columns", "column_values", "run_column",
+           "pen_truth", "truth_path", "slide_range"]
+_DATA = ("list_columns", "column_values", "run_column", "pen_truth", "truth_path", "slide_range", "tile_grid",
+         "tile_raster", "slide_pyramid", "find_store_index", "nearest_tiles")
 
 
 def display_available() -> bool:
@@ -26,4 +29,8 @@ def __getattr__(name):
         from workbench.ui.napari import _widget
 
         return getattr(_widget, name)
+    if name in _DATA:  # the layer data, public (no Qt needed)
+        from workbench.ui.napari import _data
+
+        return getattr(_data, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from workbench import store as st
+from workbench.dataset import run_column  # noqa: F401  (re-exported: public in workbench.ui.napari)
 
 log = logging.getLogger(__name__)
 
@@ -188,14 +189,14 @@ def list_columns(root, slide_id: str) -> list[str]:
     ``tissue``; ``qc``; ``prefilter/<name>``; ``tree/<run>/level_<l>``; ``samples/<run>``.
     """
     names = ["tissue", "qc"]
-    g = root[st.Key.slide(slide_id)]
-    if "prefilter" in g:
-        names += [f"prefilter/{n}" for n in _children(g["prefilter"])]
-    if "tree" in root:
-        for run in _children(root["tree"]):
-            names += [f"tree/{run}/{n}" for n in _children(root["tree"][run]) if n.startswith("level_")]
-    if "samples" in root:
-        names += [f"samples/{run}" for run in _children(root["samples"]) if "indices" in root["samples"][run]]
+    if st.Key.prefilters(slide_id) in root:
+        names += [f"prefilter/{n}" for n in _children(root[st.Key.prefilters(slide_id)])]
+    for run in st.run_names(root, st.Key.TREES):
+        g = root[st.run_key(root, st.Key.tree(run))]
+        names += [f"{st.Key.tree(run)}/{n}" for n in _children(g) if n.startswith("level_")]
+    for run in st.run_names(root, st.Key.SAMPLES):
+        if "indices" in root[st.run_key(root, st.Key.sample(run))]:
+            names += [st.Key.sample(run)]
     return names
 
 
@@ -224,14 +225,14 @@ def column_values(root, slide_id: str, name: str) -> np.ndarray:
             raise st.StoreError(f"slide {slide_id!r} has no prefilter scores {name!r}: run the prefilter first")
         return np.asarray(root[key][:], np.float32)
     start, stop = slide_range(root, slide_id)
-    if name.startswith("tree/"):
-        arr = root[name]
+    if name.startswith(st.Key.TREES + "/"):
+        arr = run_column(root, name)
         total = int(st.tile_counts(root).sum())
         if arr.shape[0] != total:
             raise st.StoreError(f"{name} has {arr.shape[0]} entries but the store has {total} tiles: the tree is stale")
         return np.asarray(arr[start:stop])
-    if name.startswith("samples/"):
-        return membership(root[f"{name}/indices"], start, stop).astype(np.float32)
+    if name.startswith(st.Key.SAMPLES + "/"):
+        return membership(run_column(root, name), start, stop).astype(np.float32)
     raise KeyError(f"unknown tile column {name!r} for slide {slide_id!r}; available: {list_columns(root, slide_id)}")
 
 
@@ -240,11 +241,7 @@ def column_values(root, slide_id: str, name: str) -> np.ndarray:
 
 def truth_path(slide_path: str | Path) -> Path | None:
     """``<slide>.truth.npz`` next to a synthetic slide (suffix appended or replacing), if it exists."""
-    p = Path(slide_path)
-    for cand in (p.with_name(p.name + ".truth.npz"), p.with_suffix(".truth.npz")):
-        if cand.exists():
-            return cand
-    return None
+    return st.Key.truth(slide_path)
 
 
 def pen_truth(slide_path: str | Path) -> tuple[np.ndarray, float] | None:
@@ -273,9 +270,9 @@ def find_store_index(store: str | Path, root=None, slide_id: str | None = None):
     root = st.open_store(store) if root is None else root
     ids = st.slide_ids(root)
     sid = slide_id if slide_id in ids else (ids[0] if ids else None)
-    if sid is None or "features" not in root[st.Key.slide(sid)]:
+    if sid is None or st.Key.features_group(sid) not in root:
         return None
-    feats = root[st.Key.slide(sid)]["features"]
+    feats = root[st.Key.features_group(sid)]
     for name in _children(feats):
         encoder = feats[name].attrs.get("encoder", name)
         for kind in ("flat", "hnsw", "ivf"):
