@@ -85,6 +85,103 @@ SPEC_KEYS = {"name", "description", "notebooks", "manifest", "store", "stores_di
              "names", "parallel", "metric", "goal", "metrics", "scheduler", "max_workers"}
 
 
+# --------------------------------------------------------------------------- safe YAML
+#
+# Sweep files and ``--set`` values are data. They are read with a loader that knows only YAML's plain
+# types (null, bool, int, float, str, lists, maps): tags such as ``!!binary``, ``!!set``, ``!!timestamp``,
+# ``!!omap`` or ``!!python/...`` and anchors/aliases are refused with the file and line, and dates stay
+# text. Every value then goes through :func:`workbench.runs.notebooks.check_parameters` (declared type,
+# plain literal that renders and reads back as itself) before any notebook runs.
+
+
+def _strict_loader():
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    allowed = {"tag:yaml.org,2002:null", "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int",
+               "tag:yaml.org,2002:float", "tag:yaml.org,2002:str", "tag:yaml.org,2002:seq",
+               "tag:yaml.org,2002:map"}
+    StrictLoader.yaml_constructors = {k: v for k, v in yaml.SafeLoader.yaml_constructors.items() if k in allowed}
+    StrictLoader.yaml_implicit_resolvers = {
+        ch: [(tag, rx) for tag, rx in rs if tag != "tag:yaml.org,2002:timestamp"]
+        for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def refuse(loader, node):
+        raise yaml.constructor.ConstructorError(None, None, f"the YAML tag {node.tag!r} is not allowed in a sweep "
+                                                "(plain values only: null, true/false, numbers, text, lists, maps)",
+                                                node.start_mark)
+
+    StrictLoader.add_constructor(None, refuse)
+    StrictLoader.add_multi_constructor("", lambda loader, suffix, node: refuse(loader, node))
+    return StrictLoader
+
+
+def safe_yaml(text: str, source: str):
+    """Parse sweep YAML with :func:`_strict_loader`; returns (data, {key: first line}).
+
+    Raises :class:`SweepError` naming ``source`` and the line for tags, aliases and syntax errors.
+    """
+    import yaml
+
+    from workbench.errors import SweepError
+
+    loader_cls = _strict_loader()
+    lines: dict = {}
+    try:
+        node = yaml.compose(text, Loader=loader_cls)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f", line {mark.line + 1}" if mark is not None else ""
+        raise SweepError(f"{source}{at}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    if node is None:
+        return None, lines
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode):
+                    lines.setdefault(k.value, k.start_mark.line + 1)
+                stack += [k, v]
+        elif isinstance(n, yaml.SequenceNode):
+            stack += n.value
+    loader = loader_cls(text)
+    try:
+        if any(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, Loader=loader_cls)):
+            raise SweepError(f"{source}: anchors and aliases (&name / *name) are not allowed in a sweep file")
+        data = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        key = next((k for k, ln in sorted(lines.items(), key=lambda kv: -kv[1]) if line and ln <= line), None)
+        at = f", line {line}" if line else ""
+        raise SweepError(f"{source}{at}{f', key {key!r}' if key else ''}: "
+                         f"{getattr(exc, 'problem', None) or exc}; nothing was run") from None
+    finally:
+        loader.dispose()
+    return data, lines
+
+
+def _check_values(where, notebooks, params: dict, lines: dict | None = None) -> None:
+    """Check each value against the declared types of every notebook that takes it (``NN.name``: that one)."""
+    from workbench.errors import ParameterError, SweepError
+    from workbench.runs.notebooks import check_parameters
+
+    for key, value in params.items():
+        number, _, bare = key.rpartition(".") if "." in key else ("", "", key)
+        for nb in notebooks:
+            if (number and nb.number != number) or bare not in nb.defaults:
+                continue
+            try:
+                check_parameters(nb.path, {bare: value}, where=str(where),
+                                 lines={bare: lines[key]} if lines and key in lines else
+                                 ({bare: lines[bare]} if lines and bare in lines else None))
+            except ParameterError as exc:
+                raise SweepError(f"{exc} [key {key!r}]") from None
+
+
 # --------------------------------------------------------------------------- the spec
 
 
@@ -194,12 +291,23 @@ def load_spec(spec, *, overrides: dict | None = None) -> SweepSpec:
 
     if isinstance(spec, SweepSpec):
         return spec
+    from workbench.errors import SweepError
+
+    lines = {}
     if isinstance(spec, (str, os.PathLike)):
         path = Path(spec).resolve()
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SweepError(f"sweep file {path} cannot be read: {exc}") from None
+        raw, lines = safe_yaml(text, f"sweep file {path}")
+        raw = raw or {}
         base = path.parent
     else:
         path, raw, base = None, dict(spec), Path.cwd()
+    if not isinstance(raw, dict):
+        raise SweepError(f"{path or 'sweep spec'}: a sweep must be a mapping of keys (name, notebooks, grid, ...), "
+                         f"got {type(raw).__name__}")
     raw = dict(raw)
     for k, v in (overrides or {}).items():
         raw[k] = {**(raw.get("fixed") or {}), **v} if k == "fixed" else v
@@ -217,8 +325,12 @@ def load_spec(spec, *, overrides: dict | None = None) -> SweepSpec:
     for p in [fixed, *points]:
         bad = [k for k in p if k not in declared or k.split(".")[-1] in MANAGED]
         if bad:
-            raise ValueError(f"{where}: parameters {bad} are not declared by notebooks "
+            raise SweepError(f"{where}: parameters {bad} are not declared by notebooks "
                              f"{[nb.path.name for nb in notebooks]} (or are set by the sweep: {list(MANAGED)})")
+        set_keys = set((overrides or {}).get("fixed") or {}) if p is fixed else set()
+        from_file = {k: v for k, v in p.items() if k not in set_keys}
+        _check_values(where, notebooks, from_file, lines)
+        _check_values("--set", notebooks, {k: v for k, v in p.items() if k in set_keys})
     names = dict(raw.get("names") or {})
     numbers = [nb.number for nb in notebooks]
     for k, n in names.items():
@@ -688,15 +800,27 @@ def main(argv=None) -> int:
     logging.getLogger("distributed").setLevel(logging.WARNING)
     overrides = {k: str(Path(v).resolve()) for k, v in (("manifest", args.manifest), ("store", args.store)) if v}
     if args.set:
+        from workbench.errors import SweepError
+
         fixed = {}
         for item in args.set:
             if "=" not in item:
                 ap.error(f"--set {item!r}: expected KEY=VALUE")
             k, v = item.split("=", 1)
-            fixed[k] = yaml.safe_load(v)
+            try:
+                fixed[k], _ = safe_yaml(v, f"--set {k}")
+            except SweepError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
         overrides["fixed"] = fixed
-    table = run_sweep(args.sweep, out=args.out, client=args.scheduler, max_workers=args.max_workers,
-                      overrides=overrides)
+    from workbench.errors import WorkbenchError
+
+    try:
+        table = run_sweep(args.sweep, out=args.out, client=args.scheduler, max_workers=args.max_workers,
+                          overrides=overrides)
+    except WorkbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     summary = {"points": len(table), "ok": int((table.status == "ok").sum()),
                "failed": int((table.status == "failed").sum())}
     print(json.dumps(summary))

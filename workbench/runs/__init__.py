@@ -1,0 +1,1 @@
+"""Running it: the notebook runner, papermill sweeps, the demo."""
