@@ -462,7 +462,11 @@ def test_full_disk_on_error_table_raises(clean, rel_set, tmp_path, monkeypatch):
     df = pd.concat([rel_set.df.iloc[:2], pd.DataFrame({"slide_id": ["bad"], "path": [str(ROOT / "README.md")]})],
                    ignore_index=True)
     path = tmp_path / "full.zarr"
-    _store_set_failing(monkeypatch, path, "errors/zarr.json")
+
+    def full(root, record):  # the error table is an append-only file beside the Zarr nodes (issue 14)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(st._errors_path(root)))
+
+    monkeypatch.setattr(st, "_append_error_line", full)
     with pytest.raises(OSError, match="No space left"):
         tile_slides(df, path, progress=False)
     monkeypatch.undo()

@@ -317,7 +317,7 @@ def _append_error_line(root, record: dict) -> None:
 
 
 def record_error(root: zarr.Group, slide_id: str, stage: str, error: BaseException | str,
-                 error_class: str | None = None) -> None:
+                 error_class: str | None = None, **context) -> None:
     """Append (slide_id, stage, error, error_class) to the store's error table (O(1), safe across processes)."""
     if isinstance(error, BaseException):
         error_class = error_class or type(error).__name__
@@ -328,16 +328,17 @@ def record_error(root: zarr.Group, slide_id: str, stage: str, error: BaseExcepti
             m = re.match(r"^([A-Za-z_][A-Za-z0-9_]*(?:Error|Exception|Timeout|Interrupt)): ", text)
             error_class = m.group(1) if m else "Error"
     _append_error_line(root, {"slide_id": slide_id, "stage": stage, "error": text, "time": time.time(),
-                              "error_class": error_class})
+                              "error_class": error_class, **context})
 
 
 def record_failure(root: zarr.Group, slide_id: str, stage: str, error: BaseException | str,
-                   error_class: str | None = None) -> dict:
+                   error_class: str | None = None, **context) -> dict:
     """The one per-slide failure helper of every stage: record the row, log it, return a summary fragment.
 
     Returns ``{"slide_id", "status": "error", "error", "error_class"}`` for the stage's summary table.
+    ``context`` (e.g. ``encoder=``) is stored with the record and matched by :func:`failed_slides`.
     """
-    record_error(root, slide_id, stage, error, error_class)
+    record_error(root, slide_id, stage, error, error_class, **context)
     text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     cls = error_class or (type(error).__name__ if isinstance(error, BaseException) else None)
     log.warning("slide %r (%s): %s", slide_id, stage, text)
@@ -386,9 +387,10 @@ def _error_records(root) -> dict:
     return latest
 
 
-def failed_slides(root, stage: str) -> dict:
-    """{slide_id: error text} of the slides whose last record for ``stage`` is a failure."""
-    return {sid: r.get("error") for (sid, stg), r in _error_records(root).items() if stg == stage}
+def failed_slides(root, stage: str, **context) -> dict:
+    """{slide_id: error text} of the slides whose last record for ``stage`` (and ``context``) is a failure."""
+    return {sid: r.get("error") for (sid, stg), r in _error_records(root).items()
+            if stg == stage and all(r.get(k) == v for k, v in context.items())}
 
 
 def error_table(root: zarr.Group):
