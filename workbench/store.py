@@ -47,8 +47,10 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 
 def check_name(name: str, what: str = "name") -> str:
     """Return ``name`` if it is usable as one path component of the store, else raise."""
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or len(name) > 200:
-        raise ValueError(
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or len(name) > 200:
+        from workbench.errors import ParameterError
+
+        raise ParameterError(
             f"{what} {name!r} is not usable in the store: use letters, digits, '.', '_' and '-', "
             "starting with a letter or digit"
         )
