@@ -44,6 +44,7 @@ from workbench.validate import check_choice, check_float, check_int, check_optio
 MAX_PIXELS = 4 * 10**10  # level-0 pixels of one slide (200k x 200k); the largest scans are about 1.5e10
 MAX_TILES = 2_000_000  # tiles of one slide's grid
 TIME_LIMIT = 1800.0  # seconds per slide
+MAX_UPSAMPLE = 2.0  # tiles finer than the slide's own mpp by more than this factor are refused (no invented detail)
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,10 @@ def tile_slide(path: str, params: TilingParams, *, slide_id: str | None = None, 
         if w < 1 or h < 1 or w * h > max_pixels:
             raise SlideError(f"{name}: level-0 size {w} x {h} = {w * h:,} pixels is beyond the sanity limit of "
                              f"{max_pixels:,} (max_pixels); raise it if this slide is real")
+        if params.tile_mpp * MAX_UPSAMPLE < slide.mpp:
+            raise SlideError(f"{name}: tile_mpp {params.tile_mpp} µm/px would upsample this {slide.mpp:.4g} µm/px "
+                             f"slide {slide.mpp / params.tile_mpp:.3g}x (at most {MAX_UPSAMPLE:g}x is allowed); use "
+                             "a coarser tile_mpp or check the slide's mpp")
         size0 = tile_footprint(slide.mpp, params.tile_px, params.tile_mpp)
         stride0 = size0 - round(params.overlap_px * size0 / params.tile_px)
         if stride0 < 1:

@@ -129,6 +129,7 @@ def safe_yaml(text: str, source: str):
 
     loader_cls = _strict_loader()
     lines: dict = {}
+    positions: list = []  # (line, column, key) of every mapping key
     try:
         node = yaml.compose(text, Loader=loader_cls)
     except yaml.YAMLError as exc:
@@ -144,6 +145,7 @@ def safe_yaml(text: str, source: str):
             for k, v in n.value:
                 if isinstance(k, yaml.ScalarNode):
                     lines.setdefault(k.value, k.start_mark.line + 1)
+                    positions.append((k.start_mark.line, k.start_mark.column, k.value))
                 stack += [k, v]
         elif isinstance(n, yaml.SequenceNode):
             stack += n.value
@@ -155,7 +157,8 @@ def safe_yaml(text: str, source: str):
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = mark.line + 1 if mark is not None else None
-        key = next((k for k, ln in sorted(lines.items(), key=lambda kv: -kv[1]) if line and ln <= line), None)
+        before = [p for p in positions if mark is not None and (p[0], p[1]) <= (mark.line, mark.column)]
+        key = max(before)[2] if before else None
         at = f", line {line}" if line else ""
         raise SweepError(f"{source}{at}{f', key {key!r}' if key else ''}: "
                          f"{getattr(exc, 'problem', None) or exc}; nothing was run") from None

@@ -408,7 +408,11 @@ class TileIndex:
                 import shutil
 
                 shutil.copyfile(path.parent / files["faiss"], tmp)
-        for name in old_files - set(files.values()):
+        import re
+
+        own = re.compile(rf"^{re.escape(path.stem)}\.[0-9a-f]+\.(faiss|groups\.npz|rows\.npy)$")
+        stale = old_files | {f.name for f in path.parent.iterdir() if own.match(f.name)}  # incl. killed attempts
+        for name in stale - set(files.values()):
             try:
                 (path.parent / name).unlink()
             except OSError:
