@@ -240,6 +240,29 @@ def test_embedding_model_failure_costs_one_slide(tiled_store, tmp_path, monkeypa
     assert err.loc[ids[1], "error_class"] == "RuntimeError"
 
 
+def test_pixel_qc_failure_costs_one_slide(tiled_store, tmp_path):
+    import shutil
+
+    from workbench.features.tile_qc import METRICS, compute_store
+
+    path = tmp_path / "q.zarr"
+    shutil.copytree(tiled_store, path)
+    root = st.open_store(path, mode="a")
+    ids = st.slide_ids(root)
+    broken = tmp_path / "gone.tiff"
+    broken.write_bytes(b"II*\x00 not a slide any more")
+    root[st.Key.slide(ids[2])].attrs["path"] = str(broken)
+    done = compute_store(path, progress=False)
+    assert set(done) == set(ids) - {ids[2]} and all(n > 0 for n in done.values())
+    err = _errors(path)
+    assert list(err[err.stage == "qc"].index) == [ids[2]] and err.loc[ids[2], "error_class"] == "SlideError"
+    assert "gone.tiff" in err.loc[ids[2], "error"]
+    assert compute_store(path, progress=False) == {}  # the re-run skips the recorded failure
+    root[st.Key.slide(ids[2])].attrs["path"] = str(Path(tiled_store).parent.parent / "x")  # still bad
+    assert compute_store(path, progress=False, retry_failed=True) == {}
+    assert not st.is_complete(st.open_store(path), st.Key.pixel_qc(ids[2], METRICS[-1]))
+
+
 # =========================================================================== 3. sanity before work
 
 

@@ -461,9 +461,8 @@ def export_swissai_csv(store_path, run: str, path) -> Path:
     tree = load_tree(store_path, run)
     root = st.open_store(store_path, mode="r")
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     offset = 0
-    with open(tmp, "w") as fh:
+    with st.atomic_path(path) as tmp, open(tmp, "w") as fh:  # unique temp name, fsync, rename
         fh.write(",".join(["slide_id", "tile_x", "tile_y"] + [f"level_{l + 1}" for l in range(tree.n_levels)]) + "\n")
         for s in st.slide_ids(root):  # one slide at a time: bounded memory
             import pandas as pd
@@ -475,7 +474,6 @@ def export_swissai_csv(store_path, run: str, path) -> Path:
             for l in range(tree.n_levels):
                 df[f"level_{l + 1}"] = lab[:, l]
             df.to_csv(fh, header=False, index=False)
-    tmp.replace(path)
     return path
 
 

@@ -239,7 +239,9 @@ def strip_outputs(path: str | Path) -> bool:
     nb.metadata.pop("papermill", None)
     after = nbformat.writes(nb)
     if after != before:
-        path.write_text(after)
+        from workbench.store import write_bytes_atomic
+
+        write_bytes_atomic(path, after.encode())
         return True
     return False
 

@@ -698,11 +698,12 @@ def write_results(table, out: Path) -> tuple[Path, Path]:
     out = Path(out)
     safe = _arrow_safe(table)
     paths = []
+    from workbench.store import atomic_path
+
     for name, writer in (("results.parquet", lambda p: safe.to_parquet(p, index=False)),
                          ("results.csv", lambda p: table.to_csv(p, index=False))):
-        tmp = out / f".{name}.tmp"
-        writer(tmp)
-        os.replace(tmp, out / name)
+        with atomic_path(out / name) as tmp:  # unique temp name, fsync, rename
+            writer(tmp)
         paths.append(out / name)
     return tuple(paths)
 
