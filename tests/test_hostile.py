@@ -328,6 +328,32 @@ def test_time_limit_records_timeout_and_frees_the_worker(slides, tmp_path, monke
     assert err.loc["r1", "error_class"] == "SlideTimeoutError" and "time limit of 2 s" in err.loc["r1", "error"]
 
 
+def test_embedding_time_limit_records_timeout(tiled_store, tmp_path, monkeypatch):
+    import shutil
+
+    import workbench.features.embed as E
+    from workbench.io import slides as sl
+
+    path = tmp_path / "et.zarr"
+    shutil.copytree(tiled_store, path)
+    ids = st.slide_ids(st.open_store(path))
+    real = sl.TileReader.read
+
+    def slow(self, coords):
+        if self.slide.slide_id == ids[0]:
+            time.sleep(0.4)
+        return real(self, coords)
+
+    monkeypatch.setattr(sl.TileReader, "read", slow)
+    t0 = time.perf_counter()
+    summary = E.embed_slides(path, "stain-texture", device="cpu", num_workers=0, batch_size=4, time_limit=1.0,
+                             progress=False).set_index("slide_id")
+    assert time.perf_counter() - t0 < 60
+    assert summary.loc[ids[0], "status"] == "error" and "time limit of 1 s" in summary.loc[ids[0], "error"]
+    assert (summary.drop(ids[0]).status == "embedded").all()
+    assert _errors(path).loc[ids[0], "error_class"] == "SlideTimeoutError"
+
+
 def test_permission_denied_is_named(slides, tmp_path, monkeypatch):
     locked = str(slides.df.path[1])
     real = os.access

@@ -63,8 +63,10 @@ class TileBatches:
     cannot be read yields an empty batch with the error text instead of killing the loader.
     """
 
-    def __init__(self, slides: list[dict], batch_size: int):
+    def __init__(self, slides: list[dict], batch_size: int, time_limit: float | None = None):
         self.slides, self.batch_size = slides, int(batch_size)
+        self.time_limit = time_limit  # seconds of reading per slide (per loader worker); None: no limit
+        self._started: dict = {}
         self.items = [(k, start, min(start + self.batch_size, len(s["coords"])))
                       for k, s in enumerate(slides) for start in range(0, len(s["coords"]), self.batch_size)]
         self._open = None  # (slide index, TileReader)
@@ -86,9 +88,19 @@ class TileBatches:
     def __getitem__(self, i: int):
         import torch
 
+        from workbench.io.slides import deadline
+
         k, start, stop = self.items[i]
+        remaining = None
+        if self.time_limit is not None:
+            remaining = self.time_limit - (time.monotonic() - self._started.setdefault(k, time.monotonic()))
         try:
-            tiles = self._reader(k).read(self.slides[k]["coords"][start:stop])
+            if remaining is not None and remaining <= 0:
+                return k, start, torch.zeros(0, dtype=torch.uint8), (
+                    f"SlideTimeoutError: slide {self.slides[k]['slide_id']!r}: timed out after the per-slide time "
+                    f"limit of {self.time_limit:g} s (raise time_limit to allow more)")
+            with deadline(remaining, self.slides[k]["slide_id"]):
+                tiles = self._reader(k).read(self.slides[k]["coords"][start:stop])
         except Exception as exc:  # reported per slide by the consumer, never silently dropped
             return k, start, torch.zeros(0, dtype=torch.uint8), f"{type(exc).__name__}: {exc}"
         return k, start, torch.from_numpy(tiles), ""
@@ -101,7 +113,7 @@ class TileBatches:
             self._open = None
 
     def __getstate__(self):  # a worker gets the description, never an open handle
-        return {**self.__dict__, "_open": None}
+        return {**self.__dict__, "_open": None, "_started": {}}
 
 
 def read_geometry(slide_attrs: dict, tiling: dict, input_px: int) -> tuple[int, float]:
@@ -171,7 +183,7 @@ def slide_job(root, slide_id: str, enc) -> dict:
 
 
 def run_slides(root, jobs: list[dict], enc, model, device: str, *, batch_size: int, num_workers: int,
-               on_error: str = "skip", progress=None) -> list[dict]:
+               on_error: str = "skip", progress=None, time_limit: float | None = None) -> list[dict]:
     """Embed slides through one DataLoader and write each slide's features as soon as it is complete."""
     import torch
 
@@ -183,7 +195,7 @@ def run_slides(root, jobs: list[dict], enc, model, device: str, *, batch_size: i
         if len(job["coords"]) == 0:
             rows.append(write_features(root, job, enc, np.zeros((0, enc.dim), np.float32), device, 0.0))
     jobs = [j for j in jobs if len(j["coords"])]
-    ds = TileBatches(jobs, batch_size)
+    ds = TileBatches(jobs, batch_size, time_limit)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
                                          pin_memory=cuda, prefetch_factor=4 if num_workers else None)
     try:
@@ -277,7 +289,7 @@ def _row(slide_id, status, n_tiles, *, error=None) -> dict:
 def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", *, weights=None,
                  device: str | None = None, batch_size: int | None = None, num_workers: int | None = None,
                  compile: bool = False, on_error: str = "skip", client=None, progress: bool = True,
-                 retry_failed: bool = False) -> pd.DataFrame:
+                 retry_failed: bool = False, time_limit: float | None = 1800.0) -> pd.DataFrame:
     """Embed every complete slide of a store with one encoder (resumable; see the module docstring).
 
     Parameters
@@ -292,6 +304,8 @@ def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", 
     on_error : ``"skip"`` records a failing slide and goes on; ``"raise"`` raises at the first one
     client : a ``dask.distributed.Client``: one task per slide on its workers (one worker per GPU)
     progress : a tqdm bar over tiles
+    retry_failed : retry slides whose failure with this encoder is recorded (default: skip, ``failed-earlier``)
+    time_limit : seconds of reading per slide (None: no limit); a slide past it is recorded as timed out
 
     Returns
     -------
@@ -307,6 +321,9 @@ def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", 
     check_optional(check_int, "num_workers", num_workers, 0, 256)
     check_bool("compile", compile)
     check_bool("retry_failed", retry_failed)
+    from workbench.validate import check_float
+
+    check_optional(check_float, "time_limit", time_limit, 0, lo_open=True)
     store_path = str(Path(store_path))
     root = st.open_store(store_path, mode="a")
     ids = st.slide_ids(root)
@@ -345,7 +362,7 @@ def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", 
                         raise
                     rows.append(_row(s, "error", 0, error=f"{type(exc).__name__}: slide {s!r}: {exc}"))
             rows += run_slides(root, jobs, enc, model, dev, batch_size=bs, num_workers=nw, on_error=on_error,
-                               progress=bar)
+                               progress=bar, time_limit=time_limit)
             order = {s: i for i, s in enumerate(ids)}
             rows.sort(key=lambda r: order[r["slide_id"]])
             if bar is not None:

@@ -159,10 +159,18 @@ def validate_manifest(df: pd.DataFrame, *, base_dir: str | os.PathLike | None = 
             full = base / full
         paths.append(str(full) if full is not None else None)
         if check_files and full is not None:
-            if not full.exists():
+            try:
+                exists = full.exists()
+            except (OSError, ValueError) as exc:  # a NUL byte, a name too long, an unreachable mount
+                problems.append((i, df["slide_id"].iloc[i], "path", f"unusable path {str(full)[:200]!r}: {exc}"))
+                continue
+            if not exists:
                 problems.append((i, df["slide_id"].iloc[i], "path", f"file does not exist: {full}"))
             elif full.is_dir():
                 problems.append((i, df["slide_id"].iloc[i], "path", f"is a directory, not a slide file: {full}"))
+            elif not full.is_file():
+                problems.append((i, df["slide_id"].iloc[i], "path", f"is not a regular file (a device, pipe or "
+                                 f"socket): {full}"))
             elif full.stat().st_size == 0:
                 problems.append((i, df["slide_id"].iloc[i], "path", f"file is empty: {full}"))
             else:

@@ -137,10 +137,18 @@ class Slide:
         self.path = Path(path)
         self.slide_id = slide_id or self.path.stem
         name = f"slide {self.slide_id!r} ({self.path})"
+        try:
+            self.path.stat()
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            raise SlideError(f"{name}: unusable path: {exc}") from None
         if not self.path.exists():
             raise SlideError(f"{name}: file does not exist")
-        if not self.path.is_file():
+        if self.path.is_dir():
             raise SlideError(f"{name}: is a directory, not a slide file")
+        if not self.path.is_file():
+            raise SlideError(f"{name}: is not a regular file (a device, pipe or socket), not a slide file")
         if self.path.stat().st_size == 0:
             raise SlideError(f"{name}: file is empty (0 bytes)")
         if not os.access(self.path, os.R_OK):

@@ -78,6 +78,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workbench.errors import SweepError
+
 log = logging.getLogger(__name__)
 
 MANAGED = ("run_dir", "store")  # set by the sweep for every stage
@@ -136,6 +138,8 @@ def safe_yaml(text: str, source: str):
         mark = getattr(exc, "problem_mark", None)
         at = f", line {mark.line + 1}" if mark is not None else ""
         raise SweepError(f"{source}{at}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    except RecursionError:
+        raise SweepError(f"{source}: nested too deeply to be a sweep file") from None
     if node is None:
         return None, lines
     stack = [node]
@@ -154,6 +158,8 @@ def safe_yaml(text: str, source: str):
         if any(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, Loader=loader_cls)):
             raise SweepError(f"{source}: anchors and aliases (&name / *name) are not allowed in a sweep file")
         data = loader.get_single_data()
+    except RecursionError:
+        raise SweepError(f"{source}: nested too deeply to be a sweep file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -207,12 +213,12 @@ class Notebook:
         else:
             matches = [p for p in numbered_notebooks() if p.stem == ref_s or p.name[:2] == ref_s.zfill(2)]
             if len(matches) != 1:
-                raise ValueError(f"notebook {ref_s!r}: {len(matches)} matches in {notebook_dir()}")
+                raise SweepError(f"notebook {ref_s!r}: {len(matches)} matches in {notebook_dir()}")
             path = matches[0]
         if not path.exists():
             raise FileNotFoundError(f"notebook {path} does not exist")
         if not re.match(r"^\d\d_", path.name):
-            raise ValueError(f"notebook {path.name!r} is not numbered (NN_name.ipynb): its metrics file needs NN")
+            raise SweepError(f"notebook {path.name!r} is not numbered (NN_name.ipynb): its metrics file needs NN")
         return cls(path, path.name[:2], _declared_parameters(path))
 
 
@@ -228,7 +234,7 @@ def _declared_parameters(path: Path) -> dict:
         except (ValueError, SyntaxError):
             out[name] = src
     if not out:
-        raise ValueError(f"notebook {path.name} has no cell tagged 'parameters'")
+        raise SweepError(f"notebook {path.name} has no cell tagged 'parameters'")
     return out
 
 
@@ -268,13 +274,13 @@ def expand_points(grid=None, points=None) -> list[dict]:
     out = []
     for g in grids:
         if not isinstance(g, dict) or not g:
-            raise ValueError(f"a grid must be a non-empty mapping of parameter -> list of values, got {g!r}")
+            raise SweepError(f"a grid must be a non-empty mapping of parameter -> list of values, got {g!r}")
         keys = list(g)
         values = [v if isinstance(v, list) else [v] for v in g.values()]
         out += [dict(zip(keys, combo)) for combo in itertools.product(*values)]
     for p in points or []:
         if not isinstance(p, dict):
-            raise ValueError(f"each of 'points' must be a mapping of parameter -> value, got {p!r}")
+            raise SweepError(f"each of 'points' must be a mapping of parameter -> value, got {p!r}")
         out.append(dict(p))
     seen, unique = set(), []
     for p in out:
@@ -317,16 +323,28 @@ def load_spec(spec, *, overrides: dict | None = None) -> SweepSpec:
     where = path or "sweep spec"
     unknown = set(raw) - SPEC_KEYS
     if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(SPEC_KEYS)}")
+        raise SweepError(f"{where}: unknown keys {sorted(map(str, unknown))}; known: {sorted(SPEC_KEYS)}")
+    for key, kind in (("fixed", dict), ("names", dict), ("notebooks", list), ("points", list), ("parallel", list),
+                      ("metrics", list)):
+        if raw.get(key) is not None and not isinstance(raw[key], kind):
+            raise SweepError(f"{where}, line {lines.get(key, '?')}: {key!r} must be a {'mapping' if kind is dict else 'list'}, "
+                             f"got {type(raw[key]).__name__}")
+    for key in ("name", "manifest", "store", "stores_dir", "metric", "scheduler", "description"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise SweepError(f"{where}, line {lines.get(key, '?')}: {key!r} must be text, got {raw[key]!r}")
+    if raw.get("max_workers") is not None:
+        from workbench.validate import check_int
+
+        check_int("max_workers", raw["max_workers"], 1, 4096, where=str(where))
     if not raw.get("notebooks"):
-        raise ValueError(f"{where}: 'notebooks' is empty: name the notebooks to run, e.g. ['01']")
+        raise SweepError(f"{where}: 'notebooks' is empty: name the notebooks to run, e.g. ['01']")
     notebooks = tuple(Notebook.resolve(n, base) for n in raw["notebooks"])
     points = expand_points(raw.get("grid"), raw.get("points")) or [{}]
     fixed = dict(raw.get("fixed") or {})
     declared = set().union(*(nb.defaults for nb in notebooks))
     declared |= {f"{nb.number}.{k}" for nb in notebooks for k in nb.defaults}
     for p in [fixed, *points]:
-        bad = [k for k in p if k not in declared or k.split(".")[-1] in MANAGED]
+        bad = [k for k in p if not isinstance(k, str) or k not in declared or k.split(".")[-1] in MANAGED]
         if bad:
             raise SweepError(f"{where}: parameters {bad} are not declared by notebooks "
                              f"{[nb.path.name for nb in notebooks]} (or are set by the sweep: {list(MANAGED)})")
@@ -338,10 +356,10 @@ def load_spec(spec, *, overrides: dict | None = None) -> SweepSpec:
     numbers = [nb.number for nb in notebooks]
     for k, n in names.items():
         if str(n).zfill(2) not in numbers:
-            raise ValueError(f"{where}: names.{k} refers to notebook {n!r}, not one of {numbers}")
+            raise SweepError(f"{where}: names.{k} refers to notebook {n!r}, not one of {numbers}")
     goal = raw.get("goal", "max")
     if goal not in ("max", "min"):
-        raise ValueError(f"{where}: goal must be 'max' or 'min', got {goal!r}")
+        raise SweepError(f"{where}: goal must be 'max' or 'min', got {goal!r}")
 
     def _path(v):
         return None if v in (None, "") else (base / str(v)).resolve()
@@ -433,7 +451,7 @@ def plan_points(spec: SweepSpec, out: Path) -> list[PointPlan]:
         plans.append(PointPlan(pid, swept, params, Path(store), stages, out / pid))
     ids = [p.point_id for p in plans]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"sweep {spec.name}: two points have the same id: {ids}")
+        raise SweepError(f"sweep {spec.name}: two points have the same id: {ids}")
     return plans
 
 
