@@ -46,7 +46,7 @@ test-all: setup
 	$(BIN)/python -m pytest -q -o addopts='--strict-markers'
 
 reliability: setup
-	$(BIN)/python -m pytest -q -o addopts='--strict-markers' -rA tests/test_reliability.py
+	$(BIN)/python -m pytest -q -o addopts='--strict-markers' -rA tests/test_reliability.py tests/test_hostile.py
 
 sweep: setup
 	$(BIN)/python -m workbench.runs.sweep $(SWEEP) --out runs/$(basename $(notdir $(SWEEP))) $(SWEEP_ARGS)

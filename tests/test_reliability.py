@@ -462,7 +462,11 @@ def test_full_disk_on_error_table_raises(clean, rel_set, tmp_path, monkeypatch):
     df = pd.concat([rel_set.df.iloc[:2], pd.DataFrame({"slide_id": ["bad"], "path": [str(ROOT / "README.md")]})],
                    ignore_index=True)
     path = tmp_path / "full.zarr"
-    _store_set_failing(monkeypatch, path, "errors/zarr.json")
+
+    def full(root, record):  # the error table is an append-only file beside the Zarr nodes (issue 14)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(st._errors_path(root)))
+
+    monkeypatch.setattr(st, "_append_error_line", full)
     with pytest.raises(OSError, match="No space left"):
         tile_slides(df, path, progress=False)
     monkeypatch.undo()
@@ -975,8 +979,10 @@ def test_corrupt_tiles_embedding_not_marked_complete(corrupt_slide, clean, rel_s
     assert "slide 'r0c'" in errors.loc["r0c"].error and "decoding stored tiles failed" in errors.loc["r0c"].error
     with pytest.raises(st.StoreError, match="r0c.*no complete"):
         st.features_array(root, "stain-texture")
-    # a re-run retries the bad slide, still refuses it, and leaves the good one alone
+    # a re-run skips the recorded failure (issue 14); asked to retry, it still refuses it; the good one is left alone
     again = embed_slides(path, **EMB).set_index("slide_id")
+    assert again.loc["r0"].status == "skipped" and again.loc["r0c"].status == "failed-earlier"
+    again = embed_slides(path, **EMB, retry_failed=True).set_index("slide_id")
     assert again.loc["r0"].status == "skipped" and again.loc["r0c"].status == "error"
 
 

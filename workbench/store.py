@@ -12,7 +12,7 @@
       qc/labels               (n,) int8 QC labels written by the napari widget
   tree/<run>/               level_1 ... level_L (N,) int32; centroids/level_l (k_l, d) float32
   samples/<run>/            indices (m,) int64 global tile ids, attrs: parameters
-  errors/                   attrs: records [{slide_id, stage, error}]
+  errors.jsonl              error table: one JSON line per failure or clearance (append-only)
 ```
 
 Every name in the store is built by :class:`Key`, so notebooks, napari and indexes agree. A
@@ -55,8 +55,10 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 
 def check_name(name: str, what: str = "name") -> str:
     """Return ``name`` if it is usable as one path component of the store, else raise."""
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or len(name) > 200:
-        raise ValueError(
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or len(name) > 200:
+        from workbench.errors import ParameterError
+
+        raise ParameterError(
             f"{what} {name!r} is not usable in the store: use letters, digits, '.', '_' and '-', "
             "starting with a letter or digit"
         )
@@ -530,40 +532,169 @@ def features_array(root: zarr.Group, encoder: str, ids: list[str] | None = None)
 
 
 # --------------------------------------------------------------------------- error table
+#
+# The error table is an append-only JSON-lines file, ``<store>/errors.jsonl`` (beside the ``.lock`` file):
+# recording a failure appends one line (``O_APPEND`` under an exclusive ``flock``, one ``write`` call), so
+# it costs the same at row 10 and row 100,000 and writers in several processes never lose each other's
+# rows. Clearing appends a ``cleared`` line; :func:`error_table` replays the file and keeps, per
+# (slide_id, stage), the last record. Stores written before this layout kept the records in the
+# ``errors`` group's attrs: those are read first.
+
+ERRORS_FILE = "errors.jsonl"
+ERROR_COLUMNS = ["slide_id", "stage", "error", "time", "error_class"]
 
 
-def record_error(root: zarr.Group, slide_id: str, stage: str, error: BaseException | str) -> None:
-    """Append (slide_id, stage, error) to the store's per-run error table."""
-    g = root.require_group(Key.ERRORS)
-    records = list(g.attrs.get("records", []))
-    records = [r for r in records if not (r["slide_id"] == slide_id and r["stage"] == stage)]
+def _errors_path(root) -> Path:
+    return (root if isinstance(root, (str, os.PathLike)) else store_path(root)) / ERRORS_FILE
+
+
+def _append_error_line(root, record: dict) -> None:
+    line = (json.dumps(record, default=_json_default, ensure_ascii=True) + "\n").encode()
+    path = _errors_path(root)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        view = memoryview(line)
+        while view:  # a short write (signal, full pipe) continues where it stopped
+            view = view[os.write(fd, view):]
+        # no fsync per record: it would cost milliseconds per row on a busy disk; a crash can lose only the
+        # last rows (a cut last line is skipped on reading), never corrupt earlier ones
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def record_error(root: zarr.Group, slide_id: str, stage: str, error: BaseException | str,
+                 error_class: str | None = None, **context) -> None:
+    """Append (slide_id, stage, error, error_class) to the store's error table (O(1), safe across processes)."""
+    if isinstance(error, BaseException):
+        error_class = error_class or type(error).__name__
+        text = f"{type(error).__name__}: {error}"
+    else:
+        text = str(error)
+        if error_class is None:
+            m = re.match(r"^([A-Za-z_][A-Za-z0-9_]*(?:Error|Exception|Timeout|Interrupt)): ", text)
+            error_class = m.group(1) if m else "Error"
+    _append_error_line(root, {"slide_id": slide_id, "stage": stage, "error": text, "time": time.time(),
+                              "error_class": error_class, **context})
+
+
+def record_failure(root: zarr.Group, slide_id: str, stage: str, error: BaseException | str,
+                   error_class: str | None = None, **context) -> dict:
+    """The one per-slide failure helper of every stage: record the row, log it, return a summary fragment.
+
+    Returns ``{"slide_id", "status": "error", "error", "error_class"}`` for the stage's summary table.
+    ``context`` (e.g. ``encoder=``) is stored with the record and matched by :func:`failed_slides`.
+    """
+    record_error(root, slide_id, stage, error, error_class, **context)
     text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    records.append({"slide_id": slide_id, "stage": stage, "error": text, "time": time.time()})
-    g.attrs["records"] = records
+    cls = error_class or (type(error).__name__ if isinstance(error, BaseException) else None)
+    log.warning("slide %r (%s): %s", slide_id, stage, text)
+    return {"slide_id": slide_id, "status": "error", "error": text, "error_class": cls}
 
 
 def clear_error(root: zarr.Group, slide_id: str, stage: str) -> None:
-    if Key.ERRORS not in root:
-        return
-    g = root[Key.ERRORS]
-    records = [r for r in g.attrs.get("records", []) if not (r["slide_id"] == slide_id and r["stage"] == stage)]
-    g.attrs["records"] = records
+    """Mark (slide_id, stage) as no longer failing (appends a ``cleared`` line; nothing is rewritten).
+
+    Stages call it only for the slides :func:`failed_slides` listed, so a batch costs one read of the table."""
+    if not _errors_path(root).exists() and not _legacy_records(root):
+        return  # nothing was ever recorded
+    _append_error_line(root, {"slide_id": slide_id, "stage": stage, "cleared": True, "time": time.time()})
+
+
+def _legacy_records(root) -> list:
+    if isinstance(root, (str, os.PathLike)):
+        return []
+    try:
+        return list(root[Key.ERRORS].attrs.get("records", [])) if Key.ERRORS in root else []
+    except Exception:  # noqa: BLE001 — an unreadable legacy group just has no records
+        return []
+
+
+def _error_records(root) -> dict:
+    """{(slide_id, stage): last record}, replaying the legacy attrs then the JSON-lines file."""
+    latest = {}
+    for r in _legacy_records(root):
+        latest[(r["slide_id"], r["stage"])] = {**r, "error_class": r.get("error_class")}
+    path = _errors_path(root)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        data = b""
+    for line in data.splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:  # a line cut by a kill mid-write: the only one that can be partial is the last
+            continue
+        key = (r.get("slide_id"), r.get("stage"))
+        if r.get("cleared"):
+            latest.pop(key, None)
+        else:
+            latest.pop(key, None)  # re-insert: the table lists slides in the order of their last failure
+            latest[key] = r
+    return latest
+
+
+def failed_slides(root, stage: str, **context) -> dict:
+    """{slide_id: error text} of the slides whose last record for ``stage`` (and ``context``) is a failure."""
+    return {sid: r.get("error") for (sid, stg), r in _error_records(root).items()
+            if stg == stage and all(r.get(k) == v for k, v in context.items())}
 
 
 def error_table(root: zarr.Group):
-    """The store's error table as a DataFrame (slide_id, stage, error, time)."""
+    """The store's error table as a DataFrame (slide_id, stage, error, time, error_class)."""
     import pandas as pd
 
-    records = root[Key.ERRORS].attrs.get("records", []) if Key.ERRORS in root else []
-    return pd.DataFrame(records, columns=["slide_id", "stage", "error", "time"])
+    records = [{c: r.get(c) for c in ERROR_COLUMNS} for r in _error_records(root).values()]
+    return pd.DataFrame(records, columns=ERROR_COLUMNS)
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a unique temporary path beside ``path``; on success fsync it and rename it over ``path``.
+
+    A kill at any point leaves either the old file or the new one, never a mix; on an error the temporary
+    file is removed and ``path`` is untouched. Use for every file outside Zarr chunks (indexes, tables, JSON).
+    """
+    import uuid
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write JSON next to the store atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    os.replace(tmp, path)
+    """Write JSON atomically: a unique temp file beside ``path``, fsync, rename (see :func:`atomic_path`)."""
+    write_bytes_atomic(path, json.dumps(obj, indent=2, default=_json_default).encode())
 
 
 def _json_default(o):

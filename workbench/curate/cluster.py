@@ -204,7 +204,19 @@ class HierarchicalKMeans:
         return out
 
     def _validate(self):
-        levels = [int(k) for k in self.levels]
+        from workbench.validate import check_choice, check_int, check_int_list, check_optional
+
+        levels = check_int_list("levels", self.levels, 1, 1 << 24)
+        check_int("n_iter", self.n_iter, 1, 100_000)
+        check_choice("sample_strategy", self.sample_strategy, STRATEGIES)
+        check_choice("backend", self.backend, tuple(BACKENDS))
+        for name in ("resampling_steps", "sample_per_cluster"):
+            v = getattr(self, name)
+            if v is None or np.isscalar(v):
+                check_optional(check_int, name, v, 0 if name == "resampling_steps" else 1)
+            else:
+                [check_optional(check_int, f"{name}[{i}]", x, 0 if name == "resampling_steps" else 1)
+                 for i, x in enumerate(v)]
         if not levels or min(levels) < 1:
             raise ValueError(f"levels must be a non-empty list of positive cluster counts, got {self.levels!r}")
         if any(b > a for a, b in zip(levels, levels[1:])):
@@ -519,9 +531,8 @@ def export_swissai_csv(store_path, run: str, path) -> Path:
     tree = load_tree(store_path, run)
     root = st.open_store(store_path, mode="r")
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     offset = 0
-    with open(tmp, "w") as fh:
+    with st.atomic_path(path) as tmp, open(tmp, "w") as fh:  # unique temp name, fsync, rename
         fh.write(",".join(["slide_id", "tile_x", "tile_y"] + [f"level_{l + 1}" for l in range(tree.n_levels)]) + "\n")
         for s in st.slide_ids(root):  # one slide at a time: bounded memory
             import pandas as pd
@@ -533,7 +544,6 @@ def export_swissai_csv(store_path, run: str, path) -> Path:
             for l in range(tree.n_levels):
                 df[f"level_{l + 1}"] = lab[:, l]
             df.to_csv(fh, header=False, index=False)
-    tmp.replace(path)
     return path
 
 

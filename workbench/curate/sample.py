@@ -150,10 +150,11 @@ class HierarchicalSampler:
 
     def fit(self, tree, y=None):
         """``tree``: a :class:`workbench.curate.cluster.Tree`, a fitted ``HierarchicalKMeans`` or (N, L) labels."""
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if int(self.n) < 0:
-            raise ValueError(f"n must be >= 0, got {self.n}")
+        from workbench.validate import check_choice, check_int, check_optional
+
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_int("n", self.n, 0)
+        check_optional(check_int, "level", self.level, 1)
         labels, parents, dist, ks = _tree_arrays(tree)
         L = labels.shape[1]
         top = L if self.level is None else int(self.level)
@@ -233,7 +234,13 @@ class StratifiedBatchSampler:
 
     def __init__(self, labels, batch_size: int, *, level: int | None = None, slide_ids=None,
                  max_slides_per_epoch: int | None = None, n_batches: int | None = None, random_state=0):
+        from workbench.validate import check_int, check_optional
+
         labels = np.asarray(labels)
+        check_optional(check_int, "level", level, 1, labels.shape[1] if labels.ndim == 2 else 1)
+        check_int("batch_size", batch_size, 1, max(1, len(labels)))  # bounded by the tiles that exist
+        check_optional(check_int, "max_slides_per_epoch", max_slides_per_epoch, 1)
+        check_optional(check_int, "n_batches", n_batches, 1)
         if labels.ndim == 2:
             labels = labels[:, (labels.shape[1] if level is None else int(level)) - 1]
         if batch_size < 1:
@@ -382,7 +389,11 @@ def sample_store(store_path, tree_run: str, run: str | None, n: int, *, strategy
     """
     from workbench import store as st
     from workbench.curate.cluster import load_tree
+    from workbench.validate import check_int
 
+    check_int("n", n, 0)
+    if run is not None:
+        st.check_name(run, "sample run")
     tree = load_tree(store_path, tree_run)  # refuses a stale tree
     params = {"tree_run": tree_run, "n": int(n), "strategy": strategy, "level": level,
               "random_state": random_state}

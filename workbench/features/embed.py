@@ -10,7 +10,9 @@ optional ``torch.compile``. The device is chosen at run time (CUDA when present)
 Resumable per slide: a slide whose features for this encoder are complete *with the same weights
 digest* is skipped; the ``complete`` attribute is written last, so a killed run redoes only the slide
 it was writing. Another encoder writes a second array beside the first. A slide that fails is
-recorded in the store's error table (``on_error="skip"``) and the run goes on. Rows whose features
+recorded in the store's error table (``on_error="skip"``) and the run goes on: an unreadable slide, a
+failing read or a model error in one slide's batch costs that slide's row only; a re-run skips slides
+whose failure with this encoder is recorded (status ``failed-earlier``) unless ``retry_failed=True``. Rows whose features
 are NaN/Inf (e.g. fp16 overflow) are kept as NaN, listed in the array's ``nonfinite_rows`` attribute,
 logged and recorded in the error table: never silently written as valid.
 
@@ -61,8 +63,10 @@ class TileBatches:
     cannot be read yields an empty batch with the error text instead of killing the loader.
     """
 
-    def __init__(self, slides: list[dict], batch_size: int):
+    def __init__(self, slides: list[dict], batch_size: int, time_limit: float | None = None):
         self.slides, self.batch_size = slides, int(batch_size)
+        self.time_limit = time_limit  # seconds of reading per slide (per loader worker); None: no limit
+        self._started: dict = {}
         self.items = [(k, start, min(start + self.batch_size, len(s["coords"])))
                       for k, s in enumerate(slides) for start in range(0, len(s["coords"]), self.batch_size)]
         self._open = None  # (slide index, TileReader)
@@ -84,9 +88,19 @@ class TileBatches:
     def __getitem__(self, i: int):
         import torch
 
+        from workbench.io.slides import deadline
+
         k, start, stop = self.items[i]
+        remaining = None
+        if self.time_limit is not None:
+            remaining = self.time_limit - (time.monotonic() - self._started.setdefault(k, time.monotonic()))
         try:
-            tiles = self._reader(k).read(self.slides[k]["coords"][start:stop])
+            if remaining is not None and remaining <= 0:
+                return k, start, torch.zeros(0, dtype=torch.uint8), (
+                    f"SlideTimeoutError: slide {self.slides[k]['slide_id']!r}: timed out after the per-slide time "
+                    f"limit of {self.time_limit:g} s (raise time_limit to allow more)")
+            with deadline(remaining, self.slides[k]["slide_id"]):
+                tiles = self._reader(k).read(self.slides[k]["coords"][start:stop])
         except Exception as exc:  # reported per slide by the consumer, never silently dropped
             return k, start, torch.zeros(0, dtype=torch.uint8), f"{type(exc).__name__}: {exc}"
         return k, start, torch.from_numpy(tiles), ""
@@ -99,7 +113,7 @@ class TileBatches:
             self._open = None
 
     def __getstate__(self):  # a worker gets the description, never an open handle
-        return {**self.__dict__, "_open": None}
+        return {**self.__dict__, "_open": None, "_started": {}}
 
 
 def read_geometry(slide_attrs: dict, tiling: dict, input_px: int) -> tuple[int, float]:
@@ -170,7 +184,7 @@ def slide_job(root, slide_id: str, enc) -> dict:
 
 
 def run_slides(root, jobs: list[dict], enc, model, device: str, *, batch_size: int, num_workers: int,
-               on_error: str = "skip", progress=None) -> list[dict]:
+               on_error: str = "skip", progress=None, time_limit: float | None = None) -> list[dict]:
     """Embed slides through one DataLoader and write each slide's features as soon as it is complete."""
     import torch
 
@@ -182,7 +196,7 @@ def run_slides(root, jobs: list[dict], enc, model, device: str, *, batch_size: i
         if len(job["coords"]) == 0:
             rows.append(write_features(root, job, enc, np.zeros((0, enc.dim), np.float32), device, 0.0))
     jobs = [j for j in jobs if len(j["coords"])]
-    ds = TileBatches(jobs, batch_size)
+    ds = TileBatches(jobs, batch_size, time_limit)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
                                          pin_memory=cuda, prefetch_factor=4 if num_workers else None)
     try:
@@ -198,8 +212,13 @@ def run_slides(root, jobs: list[dict], enc, model, device: str, *, batch_size: i
                 if state["error"] is None:
                     if state["out"] is None:
                         state["out"] = np.empty((len(job["coords"]), enc.dim), np.float32)
-                    feats = model(enc.preprocess(tiles.to(device, non_blocking=True)))
-                    state["out"][int(start):stop] = feats.float().cpu().numpy()
+                    try:
+                        feats = model(enc.preprocess(tiles.to(device, non_blocking=True)))
+                        state["out"][int(start):stop] = feats.float().cpu().numpy()
+                    except Exception as exc:  # noqa: BLE001 — one slide's batch failing costs that slide's row
+                        if on_error == "raise":
+                            raise
+                        state["error"] = f"{type(exc).__name__}: slide {job['slide_id']!r}, tiles {int(start)}–{stop}: {exc}"
                 state["done"] += stop - int(start)
                 if progress is not None:
                     progress.update(stop - int(start))
@@ -280,7 +299,8 @@ def _row(slide_id, status, n_tiles, *, error=None) -> dict:
 
 def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", *, weights=None,
                  device: str | None = None, batch_size: int | None = None, num_workers: int | None = None,
-                 compile: bool = False, on_error: str = "skip", client=None, progress: bool = True) -> pd.DataFrame:
+                 compile: bool = False, on_error: str = "skip", client=None, progress: bool = True,
+                 retry_failed: bool = False, time_limit: float | None = 1800.0) -> pd.DataFrame:
     """Embed every complete slide of a store with one encoder (resumable; see the module docstring).
 
     Parameters
@@ -295,19 +315,34 @@ def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", 
     on_error : ``"skip"`` records a failing slide and goes on; ``"raise"`` raises at the first one
     client : a ``dask.distributed.Client``: one task per slide on its workers (one worker per GPU)
     progress : a tqdm bar over tiles
+    retry_failed : retry slides whose failure with this encoder is recorded (default: skip, ``failed-earlier``)
+    time_limit : seconds of reading per slide (None: no limit); a slide past it is recorded as timed out
 
     Returns
     -------
     DataFrame, one row per slide: slide_id, status (embedded / skipped / error), n_tiles, n_nonfinite,
     seconds, tiles_per_s, error. ``summary.attrs`` has encoder, weights_digest, device, tiles_per_s.
     """
-    if on_error not in ("skip", "raise"):
-        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    from workbench.validate import check_bool, check_choice, check_int, check_optional, check_str
+
+    check_choice("on_error", on_error, ("skip", "raise"))
+    check_str("encoder", encoder, max_len=500)
+    check_optional(check_str, "device", device, max_len=50)
+    check_optional(check_int, "batch_size", batch_size, 1, 65536)
+    check_optional(check_int, "num_workers", num_workers, 0, 256)
+    check_bool("compile", compile)
+    check_bool("retry_failed", retry_failed)
+    from workbench.validate import check_float
+
+    check_optional(check_float, "time_limit", time_limit, 0, lo_open=True)
     store_path = str(st.as_path(store_path))
     root = st.open_store(store_path, mode="a")
     ids = st.slide_ids(root)
     if not ids:
         raise st.StoreError(f"store {store_path} has no tiled slides: run tiling first")
+    failed = {} if retry_failed else st.failed_slides(root, "embed", encoder=encoder)
+    skipped_failed = [_row(s, "failed-earlier", 0, error=failed[s]) for s in ids if s in failed]
+    ids = [s for s in ids if s not in failed]
     rows = []
     t0 = time.perf_counter()
     with st.write_lock(store_path):
@@ -321,6 +356,8 @@ def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", 
             dev = pick_device(device)
             enc, model = _prepared(encoder, weights, dev, compile)
             bs = batch_size or auto_batch_size(enc, dev)
+            if len(ids):  # a batch is bounded by the largest slide's tile count (at least 1)
+                bs = max(1, min(bs, int(st.tile_counts(root, ids).max()) or 1))
             nw = _default_workers(dev) if num_workers is None else num_workers
             todo = [s for s in ids if not _is_done(root, s, enc)]
             bar = _progress(progress, int(st.tile_counts(root, todo).sum()) if todo else 0, enc.name)
@@ -331,28 +368,33 @@ def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", 
             for s in todo:
                 try:
                     jobs.append(slide_job(root, s, enc))
-                except (KeyError, ValueError, st.StaleError) as exc:
+                except Exception as exc:  # noqa: BLE001 — one slide's bad attrs cost its row only
                     if on_error == "raise":
                         raise
-                    rows.append(_row(s, "error", 0, error=f"{type(exc).__name__}: {exc}"))
+                    rows.append(_row(s, "error", 0, error=f"{type(exc).__name__}: slide {s!r}: {exc}"))
             rows += run_slides(root, jobs, enc, model, dev, batch_size=bs, num_workers=nw, on_error=on_error,
-                               progress=bar)
+                               progress=bar, time_limit=time_limit)
             order = {s: i for i, s in enumerate(ids)}
             rows.sort(key=lambda r: order[r["slide_id"]])
             if bar is not None:
                 bar.close()
+        recorded = st.failed_slides(root, "embed")
         for r in rows:
-            if r["status"] == "error" or r.get("n_nonfinite"):
-                st.record_error(root, r["slide_id"], "embed", r["error"])
-                log.warning("slide %r: %s", r["slide_id"], r["error"])
-            elif r["status"] == "embedded":
+            if r["status"] == "error":
+                st.record_failure(root, r["slide_id"], "embed", r["error"], encoder=encoder)
+            elif r.get("n_nonfinite"):  # embedded, with rows flagged: listed, not skipped on a re-run
+                st.record_failure(root, r["slide_id"], "embed", r["error"], "NonFiniteFeatures")
+            elif r["status"] == "embedded" and r["slide_id"] in recorded:
                 st.clear_error(root, r["slide_id"], "embed")
+        if skipped_failed:
+            order = {s: i for i, s in enumerate(st.slide_ids(root))}
+            rows = sorted(rows + skipped_failed, key=lambda r: order.get(r["slide_id"], 0))
     summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     done = summary[summary.status == "embedded"]
     seconds = time.perf_counter() - t0
     summary.attrs.update({"encoder": encoder, "weights_digest": enc.weights_digest if enc else None, "device": dev,
                           "tiles_per_s": float(done.n_tiles.sum() / seconds) if len(done) else float("nan")})
-    bad = summary[summary.status == "error"]
+    bad = summary[summary.status.isin(["error", "failed-earlier"])]
     if on_error == "raise" and len(bad):
         raise RuntimeError("embedding failed for " + "; ".join(f"{r.slide_id}: {r.error}" for r in bad.itertuples()))
     return summary

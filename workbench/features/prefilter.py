@@ -58,10 +58,10 @@ class MarkerPrefilter:
     def fit(self, X, y):
         from sklearn.linear_model import LogisticRegression
 
-        if not 0.0 < float(self.threshold) < 1.0:
-            raise ValueError(f"threshold must be within (0, 1), got {self.threshold}")
-        if not float(self.C) > 0:
-            raise ValueError(f"C must be > 0, got {self.C}")
+        from workbench.validate import check_float
+
+        check_float("threshold", self.threshold, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_float("C", self.C, 0.0, lo_open=True)
         X = np.asarray(X, dtype=np.float64)
         y = np.asarray(y).astype(bool).ravel()
         if X.ndim != 2 or len(X) != len(y):
@@ -213,6 +213,11 @@ def score_store(store_path: str | os.PathLike, prefilter: MarkerPrefilter, encod
     ``drop=True`` records that later stages should remove flagged tiles; the default keeps them with the
     flag, as the reference run did. Returns one row per slide: slide_id, n_tiles, n_flagged, status.
     """
+    from workbench.validate import check_bool, check_float, check_optional, check_str
+
+    check_optional(check_str, "encoder", encoder, max_len=500)
+    check_bool("drop", drop)
+    check_float("prefilter.threshold", prefilter.threshold, 0.0, 1.0, lo_open=True, hi_open=True)
     encoder = encoder or prefilter.encoder
     if encoder is None:
         raise ValueError("give the encoder whose features the prefilter was fitted on")

@@ -39,34 +39,49 @@ def tile_qc(tiles: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def compute_store(store_path, *, batch: int = 256, progress: bool = True) -> dict[str, int]:
+def compute_store(store_path, *, batch: int = 256, progress: bool = True, retry_failed: bool = False,
+                  time_limit: float | None = 1800.0) -> dict[str, int]:
     """Compute the QC metrics of every complete slide's tiles and write them as store columns.
 
-    Slides whose QC columns are complete are skipped; returns {slide_id: n_tiles computed}.
+    Slides whose QC columns are complete are skipped; returns {slide_id: n_tiles computed}. A slide that
+    cannot be opened or read (or runs past ``time_limit`` seconds) is recorded in the error table (stage
+    ``qc``) and the others go on; a re-run skips recorded failures unless ``retry_failed=True``.
     """
     from tqdm.auto import tqdm
 
-    from workbench.io.slides import TileReader, open_slide
+    from workbench.io.slides import TileReader, deadline, open_slide
+    from workbench.validate import check_bool, check_float, check_int, check_optional
 
+    check_int("batch", batch, 1, 65536)
+    check_bool("retry_failed", retry_failed)
+    check_optional(check_float, "time_limit", time_limit, 0, lo_open=True)
     root = st.open_store(store_path, mode="a")
     done = {}
     with st.write_lock(store_path):
+        failed = {} if retry_failed else st.failed_slides(root, "qc")
+        recorded = st.failed_slides(root, "qc") if retry_failed else failed
         for sid in tqdm(st.slide_ids(root), desc="pixel QC", disable=not progress):
             key = st.Key.pixel_qc(sid, METRICS[-1])
-            if st.is_complete(root, key):
+            if st.is_complete(root, key) or sid in failed:
                 continue
-            info = st.read_slide(root, sid)
-            coords = info["coords"]
-            cols = {m: np.zeros(len(coords), np.float32) for m in METRICS}
-            with open_slide(info["path"], slide_id=sid, mpp=info["mpp"]) as slide, \
-                    TileReader(slide, tile_px=info["tile_px"], tile_mpp=info["tile_mpp"]) as reader:
-                for start in range(0, len(coords), batch):
-                    for m, v in tile_qc(reader.read(coords[start:start + batch])).items():
-                        cols[m][start:start + len(v)] = v
+            try:
+                info = st.read_slide(root, sid)
+                coords = info["coords"]
+                cols = {m: np.zeros(len(coords), np.float32) for m in METRICS}
+                with deadline(time_limit, sid), open_slide(info["path"], slide_id=sid, mpp=info["mpp"]) as slide, \
+                        TileReader(slide, tile_px=info["tile_px"], tile_mpp=info["tile_mpp"]) as reader:
+                    for start in range(0, len(coords), batch):
+                        for m, v in tile_qc(reader.read(coords[start:start + batch])).items():
+                            cols[m][start:start + len(v)] = v
+            except Exception as exc:  # noqa: BLE001 — one slide's failure is its row, never the batch's
+                st.record_failure(root, sid, "qc", exc)
+                continue
             group = root.require_group(f"{st.Key.slide(sid)}/pixel_qc")
             for m in METRICS:  # the last metric's completion marks the set complete
                 arr = st.write_array(group, m, cols[m])
                 st.mark_complete(arr)
+            if sid in recorded:
+                st.clear_error(root, sid, "qc")
             done[sid] = len(coords)
     return done
 

@@ -26,9 +26,8 @@ TABLE_COLUMNS = ["slide_id", "workflow_id", "tiles_h5_path", "features_tensor_pa
 
 
 def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    with st.atomic_path(path) as tmp:  # unique temp name, fsync, rename
+        write(tmp)
 
 
 def write_coords_h5(path, coords: np.ndarray, *, patch_size: int, patch_level: int, **attrs) -> None:

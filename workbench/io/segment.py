@@ -33,12 +33,23 @@ class SegmentParams:
     mask_mpp: float = 4.0  # resolution of the image the mask is computed on (µm/px)
 
     def validate(self) -> "SegmentParams":
-        if not (self.threshold == "otsu" or (isinstance(self.threshold, (int, float)) and 0 <= self.threshold <= 255)):
-            raise ValueError(f"threshold must be 0–255 or 'otsu', got {self.threshold!r}")
-        if self.median_ksize < 1 or self.median_ksize % 2 == 0:
-            raise ValueError(f"median_ksize must be an odd positive integer, got {self.median_ksize}")
-        if self.close_kernel < 0 or self.max_holes < 0 or self.mask_mpp <= 0:
-            raise ValueError("close_kernel and max_holes must be >= 0 and mask_mpp > 0")
+        from workbench.errors import ParameterError
+        from workbench.validate import check_float, check_int
+
+        if self.threshold != "otsu":
+            if isinstance(self.threshold, str):
+                raise ParameterError(f"threshold={self.threshold!r} is not allowed: threshold must be 0–255 or 'otsu'")
+            check_float("threshold", self.threshold, 0, 255)
+        check_int("median_ksize", self.median_ksize, 1, 255)
+        if self.median_ksize % 2 == 0:
+            raise ParameterError(f"median_ksize={self.median_ksize} is not allowed: median_ksize must be an odd "
+                                 "positive integer")
+        check_int("close_kernel", self.close_kernel, 0, 1024)
+        check_int("max_holes", self.max_holes, 0)
+        check_int("ref_patch_px", self.ref_patch_px, 1)
+        check_float("tissue_area", self.tissue_area, 0)
+        check_float("hole_area", self.hole_area, 0)
+        check_float("mask_mpp", self.mask_mpp, 0, 1000, lo_open=True)
         return self
 
     def to_dict(self) -> dict:

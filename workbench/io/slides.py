@@ -16,16 +16,19 @@ cuts the tiles from the decoded blocks — about 3–5× faster than one ``read_
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
 import numpy as np
-from workbench.errors import SlideError  # noqa: F401  (raised here; defined in workbench.errors)
+from workbench.errors import SlideError, SlideTimeoutError  # noqa: F401  (raised here; defined in workbench.errors)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,34 @@ WHITE = 255
 
 
 
+# ---- per-slide time limit: a deadline set by the stage's per-slide task, checked inside the read loops
+
+
+_DEADLINE = threading.local()
+
+
+@contextlib.contextmanager
+def deadline(seconds: float | None, slide_id: str = "slide"):
+    """Run the block with a time limit: any slide read past it raises :class:`SlideTimeoutError`.
+
+    The check sits inside the read loops (every region, every batch of stored tiles), so a slide that
+    declares a huge image behind little data stops within one read of the limit instead of spinning.
+    """
+    old = getattr(_DEADLINE, "value", None)
+    _DEADLINE.value = None if seconds is None else (time.monotonic() + float(seconds), float(seconds), slide_id)
+    try:
+        yield
+    finally:
+        _DEADLINE.value = old
+
+
+def check_deadline(slide_id: str | None = None) -> None:
+    value = getattr(_DEADLINE, "value", None)
+    if value is not None and time.monotonic() > value[0]:
+        raise SlideTimeoutError(f"slide {slide_id or value[2]!r}: timed out after the per-slide time limit of "
+                                f"{value[1]:g} s (raise time_limit to allow more)")
+
+
 def _composite_white(rgba: np.ndarray) -> np.ndarray:
     """RGBA (premultiplied by OpenSlide) over a white background → RGB uint8."""
     rgb = rgba[..., :3].astype(np.uint16)
@@ -42,26 +73,55 @@ def _composite_white(rgba: np.ndarray) -> np.ndarray:
     return (rgb + (255 - alpha)).clip(0, 255).astype(np.uint8)
 
 
+FILE_MPP_RANGE = (0.05, 10.0)  # µm/px a microscope scan's level 0 can have; outside it a file's tags are not trusted
+ANISOTROPY_TOLERANCE = 0.02  # relative difference of x and y pixel sizes still read as square pixels
+
+
+def _positive(value) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
 def resolve_mpp(properties: dict, override: float | None = None) -> float | None:
-    """Level-0 µm/px from an explicit value or slide properties, or ``None`` if unknown."""
+    """Level-0 µm/px from an explicit value or slide properties, or ``None`` if unknown.
+
+    An explicit ``override`` (the manifest's mpp) wins. From the file: ``openslide.mpp-x``/``-y``,
+    ``aperio.MPP``, then the TIFF resolution tags (inch or centimetre units). Raises :class:`SlideError`
+    (without the slide's name; :class:`Slide` adds it) when the file's value is not a microscope's
+    (outside :data:`FILE_MPP_RANGE`, e.g. 84.7 µm/px from a 300-dpi tag) or when x and y differ
+    (anisotropic pixels, which square tiles would distort).
+    """
     if override is not None and not (isinstance(override, float) and math.isnan(override)):
         return float(override)
-    for key in ("openslide.mpp-x", "aperio.MPP"):
-        value = properties.get(key)
-        if value:
-            try:
-                mpp = float(value)
-            except ValueError:
-                continue
-            if mpp > 0:
-                return mpp
-    res, unit = properties.get("tiff.XResolution"), properties.get("tiff.ResolutionUnit")
-    if res and unit in ("centimeter", "inch"):
-        per_unit = 1e4 if unit == "centimeter" else 25400.0
-        res = float(res)
-        if res > 0:
-            return per_unit / res
-    return None
+    found = None
+    mx, my = _positive(properties.get("openslide.mpp-x")), _positive(properties.get("openslide.mpp-y"))
+    if mx is not None:
+        found = (mx, my, "openslide.mpp-x/y")
+    elif _positive(properties.get("aperio.MPP")) is not None:
+        v = _positive(properties.get("aperio.MPP"))
+        found = (v, v, "aperio.MPP")
+    else:
+        unit = properties.get("tiff.ResolutionUnit")
+        rx, ry = _positive(properties.get("tiff.XResolution")), _positive(properties.get("tiff.YResolution"))
+        if rx is not None and unit in ("centimeter", "inch"):
+            per_unit = 1e4 if unit == "centimeter" else 25400.0
+            found = (per_unit / rx, per_unit / ry if ry is not None else None, f"TIFF resolution tags ({unit})")
+    if found is None:
+        return None
+    x, y, source = found
+    if y is not None and abs(x - y) > ANISOTROPY_TOLERANCE * max(x, y):
+        raise SlideError(f"anisotropic pixels: {source} give x {x:.4g} µm/px and y {y:.4g} µm/px; square tiles "
+                         "would be distorted, and this workbench tiles square pixels only (give the mpp in the "
+                         "manifest to override, only if the tags are wrong)")
+    lo, hi = FILE_MPP_RANGE
+    if not (lo <= x <= hi):
+        raise SlideError(f"{source} give {x:.4g} µm/px, which is not a microscope scan's resolution "
+                         f"({lo}–{hi} µm/px; e.g. a 300-dpi tag reads as 84.7 µm/px); give the slide's mpp in the "
+                         "manifest's 'mpp' column if the file is right")
+    return x
 
 
 class Slide:
@@ -77,12 +137,29 @@ class Slide:
         self.path = Path(path)
         self.slide_id = slide_id or self.path.stem
         name = f"slide {self.slide_id!r} ({self.path})"
+        try:
+            self.path.stat()
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            raise SlideError(f"{name}: unusable path: {exc}") from None
         if not self.path.exists():
             raise SlideError(f"{name}: file does not exist")
-        if not self.path.is_file():
+        if self.path.is_dir():
             raise SlideError(f"{name}: is a directory, not a slide file")
+        if not self.path.is_file():
+            raise SlideError(f"{name}: is not a regular file (a device, pipe or socket), not a slide file")
         if self.path.stat().st_size == 0:
             raise SlideError(f"{name}: file is empty (0 bytes)")
+        if not os.access(self.path, os.R_OK):
+            raise SlideError(f"{name}: permission denied: the file is not readable by this user")
+        try:
+            with open(self.path, "rb") as fh:
+                fh.read(1)
+        except PermissionError:
+            raise SlideError(f"{name}: permission denied: the file is not readable by this user") from None
+        except OSError as exc:
+            raise SlideError(f"{name}: I/O error reading the file: {exc}") from None
         try:
             self._osr = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError as exc:
@@ -91,7 +168,11 @@ class Slide:
             raise SlideError(f"{name}: OpenSlide cannot open it: {exc}") from None
         self.properties = dict(self._osr.properties)
         self.vendor = self.properties.get("openslide.vendor", "unknown")
-        self.mpp = resolve_mpp(self.properties, mpp)
+        try:
+            self.mpp = resolve_mpp(self.properties, mpp)
+        except SlideError as exc:
+            self.close()
+            raise SlideError(f"{name}: {exc}") from None
         if self.mpp is None:
             self.close()
             raise SlideError(
@@ -120,6 +201,7 @@ class Slide:
 
     def read_region(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
         """RGB uint8 (h, w, 3) of a region; (x, y) in level-0 pixels, (w, h) in level pixels; white outside."""
+        check_deadline(self.slide_id)
         try:
             rgba = np.asarray(self._osr.read_region((int(x), int(y)), int(level), (int(w), int(h))))
         except Exception as exc:  # openslide raises OpenSlideError, or others from the codec
@@ -183,7 +265,11 @@ def tile_footprint(slide_mpp: float, tile_px: int, tile_mpp: float) -> int:
     ratio = tile_mpp / slide_mpp
     if abs(ratio - 1) <= MPP_TOLERANCE:
         return int(tile_px)
-    return int(round(tile_px * ratio))
+    size0 = int(round(tile_px * ratio))
+    if size0 < 1:
+        raise SlideError(f"a {tile_px}-px tile at {tile_mpp} µm/px covers {tile_px * ratio:.3g} level-0 pixels of a "
+                         f"{slide_mpp} µm/px slide: less than one pixel; use a larger tile_mpp or check the slide's mpp")
+    return size0
 
 
 class _TiffLevel:
@@ -228,6 +314,7 @@ class _TiffLevel:
         return np.ascontiguousarray(arr[..., :3])
 
     def tiles(self, indices: list[int], pool: ThreadPoolExecutor, cache_size: int) -> dict[int, np.ndarray]:
+        check_deadline()
         missing = [i for i in indices if i not in self.cache]
         for i, arr in zip(missing, pool.map(self._decode_one, missing)):
             self.cache[i] = arr

@@ -589,7 +589,10 @@ def make_slide(path, *, width: int = 8192, height: int = 8192, mpp: float = 0.25
     t1 = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
     n_levels = _write_tiff(path, img, mpp, tile, quality)
-    np.savez_compressed(truth_path(path), **truth)
+    from workbench.store import atomic_path
+
+    with atomic_path(truth_path(path)) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **truth)
     log.info("%s: %dx%d, %d levels, render %.2f s, write %.2f s", path.name, width, height, n_levels, t1 - t0,
              time.perf_counter() - t1)
     return truth
@@ -713,5 +716,8 @@ def make_demo_set(out_dir, *, n_slides: int = 16, size: int = 8192, seed: int = 
         manifest_path.parent.mkdir(parents=True, exist_ok=True)
         rel = df.copy()
         rel["path"] = [os.path.relpath(p, manifest_path.parent) for p in df["path"]]
-        rel.to_csv(manifest_path, index=False)
+        from workbench.store import atomic_path
+
+        with atomic_path(manifest_path) as tmp:
+            rel.to_csv(tmp, index=False)
     return df

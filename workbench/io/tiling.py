@@ -11,6 +11,16 @@ Each slide is one Dask task that segments, grids and writes its own group ``slid
 slide's ``complete`` attribute is written last, so a killed run leaves at worst an incomplete group that
 the next run redoes. Complete slides are skipped. Bad slides are recorded in the store's error table
 (``on_error="skip"``, the default) and the others go on.
+
+**One row, one outcome.** Whatever goes wrong with one slide (opening, segmenting, gridding, reading) is
+caught in its task and recorded (:func:`workbench.store.record_failure`: slide id, stage ``tile``, error
+class, message); a re-run skips slides with a recorded failure (status ``failed-earlier``) unless
+``retry_failed=True``. Only store write failures (full disk, lost mount) stop the run, by name.
+
+**Sanity before work.** A slide larger than ``max_pixels`` level-0 pixels or whose grid would hold more
+than ``max_tiles`` tiles is refused by name before any pixel is read, and every slide's task runs under
+``time_limit`` seconds (checked inside the read loops: a slide past it stops within one read, is recorded
+as ``SlideTimeoutError`` with status ``timeout``, and the worker goes on to the next slide).
 """
 from __future__ import annotations
 
@@ -27,7 +37,14 @@ import zarr
 from workbench import store as st
 from workbench.io.manifest import read_manifest, to_records, validate_manifest
 from workbench.io.segment import SegmentParams, contours_geojson, tissue_mask
-from workbench.io.slides import SlideError, open_slide, tile_footprint
+from workbench.io.slides import SlideError, SlideTimeoutError, deadline, open_slide, tile_footprint
+from workbench.errors import ParameterError
+from workbench.validate import check_choice, check_float, check_int, check_optional
+
+MAX_PIXELS = 4 * 10**10  # level-0 pixels of one slide (200k x 200k); the largest scans are about 1.5e10
+MAX_TILES = 2_000_000  # tiles of one slide's grid
+TIME_LIMIT = 1800.0  # seconds per slide
+MAX_UPSAMPLE = 2.0  # tiles finer than the slide's own mpp by more than this factor are refused (no invented detail)
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +58,10 @@ class TilingParams:
     overlap_px: int = 0
 
     def validate(self) -> "TilingParams":
-        if self.tile_px < 16:
-            raise ValueError(f"tile_px must be >= 16, got {self.tile_px}")
-        if not (0.05 <= self.tile_mpp <= 100):
-            raise ValueError(f"tile_mpp must be within 0.05–100 µm/px, got {self.tile_mpp}")
-        if not (0 <= self.overlap_px < self.tile_px):
-            raise ValueError(f"overlap_px must be within [0, tile_px), got {self.overlap_px}")
-        if not (0.0 < self.min_tissue <= 1.0):
-            raise ValueError(f"min_tissue must be within (0, 1], got {self.min_tissue}")
+        check_int("tile_px", self.tile_px, 16, 65536)
+        check_float("tile_mpp", self.tile_mpp, 0.05, 100)
+        check_int("overlap_px", self.overlap_px, 0, int(self.tile_px) - 1)
+        check_float("min_tissue", self.min_tissue, 0.0, 1.0, lo_open=True)
         self.segment.validate()
         return self
 
@@ -79,7 +92,11 @@ def tile_grid(mask: np.ndarray, downsample: float, slide_size: tuple[int, int], 
     tissue : (n,) float32 tissue fraction of each kept tile
     """
     width, height = slide_size
-    stride0 = int(stride0 or size0)
+    check_int("size0", size0, 1)
+    stride0 = check_int("stride0", int(stride0 or size0), 1)
+    check_float("downsample", downsample, 0, lo_open=True)
+    if mask.ndim != 2 or mask.size == 0:
+        raise ValueError(f"mask must be a non-empty 2-D array, got shape {mask.shape}")
     if width < size0 or height < size0:
         return np.zeros((0, 2), np.int32), np.zeros(0, np.float32)
     nx, ny = (width - size0) // stride0 + 1, (height - size0) // stride0 + 1
@@ -102,14 +119,36 @@ def tile_grid(mask: np.ndarray, downsample: float, slide_size: tuple[int, int], 
     return coords, frac[keep]
 
 
-def tile_slide(path: str, params: TilingParams, *, slide_id: str | None = None, mpp: float | None = None) -> dict:
-    """Segment and grid one slide; returns arrays and attributes (no store I/O)."""
+def tile_slide(path: str, params: TilingParams, *, slide_id: str | None = None, mpp: float | None = None,
+               max_pixels: int = MAX_PIXELS, max_tiles: int = MAX_TILES) -> dict:
+    """Segment and grid one slide; returns arrays and attributes (no store I/O).
+
+    Refuses (:class:`SlideError`, naming the slide) a slide over ``max_pixels`` level-0 pixels, a grid of
+    more than ``max_tiles`` tiles, or a tile footprint under one level-0 pixel, before reading pixels.
+    """
     with open_slide(path, slide_id=slide_id, mpp=mpp) as slide:
         identity = st.file_identity(path)  # recorded with the tiles: embedding refuses the slide if the file changes
-        thumb, ds = slide.thumbnail(params.segment.mask_mpp)
-        mask, tissue, holes = tissue_mask(thumb, ds, params.segment)
+        name = f"slide {slide.slide_id!r} ({slide.path})"
+        w, h = slide.dimensions
+        if w < 1 or h < 1 or w * h > max_pixels:
+            raise SlideError(f"{name}: level-0 size {w} x {h} = {w * h:,} pixels is beyond the sanity limit of "
+                             f"{max_pixels:,} (max_pixels); raise it if this slide is real")
+        if params.tile_mpp * MAX_UPSAMPLE < slide.mpp:
+            raise SlideError(f"{name}: tile_mpp {params.tile_mpp} µm/px would upsample this {slide.mpp:.4g} µm/px "
+                             f"slide {slide.mpp / params.tile_mpp:.3g}x (at most {MAX_UPSAMPLE:g}x is allowed); use "
+                             "a coarser tile_mpp or check the slide's mpp")
         size0 = tile_footprint(slide.mpp, params.tile_px, params.tile_mpp)
         stride0 = size0 - round(params.overlap_px * size0 / params.tile_px)
+        if stride0 < 1:
+            raise SlideError(f"{name}: a tile covers {size0} level-0 pixel(s); with overlap_px={params.overlap_px} "
+                             "the step between tiles is below one pixel; use a larger tile_mpp or less overlap")
+        n_grid = ((w - size0) // stride0 + 1) * ((h - size0) // stride0 + 1) if w >= size0 and h >= size0 else 0
+        if n_grid > max_tiles:
+            raise SlideError(f"{name}: {n_grid:,} tiles of {size0} level-0 px ({params.tile_px} px at "
+                             f"{params.tile_mpp} µm/px on a {slide.mpp:.4g} µm/px slide) is beyond the sanity limit "
+                             f"of {max_tiles:,} (max_tiles); check the slide's mpp or raise the limit")
+        thumb, ds = slide.thumbnail(params.segment.mask_mpp)
+        mask, tissue, holes = tissue_mask(thumb, ds, params.segment)
         coords, frac = tile_grid(mask, ds, slide.dimensions, size0, params.min_tissue, stride0)
         attrs = {
             "path": str(slide.path),
@@ -141,18 +180,32 @@ def _write_slide(root: zarr.Group, slide_id: str, result: dict) -> None:
     st.mark_complete(g)
 
 
-def _tile_task(store_path: str, rec: dict, params: TilingParams) -> dict:
+def _tile_task(store_path: str, rec: dict, params: TilingParams, limits: dict | None = None) -> dict:
     sid = rec["slide_id"]
+    limits = dict(limits or {})
+    failed_before = limits.pop("failed_before", None)
+    time_limit = limits.pop("time_limit", None)
     t0 = time.perf_counter()
     root = st.open_root(store_path, mode="a")
     if st.is_complete(root, st.Key.slide(sid)):
         return {"slide_id": sid, "status": "skipped", "n_tiles": int(root[st.Key.coords(sid)].shape[0]),
                 "seconds": 0.0, "error": None}
+    if failed_before is not None:
+        return {"slide_id": sid, "status": "failed-earlier", "n_tiles": 0, "seconds": 0.0, "error": failed_before}
     try:
-        result = tile_slide(rec["path"], params, slide_id=sid, mpp=rec.get("mpp"))
-    except (SlideError, OSError, ValueError) as exc:
+        with deadline(time_limit, sid):
+            result = tile_slide(rec["path"], params, slide_id=sid, mpp=rec.get("mpp"), **limits)
+    except SlideTimeoutError as exc:
+        return {"slide_id": sid, "status": "timeout", "n_tiles": 0, "seconds": time.perf_counter() - t0,
+                "error": f"{type(exc).__name__}: {exc}", "error_class": type(exc).__name__}
+    except MemoryError as exc:
         return {"slide_id": sid, "status": "error", "n_tiles": 0, "seconds": time.perf_counter() - t0,
-                "error": f"{type(exc).__name__}: {exc}"}
+                "error": f"MemoryError: slide {sid!r} needs more memory than is available ({exc})",
+                "error_class": "MemoryError"}
+    except Exception as exc:  # noqa: BLE001 — one slide's failure of any kind is its row, never the batch's
+        where = "" if isinstance(exc, (SlideError, OSError)) else f"slide {sid!r}: "
+        return {"slide_id": sid, "status": "error", "n_tiles": 0, "seconds": time.perf_counter() - t0,
+                "error": f"{type(exc).__name__}: {where}{exc}", "error_class": type(exc).__name__}
     try:
         _write_slide(root, sid, result)
     except OSError as exc:  # a full disk or a lost mount is not the slide's fault: stop the run, by name
@@ -178,6 +231,10 @@ def tile_slides(
     scheduler: str = "threads",
     num_workers: int | None = None,
     progress: bool = True,
+    retry_failed: bool = False,
+    time_limit: float | None = TIME_LIMIT,
+    max_pixels: int = MAX_PIXELS,
+    max_tiles: int = MAX_TILES,
 ) -> pd.DataFrame:
     """Tile every slide of a manifest into the store (created if needed, resumed if it exists).
 
@@ -195,6 +252,10 @@ def tile_slides(
         cluster; else the local ``scheduler`` (threads: OpenSlide, the JPEG decoders and OpenCV release
         the GIL, so one process with a thread per core keeps both cores busy without copying masks
         between processes)
+    retry_failed : retry slides whose failure is recorded in the store (default: skip them, status
+        ``failed-earlier``)
+    time_limit : seconds per slide (None: no limit); a slide past it is recorded as timed out
+    max_pixels, max_tiles : sanity limits on a slide's level-0 pixels and on its tile grid
 
     Returns
     -------
@@ -202,10 +263,17 @@ def tile_slides(
     """
     import dask
 
-    if on_error not in ("skip", "raise"):
-        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    check_choice("on_error", on_error, ("skip", "raise"))
+    check_optional(check_float, "time_limit", time_limit, 0, lo_open=True)
+    check_int("max_pixels", max_pixels, 1)
+    check_int("max_tiles", max_tiles, 1)
+    if num_workers is not None:
+        check_int("num_workers", num_workers, 1, 1024)
     if isinstance(segment, dict):
-        segment = SegmentParams(**segment)
+        try:
+            segment = SegmentParams(**segment)
+        except TypeError as exc:
+            raise ParameterError(f"segment={segment!r}: {exc}") from None
     params = TilingParams(tile_px, tile_mpp, min_tissue, segment or SegmentParams(), overlap_px).validate()
     if isinstance(client, str):
         from dask.distributed import Client
@@ -215,7 +283,11 @@ def tile_slides(
     store_path = str(Path(store_path))
     with st.write_lock(store_path):
         root = st.create_store(store_path, manifest=to_records(df), tiling=params.to_dict())
-        tasks = [dask.delayed(_tile_task, pure=False)(store_path, rec, params) for rec in to_records(df)]
+        failed = {} if retry_failed else st.failed_slides(root, "tile")
+        limits = {"time_limit": time_limit, "max_pixels": int(max_pixels), "max_tiles": int(max_tiles)}
+        tasks = [dask.delayed(_tile_task, pure=False)(store_path, rec, params,
+                                                      {**limits, "failed_before": failed.get(rec["slide_id"])})
+                 for rec in to_records(df)]
         if client is not None:
             results = client.gather(client.compute(tasks))
         elif progress:
@@ -225,14 +297,17 @@ def tile_slides(
                 results = dask.compute(*tasks, scheduler=scheduler, num_workers=num_workers)
         else:
             results = dask.compute(*tasks, scheduler=scheduler, num_workers=num_workers)
-        summary = pd.DataFrame(list(results), columns=["slide_id", "status", "n_tiles", "seconds", "error"])
+        summary = pd.DataFrame(list(results), columns=["slide_id", "status", "n_tiles", "seconds", "error",
+                                                       "error_class"])
+        recorded = st.failed_slides(root, "tile") if retry_failed else failed
         for row in summary.itertuples():
-            if row.status in ("error", "empty"):
-                st.record_error(root, row.slide_id, "tile", row.error)
-                log.warning("slide %r: %s", row.slide_id, row.error)
-            elif row.status == "tiled":
+            if row.status in ("error", "empty", "timeout"):
+                cls = row.error_class if isinstance(row.error_class, str) else (
+                    "EmptySlide" if row.status == "empty" else None)
+                st.record_failure(root, row.slide_id, "tile", row.error, cls)
+            elif row.status == "tiled" and row.slide_id in recorded:
                 st.clear_error(root, row.slide_id, "tile")
-    bad = summary[summary.status == "error"]
+    bad = summary[summary.status.isin(["error", "timeout"])]
     if on_error == "raise" and len(bad):
         raise SlideError("tiling failed for " + "; ".join(f"{r.slide_id}: {r.error}" for r in bad.itertuples()))
     return summary

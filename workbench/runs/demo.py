@@ -32,7 +32,9 @@ def build_demo_data(data_dir: Path, manifest_path: Path, *, n_slides: int, size:
     data_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     df = make_demo_set(data_dir, n_slides=n_slides, size=size, seed=seed, manifest_path=manifest_path)
-    stamp.write_text(json.dumps(settings))
+    from workbench.store import write_json_atomic
+
+    write_json_atomic(stamp, settings)
     log.info("made %d demo slides in %.1f s", len(df), time.perf_counter() - t0)
     return manifest_path
 
@@ -75,7 +77,9 @@ def main(argv=None) -> int:
         log.info("%s done in %.1f s", nb.name, time.perf_counter() - t)
     metrics = read_metrics(run_dir)
     metrics["demo.seconds"] = round(time.perf_counter() - t0, 1)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    from workbench.store import write_json_atomic
+
+    write_json_atomic(run_dir / "metrics.json", metrics)
     print(json.dumps(metrics))
     return 0
 

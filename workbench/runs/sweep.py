@@ -78,11 +78,117 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workbench.errors import SweepError
+
 log = logging.getLogger(__name__)
 
 MANAGED = ("run_dir", "store")  # set by the sweep for every stage
 SPEC_KEYS = {"name", "description", "notebooks", "manifest", "store", "stores_dir", "fixed", "grid", "points",
              "names", "parallel", "metric", "goal", "metrics", "scheduler", "max_workers"}
+
+
+# --------------------------------------------------------------------------- safe YAML
+#
+# Sweep files and ``--set`` values are data. They are read with a loader that knows only YAML's plain
+# types (null, bool, int, float, str, lists, maps): tags such as ``!!binary``, ``!!set``, ``!!timestamp``,
+# ``!!omap`` or ``!!python/...`` and anchors/aliases are refused with the file and line, and dates stay
+# text. Every value then goes through :func:`workbench.runs.notebooks.check_parameters` (declared type,
+# plain literal that renders and reads back as itself) before any notebook runs.
+
+
+def _strict_loader():
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    allowed = {"tag:yaml.org,2002:null", "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int",
+               "tag:yaml.org,2002:float", "tag:yaml.org,2002:str", "tag:yaml.org,2002:seq",
+               "tag:yaml.org,2002:map"}
+    StrictLoader.yaml_constructors = {k: v for k, v in yaml.SafeLoader.yaml_constructors.items() if k in allowed}
+    StrictLoader.yaml_implicit_resolvers = {
+        ch: [(tag, rx) for tag, rx in rs if tag != "tag:yaml.org,2002:timestamp"]
+        for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def refuse(loader, node):
+        raise yaml.constructor.ConstructorError(None, None, f"the YAML tag {node.tag!r} is not allowed in a sweep "
+                                                "(plain values only: null, true/false, numbers, text, lists, maps)",
+                                                node.start_mark)
+
+    StrictLoader.add_constructor(None, refuse)
+    StrictLoader.add_multi_constructor("", lambda loader, suffix, node: refuse(loader, node))
+    return StrictLoader
+
+
+def safe_yaml(text: str, source: str):
+    """Parse sweep YAML with :func:`_strict_loader`; returns (data, {key: first line}).
+
+    Raises :class:`SweepError` naming ``source`` and the line for tags, aliases and syntax errors.
+    """
+    import yaml
+
+    from workbench.errors import SweepError
+
+    loader_cls = _strict_loader()
+    lines: dict = {}
+    positions: list = []  # (line, column, key) of every mapping key
+    try:
+        node = yaml.compose(text, Loader=loader_cls)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f", line {mark.line + 1}" if mark is not None else ""
+        raise SweepError(f"{source}{at}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    except RecursionError:
+        raise SweepError(f"{source}: nested too deeply to be a sweep file") from None
+    if node is None:
+        return None, lines
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode):
+                    lines.setdefault(k.value, k.start_mark.line + 1)
+                    positions.append((k.start_mark.line, k.start_mark.column, k.value))
+                stack += [k, v]
+        elif isinstance(n, yaml.SequenceNode):
+            stack += n.value
+    loader = loader_cls(text)
+    try:
+        if any(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, Loader=loader_cls)):
+            raise SweepError(f"{source}: anchors and aliases (&name / *name) are not allowed in a sweep file")
+        data = loader.get_single_data()
+    except RecursionError:
+        raise SweepError(f"{source}: nested too deeply to be a sweep file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        before = [p for p in positions if mark is not None and (p[0], p[1]) <= (mark.line, mark.column)]
+        key = max(before)[2] if before else None
+        at = f", line {line}" if line else ""
+        raise SweepError(f"{source}{at}{f', key {key!r}' if key else ''}: "
+                         f"{getattr(exc, 'problem', None) or exc}; nothing was run") from None
+    finally:
+        loader.dispose()
+    return data, lines
+
+
+def _check_values(where, notebooks, params: dict, lines: dict | None = None) -> None:
+    """Check each value against the declared types of every notebook that takes it (``NN.name``: that one)."""
+    from workbench.errors import ParameterError, SweepError
+    from workbench.runs.notebooks import check_parameters
+
+    for key, value in params.items():
+        number, _, bare = key.rpartition(".") if "." in key else ("", "", key)
+        for nb in notebooks:
+            if (number and nb.number != number) or bare not in nb.defaults:
+                continue
+            try:
+                check_parameters(nb.path, {bare: value}, where=str(where),
+                                 lines={bare: lines[key]} if lines and key in lines else
+                                 ({bare: lines[bare]} if lines and bare in lines else None))
+            except ParameterError as exc:
+                raise SweepError(f"{exc} [key {key!r}]") from None
 
 
 # --------------------------------------------------------------------------- the spec
@@ -107,12 +213,12 @@ class Notebook:
         else:
             matches = [p for p in numbered_notebooks() if p.stem == ref_s or p.name[:2] == ref_s.zfill(2)]
             if len(matches) != 1:
-                raise ValueError(f"notebook {ref_s!r}: {len(matches)} matches in {notebook_dir()}")
+                raise SweepError(f"notebook {ref_s!r}: {len(matches)} matches in {notebook_dir()}")
             path = matches[0]
         if not path.exists():
             raise FileNotFoundError(f"notebook {path} does not exist")
         if not re.match(r"^\d\d_", path.name):
-            raise ValueError(f"notebook {path.name!r} is not numbered (NN_name.ipynb): its metrics file needs NN")
+            raise SweepError(f"notebook {path.name!r} is not numbered (NN_name.ipynb): its metrics file needs NN")
         return cls(path, path.name[:2], _declared_parameters(path))
 
 
@@ -128,7 +234,7 @@ def _declared_parameters(path: Path) -> dict:
         except (ValueError, SyntaxError):
             out[name] = src
     if not out:
-        raise ValueError(f"notebook {path.name} has no cell tagged 'parameters'")
+        raise SweepError(f"notebook {path.name} has no cell tagged 'parameters'")
     return out
 
 
@@ -168,13 +274,13 @@ def expand_points(grid=None, points=None) -> list[dict]:
     out = []
     for g in grids:
         if not isinstance(g, dict) or not g:
-            raise ValueError(f"a grid must be a non-empty mapping of parameter -> list of values, got {g!r}")
+            raise SweepError(f"a grid must be a non-empty mapping of parameter -> list of values, got {g!r}")
         keys = list(g)
         values = [v if isinstance(v, list) else [v] for v in g.values()]
         out += [dict(zip(keys, combo)) for combo in itertools.product(*values)]
     for p in points or []:
         if not isinstance(p, dict):
-            raise ValueError(f"each of 'points' must be a mapping of parameter -> value, got {p!r}")
+            raise SweepError(f"each of 'points' must be a mapping of parameter -> value, got {p!r}")
         out.append(dict(p))
     seen, unique = set(), []
     for p in out:
@@ -194,39 +300,66 @@ def load_spec(spec, *, overrides: dict | None = None) -> SweepSpec:
 
     if isinstance(spec, SweepSpec):
         return spec
+    from workbench.errors import SweepError
+
+    lines = {}
     if isinstance(spec, (str, os.PathLike)):
         path = Path(spec).resolve()
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SweepError(f"sweep file {path} cannot be read: {exc}") from None
+        raw, lines = safe_yaml(text, f"sweep file {path}")
+        raw = raw or {}
         base = path.parent
     else:
         path, raw, base = None, dict(spec), Path.cwd()
+    if not isinstance(raw, dict):
+        raise SweepError(f"{path or 'sweep spec'}: a sweep must be a mapping of keys (name, notebooks, grid, ...), "
+                         f"got {type(raw).__name__}")
     raw = dict(raw)
     for k, v in (overrides or {}).items():
         raw[k] = {**(raw.get("fixed") or {}), **v} if k == "fixed" else v
     where = path or "sweep spec"
     unknown = set(raw) - SPEC_KEYS
     if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(SPEC_KEYS)}")
+        raise SweepError(f"{where}: unknown keys {sorted(map(str, unknown))}; known: {sorted(SPEC_KEYS)}")
+    for key, kind in (("fixed", dict), ("names", dict), ("notebooks", list), ("points", list), ("parallel", list),
+                      ("metrics", list)):
+        if raw.get(key) is not None and not isinstance(raw[key], kind):
+            raise SweepError(f"{where}, line {lines.get(key, '?')}: {key!r} must be a {'mapping' if kind is dict else 'list'}, "
+                             f"got {type(raw[key]).__name__}")
+    for key in ("name", "manifest", "store", "stores_dir", "metric", "scheduler", "description"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise SweepError(f"{where}, line {lines.get(key, '?')}: {key!r} must be text, got {raw[key]!r}")
+    if raw.get("max_workers") is not None:
+        from workbench.validate import check_int
+
+        check_int("max_workers", raw["max_workers"], 1, 4096, where=str(where))
     if not raw.get("notebooks"):
-        raise ValueError(f"{where}: 'notebooks' is empty: name the notebooks to run, e.g. ['01']")
+        raise SweepError(f"{where}: 'notebooks' is empty: name the notebooks to run, e.g. ['01']")
     notebooks = tuple(Notebook.resolve(n, base) for n in raw["notebooks"])
     points = expand_points(raw.get("grid"), raw.get("points")) or [{}]
     fixed = dict(raw.get("fixed") or {})
     declared = set().union(*(nb.defaults for nb in notebooks))
     declared |= {f"{nb.number}.{k}" for nb in notebooks for k in nb.defaults}
     for p in [fixed, *points]:
-        bad = [k for k in p if k not in declared or k.split(".")[-1] in MANAGED]
+        bad = [k for k in p if not isinstance(k, str) or k not in declared or k.split(".")[-1] in MANAGED]
         if bad:
-            raise ValueError(f"{where}: parameters {bad} are not declared by notebooks "
+            raise SweepError(f"{where}: parameters {bad} are not declared by notebooks "
                              f"{[nb.path.name for nb in notebooks]} (or are set by the sweep: {list(MANAGED)})")
+        set_keys = set((overrides or {}).get("fixed") or {}) if p is fixed else set()
+        from_file = {k: v for k, v in p.items() if k not in set_keys}
+        _check_values(where, notebooks, from_file, lines)
+        _check_values("--set", notebooks, {k: v for k, v in p.items() if k in set_keys})
     names = dict(raw.get("names") or {})
     numbers = [nb.number for nb in notebooks]
     for k, n in names.items():
         if str(n).zfill(2) not in numbers:
-            raise ValueError(f"{where}: names.{k} refers to notebook {n!r}, not one of {numbers}")
+            raise SweepError(f"{where}: names.{k} refers to notebook {n!r}, not one of {numbers}")
     goal = raw.get("goal", "max")
     if goal not in ("max", "min"):
-        raise ValueError(f"{where}: goal must be 'max' or 'min', got {goal!r}")
+        raise SweepError(f"{where}: goal must be 'max' or 'min', got {goal!r}")
 
     def _path(v):
         return None if v in (None, "") else (base / str(v)).resolve()
@@ -318,7 +451,7 @@ def plan_points(spec: SweepSpec, out: Path) -> list[PointPlan]:
         plans.append(PointPlan(pid, swept, params, Path(store), stages, out / pid))
     ids = [p.point_id for p in plans]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"sweep {spec.name}: two points have the same id: {ids}")
+        raise SweepError(f"sweep {spec.name}: two points have the same id: {ids}")
     return plans
 
 
@@ -583,11 +716,12 @@ def write_results(table, out: Path) -> tuple[Path, Path]:
     out = Path(out)
     safe = _arrow_safe(table)
     paths = []
+    from workbench.store import atomic_path
+
     for name, writer in (("results.parquet", lambda p: safe.to_parquet(p, index=False)),
                          ("results.csv", lambda p: table.to_csv(p, index=False))):
-        tmp = out / f".{name}.tmp"
-        writer(tmp)
-        os.replace(tmp, out / name)
+        with atomic_path(out / name) as tmp:  # unique temp name, fsync, rename
+            writer(tmp)
         paths.append(out / name)
     return tuple(paths)
 
@@ -688,15 +822,27 @@ def main(argv=None) -> int:
     logging.getLogger("distributed").setLevel(logging.WARNING)
     overrides = {k: str(Path(v).resolve()) for k, v in (("manifest", args.manifest), ("store", args.store)) if v}
     if args.set:
+        from workbench.errors import SweepError
+
         fixed = {}
         for item in args.set:
             if "=" not in item:
                 ap.error(f"--set {item!r}: expected KEY=VALUE")
             k, v = item.split("=", 1)
-            fixed[k] = yaml.safe_load(v)
+            try:
+                fixed[k], _ = safe_yaml(v, f"--set {k}")
+            except SweepError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
         overrides["fixed"] = fixed
-    table = run_sweep(args.sweep, out=args.out, client=args.scheduler, max_workers=args.max_workers,
-                      overrides=overrides)
+    from workbench.errors import WorkbenchError
+
+    try:
+        table = run_sweep(args.sweep, out=args.out, client=args.scheduler, max_workers=args.max_workers,
+                          overrides=overrides)
+    except WorkbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     summary = {"points": len(table), "ok": int((table.status == "ok").sum()),
                "failed": int((table.status == "failed").sum())}
     print(json.dumps(summary))

@@ -12,6 +12,11 @@ Definitions (``R`` = the labels of a query's ranked results, best first, possibl
 
 Tables give one row per class, a ``macro`` row (mean over classes, as SISH averages its per-diagnosis
 figures), an ``overall`` row (mean over queries) and, for slides, one row per site.
+
+Leave-one-patient-out needs each file under one patient: :func:`check_duplicate_files` refuses
+(:class:`~workbench.errors.ManifestError`) a store whose manifest lists the same file (same path, or
+same size/header/directory fingerprint) under two exclusion groups, since the query would then find its
+own file in the database; ``allow_duplicate_files=True`` runs anyway.
 """
 from __future__ import annotations
 
@@ -157,14 +162,50 @@ def labels_matrix(results: list, kmax: int) -> np.ndarray:
 # --------------------------------------------------------------------------- loops over a store index
 
 
+def check_duplicate_files(store_index, *, allow: bool = False) -> list[tuple[str, str]]:
+    """Pairs of slides of the index's store that are the same file under different exclusion groups.
+
+    Raises :class:`~workbench.errors.ManifestError` naming them (unless ``allow``) when the index excludes
+    patients (leave-one-patient-out would be defeated). Returns the pairs.
+    """
+    import os
+
+    from workbench.errors import ManifestError
+    from workbench.io.manifest import duplicate_files, file_fingerprint
+    from workbench.store import open_store
+
+    if getattr(store_index, "exclude", None) is None:
+        return []
+    records = [dict(r) for r in open_store(store_index.store).attrs.get("manifest", [])]
+    for r in records:
+        if not r.get("file_key") and r.get("path") and os.path.isfile(r["path"]):
+            try:
+                r["file_key"] = file_fingerprint(r["path"])
+            except OSError:
+                pass
+    group = dict(zip(store_index.slides["slide_id"], store_index.slides["group"]))
+    pairs = [(a, b) for a, b in duplicate_files(records) if a in group and b in group and group[a] != group[b]]
+    if pairs and not allow:
+        text = "; ".join(f"{a!r} ({group[a]}) and {b!r} ({group[b]})" for a, b in pairs[:10])
+        raise ManifestError(f"store {store_index.store}: the same file is listed under different patients: {text}. "
+                            "Leave-one-patient-out would find each query in its own database; fix the manifest "
+                            "(one slide id per file, the right patient_id) or pass allow_duplicate_files=True")
+    return pairs
+
+
 def evaluate_tiles(store_index, tile_labels: np.ndarray, *, ks=(1, 5, 10), n_queries: int = 1000,
-                   query_ids: np.ndarray | None = None, random_state: int = 0):
+                   query_ids: np.ndarray | None = None, random_state: int = 0, allow_duplicate_files: bool = False):
     """Leave-one-patient-out tile retrieval over a :class:`~workbench.search.retrieval.StoreIndex`.
 
     ``tile_labels`` (N,) gives every tile's label (None/NaN = unlabelled, never a query). Queries are
     ``query_ids`` or ``n_queries`` labelled tiles drawn at random. Returns (table, query_ms), the latter
     the mean wall time per query tile of one batched search.
     """
+    from workbench.validate import check_int, check_int_list
+
+    ks = check_int_list("ks", ks, 1, 100_000)
+    check_int("n_queries", n_queries, 1)
+    check_duplicate_files(store_index, allow=allow_duplicate_files)
     tile_labels = np.asarray(tile_labels, dtype=object)
     if query_ids is None:
         import pandas as pd
@@ -181,7 +222,7 @@ def evaluate_tiles(store_index, tile_labels: np.ndarray, *, ks=(1, 5, 10), n_que
 
 
 def evaluate_slides(store_index, *, label: str = "diagnosis", ks=(1, 5), k_tiles: int = 20, ranking: str = "sish",
-                    by: str = "features", slide_ids=None):
+                    by: str = "features", slide_ids=None, allow_duplicate_files: bool = False):
     """Leave-one-patient-out slide retrieval: every labelled slide queries the rest.
 
     Returns (table, per-query DataFrame with slide_id, label, site, retrieved labels, query_s, and
@@ -189,6 +230,11 @@ def evaluate_slides(store_index, *, label: str = "diagnosis", ks=(1, 5), k_tiles
     """
     import pandas as pd
 
+    from workbench.validate import check_int, check_int_list
+
+    ks = check_int_list("ks", ks, 1, 100_000)
+    check_int("k_tiles", k_tiles, 1)
+    check_duplicate_files(store_index, allow=allow_duplicate_files)
     slides = store_index.slides
     if slide_ids is None:
         slide_ids = slides.loc[slides[label].notna(), "slide_id"].tolist()

@@ -38,7 +38,8 @@ import numpy as np
 
 from workbench.search.slidesearch import (LABEL_WEIGHT_SUM, colour_histograms, label_weights, mean_similarity_rank, mosaic,
                           near_white, sish_rank)
-from workbench.errors import StaleError, StaleIndexError  # noqa: F401  (raised here; defined in workbench.errors)
+from workbench.errors import IntegrityError, ParameterError, StaleError, StaleIndexError  # noqa: F401  (raised here)
+from workbench.validate import check_choice, check_int, check_optional
 
 __all__ = [
     # tile index
@@ -151,17 +152,17 @@ class TileIndex:
 
     # ---- building
     def _validate(self, n: int) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
-        if self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, not {self.metric!r}")
-        if self.use_gpu not in ("auto", True, False):
-            raise ValueError(f"use_gpu must be 'auto', True or False, not {self.use_gpu!r}")
+        check_choice("kind", self.kind, KINDS)
+        check_choice("metric", self.metric, METRICS)
+        check_choice("use_gpu", self.use_gpu, ("auto", True, False))
         if n < 1:
-            raise ValueError("cannot build an index over 0 vectors")
-        for name in ("nprobe", "M", "ef_construction", "ef_search", "batch_rows"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, not {getattr(self, name)!r}")
+            raise ParameterError("cannot build an index over 0 vectors")
+        for name, hi in (("nprobe", 1 << 20), ("M", 512), ("ef_construction", 1 << 16), ("ef_search", 1 << 16),
+                         ("batch_rows", 1 << 26)):
+            check_int(name, getattr(self, name), 1, hi)
+        check_optional(check_int, "nlist", self.nlist, 1, 1 << 24)
+        check_optional(check_int, "train_size", self.train_size, 1)
+        check_int("random_state", self.random_state)
 
     def _nlist(self, n: int) -> int:
         if self.nlist is not None:
@@ -325,9 +326,8 @@ class TileIndex:
         """
         self._check_fitted()
         q = self._prepare(queries)
-        nq, k = len(q), int(k)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, not {k}")
+        # k is bounded by what exists: rows past the index's size could only ever be -1
+        nq, k = len(q), min(check_int("k", k, 1), max(1, int(self.n_)))
         fill = np.inf if self.metric == "l2" else -np.inf
         scores = np.full((nq, k), fill, dtype=np.float32)
         ids = np.full((nq, k), -1, dtype=np.int64)
@@ -372,35 +372,80 @@ class TileIndex:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         index = faiss.index_gpu_to_cpu(self.index_) if getattr(self, "on_gpu_", False) else self.index_
-        tmp = path.with_name(path.name + ".tmp")
-        faiss.write_index(index, str(tmp))
-        os.replace(tmp, path)
+        from workbench.store import atomic_path, write_json_atomic
+
+        # Atomic as a whole: every data file of this version gets a fresh name (<stem>.<token>.*), written
+        # via temp + fsync + rename; the .json sidecar, which names them, is replaced last. A kill at any
+        # point leaves the previous sidecar and the files it names intact, so the old index stays readable.
+        token = f"{time.time_ns():x}"
+        files = {"faiss": f"{path.stem}.{token}.faiss"}
+        with atomic_path(path.parent / files["faiss"]) as tmp:
+            faiss.write_index(index, str(tmp))
         if self.groups_ is not None:
             values = self.group_values_
             values = values.astype(str) if values.dtype == object else values
-            with open(path.with_suffix(".groups.npz"), "wb") as fh:
+            files["groups"] = f"{path.stem}.{token}.groups.npz"
+            with atomic_path(path.parent / files["groups"]) as tmp, open(tmp, "wb") as fh:
                 np.savez(fh, codes=self.groups_, values=values)
         if getattr(self, "row_ids_", None) is not None:
-            with open(path.with_suffix(".rows.npy"), "wb") as fh:
+            files["rows"] = f"{path.stem}.{token}.rows.npy"
+            with atomic_path(path.parent / files["rows"]) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, self.row_ids_)
         meta = {"params": {**self.get_params(), "use_gpu": str(self.use_gpu)}, "n": self.n_, "dim": self.dim_,
                 "digest": self.digest_, "has_groups": self.groups_ is not None,
                 "n_indexed": int(index.ntotal), "has_row_ids": getattr(self, "row_ids_", None) is not None,
-                "build_seconds": self.build_seconds_}
-        from workbench.store import write_json_atomic
+                "build_seconds": self.build_seconds_, "files": files}
+        sidecar = path.with_suffix(".json")
+        try:
+            old_files = set(json.loads(sidecar.read_text()).get("files", {}).values())
+        except (OSError, ValueError, AttributeError):
+            old_files = set()
+        write_json_atomic(sidecar, meta)  # the commit point: names this version's files
+        with atomic_path(path) as tmp:  # <name>.faiss: a plain copy for tools that look for it (a hard link)
+            try:
+                os.link(path.parent / files["faiss"], tmp)
+            except OSError:
+                import shutil
 
-        write_json_atomic(path.with_suffix(".json"), meta)  # written last: an index without it is incomplete
+                shutil.copyfile(path.parent / files["faiss"], tmp)
+        import re
+
+        own = re.compile(rf"^{re.escape(path.stem)}\.[0-9a-f]+\.(faiss|groups\.npz|rows\.npy)$")
+        stale = old_files | {f.name for f in path.parent.iterdir() if own.match(f.name)}  # incl. killed attempts
+        for name in stale - set(files.values()):
+            try:
+                (path.parent / name).unlink()
+            except OSError:
+                pass
+        for legacy in (path.with_suffix(".groups.npz"), path.with_suffix(".rows.npy")):
+            legacy.unlink(missing_ok=True)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, expected_digest: str | None = None, use_gpu="auto") -> "TileIndex":
         """Read an index saved by :meth:`save`; refuse it if its digest is not ``expected_digest``."""
-        faiss = _faiss()
         path = Path(path)
         sidecar = path.with_suffix(".json")
-        if not path.exists() or not sidecar.exists():
+        if not sidecar.exists() or not (path.exists() or any(path.parent.glob(f"{path.stem}.*.faiss"))):
             raise FileNotFoundError(f"no complete index at {path} (need {path.name} and {sidecar.name})")
-        meta = json.loads(sidecar.read_text())
+        try:
+            meta = json.loads(sidecar.read_text())
+            files = meta.get("files") or {}
+            meta["digest"], meta["dim"], meta["params"]  # noqa: B018 — required keys
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise IntegrityError(f"index sidecar {sidecar} is unreadable ({type(exc).__name__}: {exc}): "
+                                 "rebuild the index (build_store_index)") from None
+        try:
+            return cls._load(path, meta, files, expected_digest, use_gpu)
+        except (StaleIndexError, ParameterError):
+            raise
+        except Exception as exc:  # noqa: BLE001 — a damaged file (BadZipFile, faiss RuntimeError, ...) by name
+            raise IntegrityError(f"index {path} cannot be read ({type(exc).__name__}: {exc}): rebuild it "
+                                 "(build_store_index)") from None
+
+    @classmethod
+    def _load(cls, path: Path, meta: dict, files: dict, expected_digest, use_gpu) -> "TileIndex":
+        faiss = _faiss()
         if expected_digest is not None and meta["digest"] != expected_digest:
             raise StaleIndexError(
                 f"index {path} was built from features {meta['digest']}, the store now holds {expected_digest}: "
@@ -409,13 +454,14 @@ class TileIndex:
         params = dict(meta["params"])
         params["use_gpu"] = use_gpu
         self = cls(**params)
-        index = faiss.read_index(str(path))
+        index = faiss.read_index(str(path.parent / files["faiss"]) if "faiss" in files else str(path))
         if index.ntotal != meta.get("n_indexed", meta["n"]) or index.d != meta["dim"]:
             raise StaleIndexError(f"index {path} holds {index.ntotal} x {index.d}, its sidecar says "
                                   f"{meta.get('n_indexed', meta['n'])} x {meta['dim']}: rebuild it")
         self.row_ids_ = None
         if meta.get("has_row_ids"):
-            self.row_ids_ = np.load(path.with_suffix(".rows.npy"), allow_pickle=False)
+            self.row_ids_ = np.load(path.parent / files["rows"] if "rows" in files else path.with_suffix(".rows.npy"),
+                                    allow_pickle=False)
         if self.kind == "ivf":
             index.nprobe = int(self.nprobe)
         elif self.kind == "hnsw":
@@ -424,7 +470,8 @@ class TileIndex:
         self.build_seconds_ = meta.get("build_seconds", float("nan"))
         self.index_ = self._maybe_gpu(index)
         if meta["has_groups"]:
-            with np.load(path.with_suffix(".groups.npz"), allow_pickle=False) as z:
+            with np.load(path.parent / files["groups"] if "groups" in files else path.with_suffix(".groups.npz"),
+                         allow_pickle=False) as z:
                 self.groups_, self.group_values_ = z["codes"].astype(np.int64), z["values"]
             self._group_sizes = np.bincount(self.groups_, minlength=len(self.group_values_))
         else:
@@ -539,6 +586,20 @@ class StoreIndex:
             self._features = features_array(open_store(self.store), self.encoder, list(self.slides["slide_id"]))
         return self._features
 
+    def _check_tile_ids(self, tile_ids) -> np.ndarray:
+        """Global tile ids as int64; ParameterError naming the first id outside [0, N)."""
+        arr = np.asarray(tile_ids)
+        if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+            raise ParameterError(f"tile_ids must be integers (global tile ids), got {arr.dtype} values "
+                                 f"{arr.ravel()[:5].tolist()}")
+        arr = arr.astype(np.int64).ravel()
+        n = int(self.slides["n_tiles"].sum())
+        bad = arr[(arr < 0) | (arr >= n)]
+        if bad.size:
+            raise ParameterError(f"tile id {int(bad[0])} is out of range: this store has tiles 0..{n - 1} "
+                                 f"({bad.size} id(s) outside)")
+        return arr
+
     def slide_of(self, tile_ids) -> np.ndarray:
         """Row in :attr:`slides` of each global tile id (-1 for -1)."""
         tile_ids = np.asarray(tile_ids)
@@ -562,7 +623,8 @@ class StoreIndex:
 
     def query_tiles(self, tile_ids, k: int):
         """The ``k`` nearest tiles of each global tile id (its own patient excluded). Returns (scores, ids)."""
-        tile_ids = np.asarray(tile_ids, dtype=np.int64)
+        tile_ids = self._check_tile_ids(tile_ids)
+        check_int("k", k, 1)
         order = np.argsort(tile_ids)
         vec = np.empty((len(tile_ids), self.index.dim_), np.float32)
         vec[order] = np.asarray(self.features[tile_ids[order]], dtype=np.float32)
@@ -595,7 +657,8 @@ class StoreIndex:
         from workbench.io.slides import TileReader, open_slide
         from workbench.store import check_slide_file, open_store, read_slide
 
-        tile_ids = np.asarray(tile_ids, dtype=np.int64)
+        tile_ids = self._check_tile_ids(tile_ids)
+        check_optional(check_int, "tile_px", tile_px, 8, 4096)
         root = open_store(self.store)
         rows = self.slide_of(tile_ids)
         out = None
