@@ -36,10 +36,22 @@ WHITE = 255
 
 
 def _composite_white(rgba: np.ndarray) -> np.ndarray:
-    """RGBA (premultiplied by OpenSlide) over a white background → RGB uint8."""
-    rgb = rgba[..., :3].astype(np.uint16)
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    return (rgb + (255 - alpha)).clip(0, 255).astype(np.uint8)
+    """RGBA (premultiplied by OpenSlide) over a white background → RGB uint8.
+
+    No compositing work when the block is opaque (the usual case: one check of the alpha channel), and
+    saturating uint8 arithmetic otherwise (rgb + 255 − alpha), without wider temporaries.
+    """
+    if rgba.shape[-1] == 3:
+        return rgba
+    if rgba.size == 0:
+        return np.ascontiguousarray(rgba[..., :3])
+    rgba = np.ascontiguousarray(rgba)
+    alpha = cv2.extractChannel(rgba, 3)
+    rgb = cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
+    if cv2.minMaxLoc(alpha)[0] == 255:  # opaque: nothing to composite
+        return rgb
+    inv = cv2.bitwise_not(alpha)
+    return cv2.add(rgb, cv2.merge([inv, inv, inv]))  # saturating uint8
 
 
 def resolve_mpp(properties: dict, override: float | None = None) -> float | None:
@@ -127,6 +139,59 @@ class Slide:
                 f"slide {self.slide_id!r} ({self.path}): reading region x={x} y={y} level={level} failed: {exc}"
             ) from None
         return _composite_white(rgba)
+
+    def reference_seg_level(self) -> int:
+        """The level CLAM and Mussel segment: OpenSlide's best level for a downsample of 64 (0 if one level)."""
+        if self.level_count == 1:
+            return 0
+        return int(self._osr.get_best_level_for_downsample(64))
+
+    def level_downsample_xy(self, level: int) -> tuple[float, float]:
+        """Per-axis downsample of a level from the level sizes (as CLAM's ``_assertLevelDownsamples``)."""
+        (w0, h0), (w, h) = self.dimensions, self.level_dimensions[level]
+        return w0 / w, h0 / h
+
+    def level_image(self, level: int, block: int = 4096, workers: int | None = None) -> np.ndarray:
+        """A whole pyramid level as RGB uint8.
+
+        TIFF-family levels stored as tiles are decoded straight from the file on ``workers`` threads (default:
+        the CPU count, at most 8) and pasted in place; others are read with OpenSlide in blocks (no
+        temporaries larger than one block).
+        """
+        lw, lh = self.level_dimensions[level]
+        ds = self.level_downsamples[level]
+        try:
+            tiff = _TiffLevel(self.path, (lh, lw))
+        except Exception:  # not TIFF-family, or a layout we do not decode ourselves
+            tiff = None
+        if tiff is not None:
+            try:
+                return tiff.whole(workers or min(8, os.cpu_count() or 1))
+            except Exception as exc:
+                raise SlideError(f"slide {self.slide_id!r} ({self.path}): decoding level {level} failed: {exc}") from None
+            finally:
+                tiff.close()
+        out = np.empty((lh, lw, 3), np.uint8)
+        for by in range(0, lh, block):
+            for bx in range(0, lw, block):
+                bw, bh = min(block, lw - bx), min(block, lh - by)
+                out[by:by + bh, bx:bx + bw] = self.read_region(round(bx * ds), round(by * ds), level, bw, bh)
+        return out
+
+    def segmentation_image(self, seg_level: int = -1, mask_mpp: float | None = None):
+        """The image tissue is segmented on: ``(rgb, (downsample_x, downsample_y), level_or_None)``.
+
+        ``mask_mpp`` given: the slide at that mpp (:meth:`thumbnail`, bounded memory); else the pyramid level
+        ``seg_level`` (-1: :meth:`reference_seg_level`).
+        """
+        if mask_mpp is not None:
+            thumb, ds = self.thumbnail(mask_mpp)
+            return thumb, (self.dimensions[0] / thumb.shape[1], self.dimensions[1] / thumb.shape[0]), None
+        level = self.reference_seg_level() if seg_level < 0 else int(seg_level)
+        if level >= self.level_count:
+            raise SlideError(f"slide {self.slide_id!r} ({self.path}): seg_level {level} does not exist "
+                             f"(the slide has {self.level_count} levels)")
+        return self.level_image(level), self.level_downsample_xy(level), level
 
     def thumbnail(self, mpp: float) -> tuple[np.ndarray, float]:
         """The whole slide at about ``mpp`` µm/px (never coarser); returns (RGB image, downsample vs level 0).
@@ -237,6 +302,21 @@ class _TiffLevel:
         while len(self.cache) > max(cache_size, len(indices)):
             self.cache.popitem(last=False)
         return got
+
+    def whole(self, workers: int) -> np.ndarray:
+        """The whole page as RGB uint8, every stored tile decoded once on ``workers`` threads."""
+        out = np.empty((self.height, self.width, 3), np.uint8)
+        down = math.ceil(self.height / self.th)
+
+        def paste(index: int) -> None:
+            row, col = divmod(index, self.across)
+            y0, x0 = row * self.th, col * self.tw
+            h, w = min(self.th, self.height - y0), min(self.tw, self.width - x0)
+            out[y0:y0 + h, x0:x0 + w] = self._decode_one(index)[:h, :w]
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            list(pool.map(paste, range(self.across * down)))
+        return out
 
     def region(self, x: int, y: int, w: int, h: int, blocks: dict[int, np.ndarray]) -> np.ndarray:
         out = np.full((h, w, 3), WHITE, np.uint8)
