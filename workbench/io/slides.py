@@ -404,8 +404,16 @@ class TileReader:
             raise SlideError(
                 f"slide {self.slide.slide_id!r} ({self.slide.path}): decoding stored tiles failed: {exc}"
             ) from None
-        for i, (lx, ly) in enumerate(boxes):
+
+        def cut(i: int) -> None:  # on the decoder threads: cv2's resize releases the GIL
+            lx, ly = boxes[i]
             out[i] = self._finish(t.region(lx, ly, self.read_px, self.read_px, blocks))
+
+        if len(boxes) > 8:
+            list(self._pool.map(cut, range(len(boxes)), chunksize=max(1, len(boxes) // (4 * self._pool._max_workers))))
+        else:
+            for i in range(len(boxes)):
+                cut(i)
         return out
 
     def close(self):
