@@ -63,7 +63,8 @@ def _median_above(channel: np.ndarray, ksize: int, threshold: float) -> np.ndarr
     if ksize == 1:
         return cv2.threshold(channel, threshold, 255, cv2.THRESH_BINARY)[1]
     above = cv2.threshold(channel, threshold, 1, cv2.THRESH_BINARY)[1]  # uint8: value > floor(threshold)
-    count = cv2.boxFilter(above, cv2.CV_16U, (ksize, ksize), normalize=False, borderType=cv2.BORDER_REPLICATE)
+    depth = -1 if ksize * ksize <= 255 else cv2.CV_16U  # counts fit in uint8 up to k = 15
+    count = cv2.boxFilter(above, depth, (ksize, ksize), normalize=False, borderType=cv2.BORDER_REPLICATE)
     return cv2.compare(count, (ksize * ksize) // 2, cv2.CMP_GT)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -251,6 +252,52 @@ def tile_footprint(slide_mpp: float, tile_px: int, tile_mpp: float) -> int:
     return int(round(tile_px * ratio))
 
 
+class _BlockCache:
+    """Decoded stored tiles, shared by every reader in the process (threads, loaders, the segmentation pass).
+
+    Least recently used blocks go first once ``max_bytes`` is exceeded (``WORKBENCH_DECODE_CACHE_MB``,
+    default 64). Keys name the file (path, size, mtime), the page and the tile, so a rewritten file is not
+    served stale blocks.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self._blocks: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key):
+        with self._lock:
+            arr = self._blocks.get(key)
+            if arr is None:
+                self.misses += 1
+                return None
+            self._blocks.move_to_end(key)
+            self.hits += 1
+            return arr
+
+    def put(self, key, arr: np.ndarray) -> None:
+        if arr.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._blocks:
+                return
+            self._blocks[key] = arr
+            self._bytes += arr.nbytes
+            while self._bytes > self.max_bytes:
+                _, old = self._blocks.popitem(last=False)
+                self._bytes -= old.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._blocks.clear()
+            self._bytes = 0
+
+
+DECODE_CACHE = _BlockCache(int(float(os.environ.get("WORKBENCH_DECODE_CACHE_MB", 64)) * 2**20))
+
+
 class _TiffLevel:
     """Direct access to one tiled TIFF page: decode stored tiles once, in parallel, from the file."""
 
@@ -279,18 +326,26 @@ class _TiffLevel:
         self.jpegtables = getattr(page, "jpegtables", None)
         self._decode = page.decode
         self._fd = os.open(str(path), os.O_RDONLY)
+        st_ = os.fstat(self._fd)
+        self._key = (str(Path(path).resolve()), st_.st_size, st_.st_mtime_ns, getattr(page, "index", id(page)))
         self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def _decode_one(self, index: int) -> np.ndarray:
+        key = self._key + (index,)
+        arr = DECODE_CACHE.get(key)
+        if arr is not None:
+            return arr
         count = self.counts[index]
         if count == 0:
-            return np.full((self.th, self.tw, 3), WHITE, np.uint8)
-        data = os.pread(self._fd, count, self.offsets[index])
-        arr, _, _ = self._decode(data, index, jpegtables=self.jpegtables, _fullsize=True)
-        arr = np.asarray(arr).reshape(self.th, self.tw, -1)
-        if arr.shape[2] == 4:
-            arr = _composite_white(arr)
-        return np.ascontiguousarray(arr[..., :3])
+            arr = np.full((self.th, self.tw, 3), WHITE, np.uint8)
+        else:
+            data = os.pread(self._fd, count, self.offsets[index])
+            arr, _, _ = self._decode(data, index, jpegtables=self.jpegtables, _fullsize=True)
+            arr = np.asarray(arr).reshape(self.th, self.tw, -1)
+            arr = _composite_white(arr) if arr.shape[2] == 4 else np.ascontiguousarray(arr[..., :3])
+        arr.flags.writeable = False  # shared: nobody writes into a cached block
+        DECODE_CACHE.put(key, arr)
+        return arr
 
     def tiles(self, indices: list[int], pool: ThreadPoolExecutor, cache_size: int) -> dict[int, np.ndarray]:
         missing = [i for i in indices if i not in self.cache]
