@@ -178,13 +178,16 @@ def child(args):
 # --------------------------------------------------------------------------- the parent
 
 
-def run_side(side, python, slide, threads, env_extra=None, timeout=1800):
+def run_side(side, python, slide, threads, env_extra=None, timeout=1200):
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "r.json"
         env = dict(os.environ, **(env_extra or {}))
         cmd = [python, str(Path(__file__).resolve()), "--child", side, "--slide", str(slide), "--result", str(result),
                "--threads", str(threads)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": [f"did not finish within {timeout} s (--side-timeout)"]}
         if proc.returncode != 0 or not result.exists():
             return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]}
         return json.loads(result.read_text())
@@ -233,6 +236,7 @@ def main():
     ap.add_argument("--before-src", help="folder holding the older workbench package (for ours_before)")
     ap.add_argument("--peers", default="histoprep,tiatoolbox,lazyslide")
     ap.add_argument("--slides", default="real,big")
+    ap.add_argument("--side-timeout", type=int, default=1200, help="seconds one side may take on one slide")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "peers.json"))
     args = ap.parse_args()
     if args.child:
@@ -254,13 +258,13 @@ def main():
     ours_env = {"PYTHONPATH": str(ROOT)}
     results = {}
     for key, slide in slides.items():
-        res = {"ours": run_side("ours", sys.executable, slide, args.threads, ours_env)}
+        res = {"ours": run_side("ours", sys.executable, slide, args.threads, ours_env, args.side_timeout)}
         if args.before_src:
             res["ours_before"] = run_side("ours_before", sys.executable, slide, args.threads,
-                                          {"PYTHONPATH": str(Path(args.before_src).resolve())})
+                                          {"PYTHONPATH": str(Path(args.before_src).resolve())}, args.side_timeout)
         for peer in [p for p in args.peers.split(",") if p]:
             env = _torchvision_stand_in(peer_python) if peer == "tiatoolbox" else None
-            res[peer] = run_side(peer, peer_python, slide, args.threads, env)
+            res[peer] = run_side(peer, peer_python, slide, args.threads, env, args.side_timeout)
             if env:
                 res[peer]["note"] = ("torchvision did not import in the peer environment; an empty stand-in module "
                                      "satisfied TIAToolbox's import of its registration tool (patch extraction "
