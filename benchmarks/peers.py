@@ -194,11 +194,21 @@ def run_side(side, python, slide, threads, env_extra=None, timeout=1200):
 
 
 def _area_cells(coords, size0, cell=16):
-    cells = set()
-    for x, y in coords:
-        for cy in range(y // cell, (y + size0 - 1) // cell + 1):
-            cells.update((cx, cy) for cx in range(x // cell, (x + size0 - 1) // cell + 1))
-    return cells
+    """Level-0 area covered by the tiles, as the set of indices of the 16-px cells they cover."""
+    coords = np.asarray(sorted(coords), np.int64).reshape(-1, 2)
+    if not len(coords):
+        return set()
+    lo = np.maximum(coords // cell, 0)
+    hi = (coords + size0 - 1) // cell + 1
+    h, w = int(hi[:, 1].max()), int(hi[:, 0].max())
+    raster = np.zeros((h + 1, w + 1), np.int32)  # 2-D difference array, then prefix sums
+    np.add.at(raster, (lo[:, 1], lo[:, 0]), 1)
+    np.add.at(raster, (lo[:, 1], hi[:, 0]), -1)
+    np.add.at(raster, (hi[:, 1], lo[:, 0]), -1)
+    np.add.at(raster, (hi[:, 1], hi[:, 0]), 1)
+    covered = raster.cumsum(0).cumsum(1) > 0
+    ys, xs = np.nonzero(covered)
+    return set((ys.astype(np.int64) << 32 | xs).tolist())
 
 
 def _jaccard(a, b):

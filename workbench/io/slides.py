@@ -349,8 +349,12 @@ class _TiffLevel:
 
     def tiles(self, indices: list[int], pool: ThreadPoolExecutor, cache_size: int) -> dict[int, np.ndarray]:
         missing = [i for i in indices if i not in self.cache]
-        for i, arr in zip(missing, pool.map(self._decode_one, missing)):
-            self.cache[i] = arr
+        # a few chunks per thread rather than one future per stored tile (less scheduling per block)
+        n_chunks = min(len(missing), 4 * max(1, getattr(pool, "_max_workers", 1)))
+        chunks = [missing[k::n_chunks] for k in range(n_chunks)]
+        for chunk, arrs in zip(chunks, pool.map(lambda c: [self._decode_one(i) for i in c], chunks)):
+            for i, arr in zip(chunk, arrs):
+                self.cache[i] = arr
         got = {i: self.cache[i] for i in indices}
         for i in indices:
             self.cache.move_to_end(i)
