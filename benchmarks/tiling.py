@@ -68,8 +68,9 @@ def openslide_job(path, coords, batch, threads):
 
 
 def ours_job(path, coords, batch, threads):
-    from workbench.io.slides import TileReader, open_slide
+    from workbench.io.slides import DECODE_CACHE, TileReader, open_slide
 
+    DECODE_CACHE.clear()  # a fresh job: nothing decoded by an earlier repeat
     t0 = time.perf_counter()
     with open_slide(path) as slide:
         reader = TileReader(slide, tile_px=TILE, tile_mpp=slide.mpp, workers=threads)
