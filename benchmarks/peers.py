@@ -61,6 +61,10 @@ def _rss() -> int:
 
 
 def side_ours(path, threads):
+    import imagecodecs  # noqa: F401  (imported lazily by the reader: import time is left out on every side)
+    import openslide  # noqa: F401
+    import tifffile  # noqa: F401
+
     from workbench.io.slides import TileReader, open_slide
     from workbench.io.tiling import TilingParams, tile_slide
 
