@@ -291,7 +291,7 @@ def _tile_task(store_path: str, rec: dict, params: TilingParams) -> dict:
     n = result["attrs"]["n_tiles"]
     return {"slide_id": sid, "status": "tiled" if n else "empty", "n_tiles": n,
             "seconds": time.perf_counter() - t0, "error": None if n else
-            f"no tile kept by the {params.tile_rule!r} rule (no tissue found, or slide smaller than one tile)"}
+            f"no tile has tissue by the {params.tile_rule!r} rule (no tissue found, or slide smaller than one tile)"}
 
 
 def tile_slides(
