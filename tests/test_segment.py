@@ -52,8 +52,9 @@ def test_synthetic_slide_mask_iou(slide_dir):
     ious = {}
     for name in ("s0", "s1", "s2", "s3"):
         with open_slide(slide_dir / f"{name}.tiff") as s:
-            thumb, ds = s.thumbnail(SegmentParams().mask_mpp)
-        mask, _, _ = tissue_mask(thumb, ds)
+            image, ds, level = s.segmentation_image()  # CLAM's/Mussel's level: ds 4 (1 µm/px) here
+        assert level == 1 and ds == (4.0, 4.0)
+        mask, _, _ = tissue_mask(image, ds)
         ious[name] = mask_iou(load_truth(slide_dir / f"{name}.tiff")["tissue"], mask)
     # s1, s3 have no pen; s0, s2 have pen strokes partly on bare glass, which the mask counts as tissue
     assert min(ious["s1"], ious["s3"]) > 0.9, ious

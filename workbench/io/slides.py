@@ -67,10 +67,22 @@ def check_deadline(slide_id: str | None = None) -> None:
 
 
 def _composite_white(rgba: np.ndarray) -> np.ndarray:
-    """RGBA (premultiplied by OpenSlide) over a white background → RGB uint8."""
-    rgb = rgba[..., :3].astype(np.uint16)
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    return (rgb + (255 - alpha)).clip(0, 255).astype(np.uint8)
+    """RGBA (premultiplied by OpenSlide) over a white background → RGB uint8.
+
+    No compositing work when the block is opaque (the usual case: one check of the alpha channel), and
+    saturating uint8 arithmetic otherwise (rgb + 255 − alpha), without wider temporaries.
+    """
+    if rgba.shape[-1] == 3:
+        return rgba
+    if rgba.size == 0:
+        return np.ascontiguousarray(rgba[..., :3])
+    rgba = np.ascontiguousarray(rgba)
+    alpha = cv2.extractChannel(rgba, 3)
+    rgb = cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
+    if cv2.minMaxLoc(alpha)[0] == 255:  # opaque: nothing to composite
+        return rgb
+    inv = cv2.bitwise_not(alpha)
+    return cv2.add(rgb, cv2.merge([inv, inv, inv]))  # saturating uint8
 
 
 FILE_MPP_RANGE = (0.05, 10.0)  # µm/px a microscope scan's level 0 can have; outside it a file's tags are not trusted
@@ -210,6 +222,59 @@ class Slide:
             ) from None
         return _composite_white(rgba)
 
+    def reference_seg_level(self) -> int:
+        """The level CLAM and Mussel segment: OpenSlide's best level for a downsample of 64 (0 if one level)."""
+        if self.level_count == 1:
+            return 0
+        return int(self._osr.get_best_level_for_downsample(64))
+
+    def level_downsample_xy(self, level: int) -> tuple[float, float]:
+        """Per-axis downsample of a level from the level sizes (as CLAM's ``_assertLevelDownsamples``)."""
+        (w0, h0), (w, h) = self.dimensions, self.level_dimensions[level]
+        return w0 / w, h0 / h
+
+    def level_image(self, level: int, block: int = 4096, workers: int | None = None) -> np.ndarray:
+        """A whole pyramid level as RGB uint8.
+
+        TIFF-family levels stored as tiles are decoded straight from the file on ``workers`` threads (default:
+        the CPU count, at most 8) and pasted in place; others are read with OpenSlide in blocks (no
+        temporaries larger than one block).
+        """
+        lw, lh = self.level_dimensions[level]
+        ds = self.level_downsamples[level]
+        try:
+            tiff = _TiffLevel(self.path, (lh, lw))
+        except Exception:  # not TIFF-family, or a layout we do not decode ourselves
+            tiff = None
+        if tiff is not None:
+            try:
+                return tiff.whole(workers or min(8, os.cpu_count() or 1))
+            except Exception as exc:
+                raise SlideError(f"slide {self.slide_id!r} ({self.path}): decoding level {level} failed: {exc}") from None
+            finally:
+                tiff.close()
+        out = np.empty((lh, lw, 3), np.uint8)
+        for by in range(0, lh, block):
+            for bx in range(0, lw, block):
+                bw, bh = min(block, lw - bx), min(block, lh - by)
+                out[by:by + bh, bx:bx + bw] = self.read_region(round(bx * ds), round(by * ds), level, bw, bh)
+        return out
+
+    def segmentation_image(self, seg_level: int = -1, mask_mpp: float | None = None):
+        """The image tissue is segmented on: ``(rgb, (downsample_x, downsample_y), level_or_None)``.
+
+        ``mask_mpp`` given: the slide at that mpp (:meth:`thumbnail`, bounded memory); else the pyramid level
+        ``seg_level`` (-1: :meth:`reference_seg_level`).
+        """
+        if mask_mpp is not None:
+            thumb, ds = self.thumbnail(mask_mpp)
+            return thumb, (self.dimensions[0] / thumb.shape[1], self.dimensions[1] / thumb.shape[0]), None
+        level = self.reference_seg_level() if seg_level < 0 else int(seg_level)
+        if level >= self.level_count:
+            raise SlideError(f"slide {self.slide_id!r} ({self.path}): seg_level {level} does not exist "
+                             f"(the slide has {self.level_count} levels)")
+        return self.level_image(level), self.level_downsample_xy(level), level
+
     def thumbnail(self, mpp: float) -> tuple[np.ndarray, float]:
         """The whole slide at about ``mpp`` µm/px (never coarser); returns (RGB image, downsample vs level 0).
 
@@ -272,6 +337,52 @@ def tile_footprint(slide_mpp: float, tile_px: int, tile_mpp: float) -> int:
     return size0
 
 
+class _BlockCache:
+    """Decoded stored tiles, shared by every reader in the process (threads, loaders, the segmentation pass).
+
+    Least recently used blocks go first once ``max_bytes`` is exceeded (``WORKBENCH_DECODE_CACHE_MB``,
+    default 64). Keys name the file (path, size, mtime), the page and the tile, so a rewritten file is not
+    served stale blocks.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self._blocks: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key):
+        with self._lock:
+            arr = self._blocks.get(key)
+            if arr is None:
+                self.misses += 1
+                return None
+            self._blocks.move_to_end(key)
+            self.hits += 1
+            return arr
+
+    def put(self, key, arr: np.ndarray) -> None:
+        if arr.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._blocks:
+                return
+            self._blocks[key] = arr
+            self._bytes += arr.nbytes
+            while self._bytes > self.max_bytes:
+                _, old = self._blocks.popitem(last=False)
+                self._bytes -= old.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._blocks.clear()
+            self._bytes = 0
+
+
+DECODE_CACHE = _BlockCache(int(float(os.environ.get("WORKBENCH_DECODE_CACHE_MB", 64)) * 2**20))
+
+
 class _TiffLevel:
     """Direct access to one tiled TIFF page: decode stored tiles once, in parallel, from the file."""
 
@@ -300,30 +411,57 @@ class _TiffLevel:
         self.jpegtables = getattr(page, "jpegtables", None)
         self._decode = page.decode
         self._fd = os.open(str(path), os.O_RDONLY)
+        st_ = os.fstat(self._fd)
+        self._key = (str(Path(path).resolve()), st_.st_size, st_.st_mtime_ns, getattr(page, "index", id(page)))
         self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def _decode_one(self, index: int) -> np.ndarray:
+        key = self._key + (index,)
+        arr = DECODE_CACHE.get(key)
+        if arr is not None:
+            return arr
         count = self.counts[index]
         if count == 0:
-            return np.full((self.th, self.tw, 3), WHITE, np.uint8)
-        data = os.pread(self._fd, count, self.offsets[index])
-        arr, _, _ = self._decode(data, index, jpegtables=self.jpegtables, _fullsize=True)
-        arr = np.asarray(arr).reshape(self.th, self.tw, -1)
-        if arr.shape[2] == 4:
-            arr = _composite_white(arr)
-        return np.ascontiguousarray(arr[..., :3])
+            arr = np.full((self.th, self.tw, 3), WHITE, np.uint8)
+        else:
+            data = os.pread(self._fd, count, self.offsets[index])
+            arr, _, _ = self._decode(data, index, jpegtables=self.jpegtables, _fullsize=True)
+            arr = np.asarray(arr).reshape(self.th, self.tw, -1)
+            arr = _composite_white(arr) if arr.shape[2] == 4 else np.ascontiguousarray(arr[..., :3])
+        arr.flags.writeable = False  # shared: nobody writes into a cached block
+        DECODE_CACHE.put(key, arr)
+        return arr
 
     def tiles(self, indices: list[int], pool: ThreadPoolExecutor, cache_size: int) -> dict[int, np.ndarray]:
         check_deadline()
         missing = [i for i in indices if i not in self.cache]
-        for i, arr in zip(missing, pool.map(self._decode_one, missing)):
-            self.cache[i] = arr
+        # a few chunks per thread rather than one future per stored tile (less scheduling per block)
+        n_chunks = min(len(missing), 4 * max(1, getattr(pool, "_max_workers", 1)))
+        chunks = [missing[k::n_chunks] for k in range(n_chunks)]
+        for chunk, arrs in zip(chunks, pool.map(lambda c: [self._decode_one(i) for i in c], chunks)):
+            for i, arr in zip(chunk, arrs):
+                self.cache[i] = arr
         got = {i: self.cache[i] for i in indices}
         for i in indices:
             self.cache.move_to_end(i)
         while len(self.cache) > max(cache_size, len(indices)):
             self.cache.popitem(last=False)
         return got
+
+    def whole(self, workers: int) -> np.ndarray:
+        """The whole page as RGB uint8, every stored tile decoded once on ``workers`` threads."""
+        out = np.empty((self.height, self.width, 3), np.uint8)
+        down = math.ceil(self.height / self.th)
+
+        def paste(index: int) -> None:
+            row, col = divmod(index, self.across)
+            y0, x0 = row * self.th, col * self.tw
+            h, w = min(self.th, self.height - y0), min(self.tw, self.width - x0)
+            out[y0:y0 + h, x0:x0 + w] = self._decode_one(index)[:h, :w]
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            list(pool.map(paste, range(self.across * down)))
+        return out
 
     def region(self, x: int, y: int, w: int, h: int, blocks: dict[int, np.ndarray]) -> np.ndarray:
         out = np.full((h, w, 3), WHITE, np.uint8)
@@ -411,8 +549,16 @@ class TileReader:
             raise SlideError(
                 f"slide {self.slide.slide_id!r} ({self.slide.path}): decoding stored tiles failed: {exc}"
             ) from None
-        for i, (lx, ly) in enumerate(boxes):
+
+        def cut(i: int) -> None:  # on the decoder threads: cv2's resize releases the GIL
+            lx, ly = boxes[i]
             out[i] = self._finish(t.region(lx, ly, self.read_px, self.read_px, blocks))
+
+        if len(boxes) > 8:
+            list(self._pool.map(cut, range(len(boxes)), chunksize=max(1, len(boxes) // (4 * self._pool._max_workers))))
+        else:
+            for i in range(len(boxes)):
+                cut(i)
         return out
 
     def close(self):

@@ -1,11 +1,28 @@
 """Tiles at a fixed mpp over tissue, written per slide into the store, in parallel with Dask.
 
-A tile is kept when its **tissue fraction** — the share of its footprint covered by the tissue mask —
-is at least ``min_tissue`` (default 0.5). This is the mask-based equivalent of CLAM's
-"tile centre / four points inside a contour" test: it uses the same contours (holes cut out) and gives
-a number per tile that later stages can filter on. Tiles form a non-overlapping grid from the slide's
-top-left corner (with ``overlap_px`` > 0, neighbouring tiles overlap by that many output pixels);
-partial tiles at the right and bottom edges are not made.
+Three rules decide which tiles are kept (``tile_rule``); all use the same tissue contours (CLAM's/Mussel's
+segmentation, :mod:`workbench.io.segment`) and record each kept tile's tissue fraction (the share of its
+footprint covered by the mask) for later filtering:
+
+``"mussel"`` (default; the rule of the MSK Mussel reference run, ``mussel/utils/segment.py``)
+    one grid over all tissue, started at the top-left corner of the tissue's bounding box, step ``stride0``;
+    the grid's last row and last column are not made (Mussel iterates ``range(len(coords) - 1)``); a tile is
+    kept when its closed square touches the tissue polygon at all (tissue contours united, the kept holes'
+    interiors removed). Evaluated on the mask's pixel lattice scaled to level 0 (a tile is kept when a
+    lattice point of the closed polygon lies in its square), not with shapely; tiles may extend past the
+    slide's edge only with overlap.
+``"clam"`` (CLAM's ``create_patches_fp.py`` defaults: ``contour_fn='four_pt'``, ``use_padding=True``)
+    a grid per tissue contour from its bounding box; a tile is kept when any of four points a quarter tile
+    from its centre (``isInContourV3_Easy``) is inside or on the contour, and dropped when its centre is
+    strictly inside one of that contour's kept holes. Tiles of different contours are not aligned; the
+    same tile made by two contours is kept once.
+``"tissue_fraction"``
+    a non-overlapping grid from the slide's top-left corner; a tile is kept when its tissue fraction is at
+    least ``min_tissue`` (default 0.5). Partial tiles at the right and bottom edges are not made.
+
+``min_tissue`` given with the ``mussel`` or ``clam`` rule further drops tiles below that tissue fraction (as
+Mussel's ``min_tissue_proportion``; default none). With ``overlap_px`` > 0 neighbouring tiles overlap by
+that many output pixels.
 
 Each slide is one Dask task that segments, grids and writes its own group ``slides/<slide_id>``; the
 slide's ``complete`` attribute is written last, so a killed run leaves at worst an incomplete group that
@@ -30,13 +47,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import zarr
 
 from workbench import store as st
 from workbench.io.manifest import read_manifest, to_records, validate_manifest
-from workbench.io.segment import SegmentParams, contours_geojson, tissue_mask
+from workbench.io.segment import SegmentParams, contours_geojson, render_mask, tissue_mask
 from workbench.io.slides import SlideError, SlideTimeoutError, deadline, open_slide, tile_footprint
 from workbench.errors import ParameterError
 from workbench.validate import check_choice, check_float, check_int, check_optional
@@ -49,21 +67,34 @@ MAX_UPSAMPLE = 2.0  # tiles finer than the slide's own mpp by more than this fac
 log = logging.getLogger(__name__)
 
 
+TILE_RULES = ("mussel", "clam", "tissue_fraction")
+
+
 @dataclass(frozen=True)
 class TilingParams:
     tile_px: int = 224
     tile_mpp: float = 0.5
-    min_tissue: float = 0.5
+    min_tissue: float | None = None  # tissue_fraction rule: 0.5 when None; mussel/clam: no extra filter when None
     segment: SegmentParams = field(default_factory=SegmentParams)
     overlap_px: int = 0
+    tile_rule: str = "mussel"
 
     def validate(self) -> "TilingParams":
         check_int("tile_px", self.tile_px, 16, 65536)
         check_float("tile_mpp", self.tile_mpp, 0.05, 100)
         check_int("overlap_px", self.overlap_px, 0, int(self.tile_px) - 1)
-        check_float("min_tissue", self.min_tissue, 0.0, 1.0, lo_open=True)
+        if self.min_tissue is not None:
+            check_float("min_tissue", self.min_tissue, 0.0, 1.0)
+        check_choice("tile_rule", self.tile_rule, TILE_RULES)
         self.segment.validate()
         return self
+
+    @property
+    def tissue_threshold(self) -> float:
+        """The tissue fraction a kept tile needs (0: none, for the contour rules without ``min_tissue``)."""
+        if self.min_tissue is not None:
+            return float(self.min_tissue)
+        return 0.5 if self.tile_rule == "tissue_fraction" else 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -71,9 +102,38 @@ class TilingParams:
         return d
 
 
+def _xy(downsample) -> tuple[float, float]:
+    return (float(downsample), float(downsample)) if np.isscalar(downsample) else tuple(map(float, downsample))
+
+
+def tissue_fractions(mask: np.ndarray, downsample, coords: np.ndarray, size0: int,
+                     integral: np.ndarray | None = None) -> np.ndarray:
+    """Share of each tile's footprint covered by ``mask`` (bool, at ``downsample`` × level 0).
+
+    Footprint edges are rounded to mask pixels (at least one pixel wide); parts outside the mask count
+    as background. Uses an int32 integral image (``cv2.integral``).
+    """
+    sx, sy = _xy(downsample)
+    coords = np.asarray(coords, np.int64).reshape(-1, 2)
+    if integral is None:
+        integral = cv2.integral(mask.view(np.uint8), sdepth=cv2.CV_32S)
+    h, w = mask.shape
+    xs, ys = coords[:, 0], coords[:, 1]
+    x0 = np.clip(np.round(xs / sx).astype(np.int64), 0, w - 1)
+    x1 = np.clip(np.maximum(np.round((xs + size0) / sx).astype(np.int64), x0 + 1), 1, w)
+    y0 = np.clip(np.round(ys / sy).astype(np.int64), 0, h - 1)
+    y1 = np.clip(np.maximum(np.round((ys + size0) / sy).astype(np.int64), y0 + 1), 1, h)
+    # area of the footprint in mask pixels, outside parts included
+    fx0, fx1 = np.round(xs / sx), np.maximum(np.round((xs + size0) / sx), np.round(xs / sx) + 1)
+    fy0, fy1 = np.round(ys / sy), np.maximum(np.round((ys + size0) / sy), np.round(ys / sy) + 1)
+    area = (fx1 - fx0) * (fy1 - fy0)
+    inside = (integral[y1, x1].astype(np.int64) - integral[y0, x1] - integral[y1, x0] + integral[y0, x0])
+    return (inside / area).astype(np.float32)
+
+
 def tile_grid(mask: np.ndarray, downsample: float, slide_size: tuple[int, int], size0: int, min_tissue: float,
               stride0: int | None = None):
-    """Grid tiles over a slide and keep those with enough tissue.
+    """The ``tissue_fraction`` rule: grid from the slide's corner, keep tiles with enough tissue.
 
     Parameters
     ----------
@@ -100,23 +160,79 @@ def tile_grid(mask: np.ndarray, downsample: float, slide_size: tuple[int, int], 
     if width < size0 or height < size0:
         return np.zeros((0, 2), np.int32), np.zeros(0, np.float32)
     nx, ny = (width - size0) // stride0 + 1, (height - size0) // stride0 + 1
-    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.float64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.float64), axis=1)
-    xs, ys = np.arange(nx) * stride0, np.arange(ny) * stride0
-    # footprint edges in mask pixels (at least one pixel wide)
-    x0 = np.clip(np.round(xs / downsample).astype(int), 0, mask.shape[1] - 1)
-    x1 = np.clip(np.maximum(np.round((xs + size0) / downsample).astype(int), x0 + 1), 1, mask.shape[1])
-    y0 = np.clip(np.round(ys / downsample).astype(int), 0, mask.shape[0] - 1)
-    y1 = np.clip(np.maximum(np.round((ys + size0) / downsample).astype(int), y0 + 1), 1, mask.shape[0])
-    Y0, X0 = np.meshgrid(y0, x0, indexing="ij")
-    Y1, X1 = np.meshgrid(y1, x1, indexing="ij")
-    area = (Y1 - Y0) * (X1 - X0)
-    inside = integral[Y1, X1] - integral[Y0, X1] - integral[Y1, X0] + integral[Y0, X0]
-    frac = (inside / area).astype(np.float32)
+    gy, gx = np.mgrid[0:ny, 0:nx]
+    grid = np.stack([gx.ravel() * stride0, gy.ravel() * stride0], axis=1)
+    frac = tissue_fractions(mask, downsample, grid, size0)
     keep = frac >= min_tissue
-    gy, gx = np.nonzero(keep)
-    coords = np.stack([xs[gx], ys[gy]], axis=1).astype(np.int32)
-    return coords, frac[keep]
+    return grid[keep].astype(np.int32), frac[keep]
+
+
+def _level0(contour: np.ndarray, downsample) -> np.ndarray:
+    """A contour in mask pixels scaled to level 0 and truncated to int32, as CLAM and Mussel do."""
+    sx, sy = _xy(downsample)
+    return np.array(contour * np.array([sx, sy]), dtype=np.int32)
+
+
+def grid_mussel(tissue: list, holes: list, mask_shape: tuple[int, int], downsample, size0: int,
+                stride0: int | None = None) -> np.ndarray:
+    """The Mussel reference run's rule (``partition`` in ``mussel/utils/segment.py``); see the module doc.
+
+    ``tissue``/``holes``: contours in mask pixels (:func:`workbench.io.segment.filter_contours`). Returns
+    (n, 2) int32 level-0 top-left corners, row-major.
+    """
+    stride0 = int(stride0 or size0)
+    tissue = [c for c in tissue if len(c) >= 4]  # Mussel makes no polygon of a contour under 4 points
+    if not tissue:
+        return np.zeros((0, 2), np.int32)
+    pts = np.concatenate([_level0(c, downsample).reshape(-1, 2) for c in tissue])
+    (minx, miny), (maxx, maxy) = pts.min(0), pts.max(0)
+    xs = np.arange(minx, maxx, stride0)[:-1]  # Mussel's grid drops its last column and row
+    ys = np.arange(miny, maxy, stride0)[:-1]
+    if not len(xs) or not len(ys):
+        return np.zeros((0, 2), np.int32)
+    # the closed polygon (tissue minus the holes' interiors) on the mask's pixel lattice
+    closed = render_mask(mask_shape, tissue, holes, closed=True)
+    integral = cv2.integral(closed.view(np.uint8), sdepth=cv2.CV_32S)
+    sx, sy = _xy(downsample)
+    lat_x = (np.arange(mask_shape[1]) * sx).astype(np.int64)  # level-0 position of each lattice column
+    lat_y = (np.arange(mask_shape[0]) * sy).astype(np.int64)
+    i0, i1 = np.searchsorted(lat_x, xs, "left"), np.searchsorted(lat_x, xs + size0, "right")
+    j0, j1 = np.searchsorted(lat_y, ys, "left"), np.searchsorted(lat_y, ys + size0, "right")
+    J0, I0 = np.meshgrid(j0, i0, indexing="ij")
+    J1, I1 = np.meshgrid(j1, i1, indexing="ij")
+    count = integral[J1, I1] - integral[J0, I1] - integral[J1, I0] + integral[J0, I0]
+    gy, gx = np.nonzero(count > 0)
+    return np.stack([xs[gx], ys[gy]], axis=1).astype(np.int32)
+
+
+def grid_clam(tissue: list, holes: list, downsample, size0: int, stride0: int | None = None) -> np.ndarray:
+    """CLAM's rule (``process_contour`` with ``four_pt`` and ``use_padding``); see the module doc.
+
+    Returns (n, 2) int32 level-0 top-left corners, row-major, each tile once.
+    """
+    stride0 = int(stride0 or size0)
+    half, shift = size0 // 2, int(size0 // 2 * 0.5)
+    offsets = np.array([(-shift, -shift), (shift, shift), (shift, -shift), (-shift, shift)]) if shift > 0 else \
+        np.zeros((1, 2), int)
+    kept = []
+    for cont, hs in zip(tissue, holes):
+        c0 = _level0(cont, downsample)
+        h0 = [_level0(h, downsample) for h in hs]
+        x, y, w, h = cv2.boundingRect(c0)
+        for ty in range(y, y + h, stride0):
+            for tx in range(x, x + w, stride0):
+                cx, cy = tx + half, ty + half
+                if not any(cv2.pointPolygonTest(c0, (float(cx + dx), float(cy + dy)), False) >= 0
+                           for dx, dy in offsets):
+                    continue
+                centre = (tx + size0 / 2, ty + size0 / 2)
+                if any(cv2.pointPolygonTest(hole, centre, False) > 0 for hole in h0):
+                    continue
+                kept.append((tx, ty))
+    if not kept:
+        return np.zeros((0, 2), np.int32)
+    coords = np.unique(np.array(kept, np.int64), axis=0)
+    return coords[np.lexsort((coords[:, 0], coords[:, 1]))].astype(np.int32)
 
 
 def tile_slide(path: str, params: TilingParams, *, slide_id: str | None = None, mpp: float | None = None,
@@ -126,6 +242,7 @@ def tile_slide(path: str, params: TilingParams, *, slide_id: str | None = None, 
     Refuses (:class:`SlideError`, naming the slide) a slide over ``max_pixels`` level-0 pixels, a grid of
     more than ``max_tiles`` tiles, or a tile footprint under one level-0 pixel, before reading pixels.
     """
+    seg = params.segment
     with open_slide(path, slide_id=slide_id, mpp=mpp) as slide:
         identity = st.file_identity(path)  # recorded with the tiles: embedding refuses the slide if the file changes
         name = f"slide {slide.slide_id!r} ({slide.path})"
@@ -147,9 +264,21 @@ def tile_slide(path: str, params: TilingParams, *, slide_id: str | None = None, 
             raise SlideError(f"{name}: {n_grid:,} tiles of {size0} level-0 px ({params.tile_px} px at "
                              f"{params.tile_mpp} µm/px on a {slide.mpp:.4g} µm/px slide) is beyond the sanity limit "
                              f"of {max_tiles:,} (max_tiles); check the slide's mpp or raise the limit")
-        thumb, ds = slide.thumbnail(params.segment.mask_mpp)
-        mask, tissue, holes = tissue_mask(thumb, ds, params.segment)
-        coords, frac = tile_grid(mask, ds, slide.dimensions, size0, params.min_tissue, stride0)
+        image, ds_xy, seg_level = slide.segmentation_image(seg.seg_level, seg.mask_mpp)
+        mask, tissue, holes = tissue_mask(image, ds_xy, seg)
+        del image
+        threshold = params.tissue_threshold
+        if params.tile_rule == "tissue_fraction":
+            coords, frac = tile_grid(mask, ds_xy, slide.dimensions, size0, threshold, stride0)
+        else:
+            if params.tile_rule == "mussel":
+                coords = grid_mussel(tissue, holes, mask.shape, ds_xy, size0, stride0)
+            else:
+                coords = grid_clam(tissue, holes, ds_xy, size0, stride0)
+            frac = tissue_fractions(mask, ds_xy, coords, size0)
+            if threshold > 0:
+                keep = frac >= threshold
+                coords, frac = coords[keep], frac[keep]
         attrs = {
             "path": str(slide.path),
             "mpp": slide.mpp,
@@ -159,15 +288,18 @@ def tile_slide(path: str, params: TilingParams, *, slide_id: str | None = None, 
             "vendor": slide.vendor,
             "tile_px": params.tile_px,
             "tile_mpp": params.tile_mpp,
+            "tile_rule": params.tile_rule,
             "size0": size0,
             "stride0": stride0,
             "read_level": slide.best_level(params.tile_mpp),
-            "mask_downsample": ds,
+            "seg_level": seg_level,
+            "mask_downsample": float(ds_xy[0]),
+            "mask_downsample_xy": [float(ds_xy[0]), float(ds_xy[1])],
             "n_tiles": int(len(coords)),
             "manifest_path": str(path),
             "file_identity": identity,
         }
-    attrs["contours"] = contours_geojson(tissue, holes, ds, slide_id=slide_id)
+    attrs["contours"] = contours_geojson(tissue, holes, ds_xy[0], slide_id=slide_id)
     return {"coords": coords, "tissue": frac, "mask": mask, "attrs": attrs}
 
 
@@ -214,7 +346,7 @@ def _tile_task(store_path: str, rec: dict, params: TilingParams, limits: dict | 
     n = result["attrs"]["n_tiles"]
     return {"slide_id": sid, "status": "tiled" if n else "empty", "n_tiles": n,
             "seconds": time.perf_counter() - t0, "error": None if n else
-            f"no tile has tissue fraction >= {params.min_tissue} (no tissue found, or slide smaller than one tile)"}
+            f"no tile has tissue by the {params.tile_rule!r} rule (no tissue found, or slide smaller than one tile)"}
 
 
 def tile_slides(
@@ -223,9 +355,10 @@ def tile_slides(
     *,
     tile_px: int = 224,
     tile_mpp: float = 0.5,
-    min_tissue: float = 0.5,
+    min_tissue: float | None = None,
     overlap_px: int = 0,
     segment: SegmentParams | dict | None = None,
+    tile_rule: str = "mussel",
     on_error: str = "skip",
     client=None,
     scheduler: str = "threads",
@@ -243,7 +376,10 @@ def tile_slides(
     manifest : DataFrame or path to a CSV/Parquet manifest
     store_path : path of the ``.zarr`` dataset store
     tile_px, tile_mpp : output tile size in pixels and its µm/px
-    min_tissue : minimum tissue fraction of a kept tile
+    min_tissue : minimum tissue fraction of a kept tile (``tissue_fraction`` rule: default 0.5; ``mussel``/``clam``:
+        an optional extra filter, default none)
+    tile_rule : ``"mussel"`` (default, the Mussel reference run's rule), ``"clam"`` or ``"tissue_fraction"``
+        (see the module doc)
     overlap_px : overlap of neighbouring tiles in output pixels (0: a plain grid)
     segment : :class:`SegmentParams` (or a dict of its fields)
     on_error : ``"skip"`` records a bad slide in the store's error table and goes on; ``"raise"`` raises
@@ -274,7 +410,7 @@ def tile_slides(
             segment = SegmentParams(**segment)
         except TypeError as exc:
             raise ParameterError(f"segment={segment!r}: {exc}") from None
-    params = TilingParams(tile_px, tile_mpp, min_tissue, segment or SegmentParams(), overlap_px).validate()
+    params = TilingParams(tile_px, tile_mpp, min_tissue, segment or SegmentParams(), overlap_px, tile_rule).validate()
     if isinstance(client, str):
         from dask.distributed import Client
 
