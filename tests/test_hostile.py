@@ -307,16 +307,16 @@ def test_time_limit_records_timeout_and_frees_the_worker(slides, tmp_path, monke
     """A slide whose reads never end (a huge declared image with little behind it) stops at the limit."""
     from workbench.io import slides as sl
 
-    real = sl.Slide.thumbnail
+    real = sl.Slide.segmentation_image
 
-    def endless(self, mpp):
+    def endless(self, *args, **kwargs):
         if self.slide_id != "r1":
-            return real(self, mpp)
+            return real(self, *args, **kwargs)
         while True:  # e.g. 200k x 200k declared: read after read
             self.read_region(0, 0, 0, 64, 64)
             time.sleep(0.01)
 
-    monkeypatch.setattr(sl.Slide, "thumbnail", endless)
+    monkeypatch.setattr(sl.Slide, "segmentation_image", endless)
     t0 = time.perf_counter()
     summary = tile_slides(slides.df, tmp_path / "t.zarr", progress=False, time_limit=2.0, num_workers=2)
     elapsed = time.perf_counter() - t0

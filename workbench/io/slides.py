@@ -45,14 +45,17 @@ _DEADLINE = threading.local()
 
 
 @contextlib.contextmanager
-def deadline(seconds: float | None, slide_id: str = "slide"):
+def deadline(seconds: float | None, slide_id: str = "slide", *, limit: float | None = None):
     """Run the block with a time limit: any slide read past it raises :class:`SlideTimeoutError`.
+
+    ``seconds`` is the time left; ``limit`` the configured per-slide limit that the error names
+    (default: ``seconds``).
 
     The check sits inside the read loops (every region, every batch of stored tiles), so a slide that
     declares a huge image behind little data stops within one read of the limit instead of spinning.
     """
     old = getattr(_DEADLINE, "value", None)
-    _DEADLINE.value = None if seconds is None else (time.monotonic() + float(seconds), float(seconds), slide_id)
+    _DEADLINE.value = None if seconds is None else (time.monotonic() + float(seconds), float(seconds if limit is None else limit), slide_id)
     try:
         yield
     finally:
