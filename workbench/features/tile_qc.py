@@ -44,14 +44,13 @@ def compute_store(store_path, *, batch: int = 256, progress: bool = True) -> dic
 
     Slides whose QC columns are complete are skipped; returns {slide_id: n_tiles computed}.
     """
-    from tqdm.auto import tqdm
-
     from workbench.io.slides import TileReader, open_slide
+    from workbench.progress import progress_bar
 
     root = st.open_store(store_path, mode="a")
     done = {}
     with st.write_lock(store_path):
-        for sid in tqdm(st.slide_ids(root), desc="pixel QC", disable=not progress):
+        for sid in progress_bar(st.slide_ids(root), desc="pixel QC", unit="slide", disable=not progress):
             key = st.Key.pixel_qc(sid, METRICS[-1])
             if st.is_complete(root, key):
                 continue

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -22,11 +23,21 @@ def numbered_notebooks(folder: str | Path | None = None) -> list[Path]:
     return sorted(p for p in Path(folder).glob("[0-9][0-9]_*.ipynb"))
 
 
+def _relative_to(value, base: Path):
+    """An absolute path string as a path relative to ``base``; anything else unchanged."""
+    if isinstance(value, str) and value and os.path.isabs(value):
+        return os.path.relpath(value, base)
+    return value
+
+
 def run_notebook(notebook: str | Path, run_dir: str | Path, parameters: dict, *, kernel: str = "python3",
-                 progress: bool = False) -> Path:
+                 progress: bool = False, relative: bool = False) -> Path:
     """Execute one notebook with papermill into ``run_dir``; returns the executed notebook's path.
 
-    ``run_dir`` is always passed as a parameter; the notebook runs with its own folder as working directory.
+    ``run_dir`` is always passed as a parameter. By default the notebook runs with its own folder as working
+    directory. With ``relative=True`` it runs inside ``run_dir`` and every absolute path parameter is passed
+    relative to ``run_dir`` (``run_dir`` itself as ``"."``), so the executed notebook carries no absolute paths
+    and a copy of the run folder, re-run where it lies, writes next to itself.
     """
     import papermill as pm
 
@@ -34,8 +45,12 @@ def run_notebook(notebook: str | Path, run_dir: str | Path, parameters: dict, *,
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / notebook.name
     params = {**parameters, "run_dir": str(run_dir)}
+    cwd = notebook.parent
+    if relative:
+        params = {k: _relative_to(v, run_dir) for k, v in params.items()}
+        cwd = run_dir
     log.info("running %s -> %s", notebook.name, out)
-    pm.execute_notebook(str(notebook), str(out), parameters=params, kernel_name=kernel, cwd=str(notebook.parent),
+    pm.execute_notebook(str(notebook), str(out), parameters=params, kernel_name=kernel, cwd=str(cwd),
                         start_timeout=300, progress_bar=progress)
     return out
 

@@ -60,6 +60,7 @@ METRICS = ("cosine", "ip", "l2")
 
 
 def _faiss():
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines ("Loading faiss with AVX2") are noise
     import faiss
 
     return faiss
