@@ -141,7 +141,11 @@ def test_gallery_interactive_builds_controls(store):
     box = widgets.TileGallery(store, by="sample", n=4, tile_px=32, static=False).widget()
     assert isinstance(box, ipw.VBox) and isinstance(box.children[0], ipw.IntSlider)  # pages: a slider
     assert box.children[0].max == len(widgets.TileGallery(store, by="sample", n=4).keys()) - 1
-    box.children[0].value = 2  # a new page redraws without error
+    first = bytes(box.children[1].value)
+    assert isinstance(box.children[1], ipw.Image) and first[:8] == b"\x89PNG\r\n\x1a\n" and first.endswith(b"IEND\xaeB`\x82")
+    box.children[0].value = 2  # a new page redraws the image
+    second = bytes(box.children[1].value)
+    assert second != first and second.endswith(b"IEND\xaeB`\x82")
     clusters = widgets.TileGallery(store, by="cluster", n=4, tile_px=32, static=False).widget()
     assert isinstance(clusters.children[0], ipw.Dropdown) and clusters.children[0].value == 0
     slider = widgets.ThresholdSlider(np.linspace(0, 1, 11), static=False).widget()

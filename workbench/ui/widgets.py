@@ -77,23 +77,36 @@ def _show_static(fig) -> None:
     plt.close(fig)
 
 
+def _png(fig, dpi: int = 100) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
 def _live(control, figure):
-    """``control`` above an output that redraws ``figure()`` whenever the control's value changes (not displayed)."""
+    """``control`` above an image that shows ``figure()`` and is redrawn whenever the control's value changes
+    (not displayed). The figure travels as the PNG value of an ``ipywidgets.Image``: a widget state update, so
+    rapid changes (a dragged slider, held arrow keys) end with the last figure, whole."""
     import ipywidgets as ipw
     import matplotlib.pyplot as plt
 
-    out = ipw.Output()
+    image = ipw.Image(format="png", layout=ipw.Layout(max_width="100%", height="auto"))
+    errors = ipw.Output()  # a failed redraw shows its traceback here
 
     def redraw(change=None):
-        with out:
-            out.clear_output(wait=True)
+        errors.clear_output()
+        with errors:
             fig = figure()
-            _display(fig)
-            plt.close(fig)
+            try:
+                image.value = _png(fig)
+            finally:
+                plt.close(fig)
 
     control.observe(redraw, names="value")
     redraw()
-    return ipw.VBox([control, out])
+    return ipw.VBox([control, image, errors])
 
 
 # --------------------------------------------------------------------------- threshold
