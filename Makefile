@@ -59,6 +59,17 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q -o addopts='--strict-markers'
 
+# The interfaces where users meet them: notebook widgets in JupyterLab driven by headless Chromium (slow tier),
+# the napari plugin under Xvfb, the widget logic.
+UI_TESTS := tests/test_browser.py tests/test_napari.py tests/test_widgets.py
+test-ui: setup
+	$(BIN)/python -m pytest -q -o addopts='--strict-markers' $(UI_TESTS)
+
+# Regenerates the README's pictures (docs/img/*.png) from the browser and napari tests.
+screenshots: setup
+	WORKBENCH_SCREENSHOTS=$(CURDIR)/docs/img $(BIN)/python -m pytest -q -o addopts='--strict-markers' \
+		tests/test_browser.py tests/test_napari.py -k 'jupyterlab or add_plugin_dock_widget'
+
 reliability: setup
 	$(BIN)/python -m pytest -q -o addopts='--strict-markers' -rA tests/test_reliability.py
 

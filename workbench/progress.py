@@ -22,18 +22,31 @@ def _in_kernel() -> bool:
     return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 
-def progress_bar(iterable=None, *, total: int | None = None, desc: str | None = None, unit: str = "it",
-                 disable: bool = False, **kwargs):
-    """A tqdm bar (``tqdm.auto`` in a widget frontend, text otherwise); same arguments as ``tqdm``."""
+def bar_class() -> tuple[type, dict]:
+    """The tqdm class to use here and its extra arguments (for ``tqdm_class=`` hooks such as ``tqdm.dask``)."""
     from workbench.ui.widgets import interactive_frontend
 
     if interactive_frontend():
         from tqdm.auto import tqdm
-    else:
-        from tqdm.std import tqdm
 
-        if _in_kernel():
-            kwargs.setdefault("file", sys.stdout)
-            kwargs.setdefault("mininterval", HEADLESS_INTERVAL_S)
-            kwargs.setdefault("ncols", 100)
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, **kwargs)
+        return tqdm, {}
+    from tqdm.std import tqdm
+
+    if _in_kernel():
+        return tqdm, {"file": sys.stdout, "mininterval": HEADLESS_INTERVAL_S, "ncols": 100}
+    return tqdm, {}
+
+
+def progress_bar(iterable=None, *, total: int | None = None, desc: str | None = None, unit: str = "it",
+                 disable: bool = False, **kwargs):
+    """A tqdm bar (``tqdm.auto`` in a widget frontend, text otherwise); same arguments as ``tqdm``."""
+    cls, extra = bar_class()
+    return cls(iterable, total=total, desc=desc, unit=unit, disable=disable, **{**extra, **kwargs})
+
+
+def dask_progress(desc: str):
+    """A context manager showing the progress of ``dask.compute`` calls inside it as such a bar."""
+    from tqdm.dask import TqdmCallback
+
+    cls, extra = bar_class()
+    return TqdmCallback(tqdm_class=cls, desc=desc, unit="task", **extra)
