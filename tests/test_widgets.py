@@ -150,3 +150,24 @@ def test_gallery_interactive_builds_controls(store):
     assert isinstance(clusters.children[0], ipw.Dropdown) and clusters.children[0].value == 0
     slider = widgets.ThresholdSlider(np.linspace(0, 1, 11), static=False).widget()
     slider.children[0].value = 0.5
+
+
+def test_progress_bar_headless_kernel_writes_final_state_to_stdout(monkeypatch, capsys):
+    """In a kernel without a widget frontend (papermill) bars are text on stdout (no red stderr box), end at
+    n/n, and a bar inside another shares the line (no ANSI cursor moves saved into the notebook)."""
+    from workbench import progress
+
+    monkeypatch.setattr(progress, "_in_kernel", lambda: True)
+    outer = progress.progress_bar(total=2, desc="levels")
+    for _ in progress.progress_bar(range(5), desc="load", unit="row"):
+        pass
+    outer.update(2)
+    outer.close()
+    out, err = capsys.readouterr()
+    assert err == "" and "load: 100%" in out and "5/5" in out and "levels: 100%" in out and "2/2" in out
+    assert "\x1b[" not in out
+    monkeypatch.setattr(progress, "_in_kernel", lambda: False)  # plain Python: tqdm's default, stderr
+    for _ in progress.progress_bar(range(2), desc="plain"):
+        pass
+    out, err = capsys.readouterr()
+    assert "plain: 100%" in err and out == ""

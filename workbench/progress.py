@@ -33,7 +33,9 @@ def bar_class() -> tuple[type, dict]:
     from tqdm.std import tqdm
 
     if _in_kernel():
-        return tqdm, {"file": sys.stdout, "mininterval": HEADLESS_INTERVAL_S, "ncols": 100}
+        # position=0: a bar opened inside another (k-means levels > load) shares the line instead of moving the
+        # cursor with ANSI escapes, which a saved notebook would show as text
+        return tqdm, {"file": sys.stdout, "mininterval": HEADLESS_INTERVAL_S, "ncols": 100, "position": 0}
     return tqdm, {}
 
 
