@@ -11,13 +11,15 @@ SWEEP_ARGS ?=
 APT_PACKAGES := xvfb xauth libgl1-mesa-dri libegl1 libglx-mesa0 libdbus-1-3 libfontconfig1 libxkbcommon-x11-0 \
 	libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 \
 	libxcb-xfixes0 libxcb-shape0 libxcb-cursor0
+# Debian's Chromium and its WebDriver for the JupyterLab browser tests (nothing downloads a browser at run time)
+BROWSER_PACKAGES := chromium chromium-driver fonts-dejavu-core
 
-.PHONY: setup system-deps demo test test-all reliability benchmarks sweep strip-notebooks clean
+.PHONY: setup system-deps browser-deps demo test test-all test-ui screenshots reliability benchmarks sweep strip-notebooks clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	@$(MAKE) --no-print-directory system-deps
+	@$(MAKE) --no-print-directory system-deps browser-deps
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
@@ -36,6 +38,18 @@ system-deps:
 		echo "note: napari tests need a virtual display; install: $(APT_PACKAGES)"; \
 	fi
 
+# Installs Chromium and chromedriver (Debian packages) when run as root; otherwise says what to install.
+browser-deps:
+	@if command -v chromedriver >/dev/null && { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }; then \
+		true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing the browser for the JupyterLab tests: $(BROWSER_PACKAGES)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(BROWSER_PACKAGES) >/dev/null; \
+	else \
+		echo "note: the JupyterLab browser tests need: $(BROWSER_PACKAGES)"; \
+	fi
+
 demo: setup
 	$(BIN)/python -m workbench.runs.demo --run-dir $(RUN_DIR) $(DEMO_ARGS)
 
@@ -44,6 +58,17 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -q -o addopts='--strict-markers'
+
+# The interfaces where users meet them: notebook widgets in JupyterLab driven by headless Chromium (slow tier),
+# the napari plugin under Xvfb, the widget logic.
+UI_TESTS := tests/test_browser.py tests/test_napari.py tests/test_widgets.py
+test-ui: setup
+	$(BIN)/python -m pytest -q -o addopts='--strict-markers' $(UI_TESTS)
+
+# Regenerates the README's pictures (docs/img/*.png) from the browser and napari tests.
+screenshots: setup
+	WORKBENCH_SCREENSHOTS=$(CURDIR)/docs/img $(BIN)/python -m pytest -q -o addopts='--strict-markers' \
+		tests/test_browser.py tests/test_napari.py -k 'jupyterlab or add_plugin_dock_widget'
 
 reliability: setup
 	$(BIN)/python -m pytest -q -o addopts='--strict-markers' -rA tests/test_reliability.py tests/test_hostile.py

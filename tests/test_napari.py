@@ -23,6 +23,12 @@ def store(tmp_path_factory):
     return make_test_store(tmp_path_factory.mktemp("napari"))
 
 
+@pytest.fixture(autouse=True)
+def _own_config_dir(tmp_path, monkeypatch):
+    """The QC widget remembers its choices in the user's config folder: use a fresh one per test."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+
+
 # --------------------------------------------------------------------------- Qt-free
 
 
@@ -95,8 +101,48 @@ def test_npe2_manifest_validates():
     assert manifest.name == "pathology-workbench"
     (widget,) = manifest.contributions.widgets
     (command,) = manifest.contributions.commands
-    assert widget.command == command.id and command.python_name == "workbench.ui.napari._widget:make_qc_widget"
+    assert widget.command == command.id and command.python_name == "workbench.ui.napari._widget:QCWidget"
     manifest.validate_imports()  # every python_name resolves
+    # napari passes the viewer to a widget class whose __init__ takes ``napari_viewer`` (not to a factory)
+    import inspect
+
+    from workbench.ui.napari._widget import QCWidget
+
+    assert list(inspect.signature(QCWidget.__init__).parameters)[1] == "napari_viewer"
+
+
+def test_default_column_legend_and_settings(tmp_path):
+    from napari.utils.colormaps import ensure_colormap
+
+    from workbench.ui.napari import _widget as wq
+
+    names = ["tissue", "qc", "prefilter/marker", "tree/t1/level_1", "samples/r1"]
+    assert wq.default_column(names) == "prefilter/marker"  # what a reviewer looks for, not tissue
+    assert wq.default_column(["tissue", "qc"], has_labels=True) == "qc"
+    assert wq.default_column(["tissue", "qc"]) == "tissue"
+    assert wq.default_column(names, remembered="tree/t1/level_1") == "tree/t1/level_1"
+    assert wq.default_column(names, remembered="tree/gone/level_1") == "prefilter/marker"
+    # categorical legend: one swatch per category, largest first, counts; the colours are the colormap's
+    turbo = ensure_colormap("turbo")
+    vals = np.array([0, 0, 0, 1, 1, 2, np.nan])
+    rows = wq.legend_entries("tree/t1/level_1", vals, turbo, 0.0, 2.0)
+    assert [t for _, t in rows] == ["cluster 0 (3)", "cluster 1 (2)", "cluster 2 (1)"]
+    assert rows[0][0] == wq._hex(turbo.map(np.array([0.0]))[0]) != rows[2][0]
+    qc_rows = wq.legend_entries("qc", np.array([-1, -1, 1, 2]), turbo, -1, 2)
+    assert [t for _, t in qc_rows] == ["unlabelled (2)", "marker (1)", "artefact (1)"]
+    many = wq.legend_entries("tree/t/level_1", np.arange(40) % 20, turbo, 0, 19)
+    assert len(many) == wq.LEGEND_MAX_ITEMS + 1 and many[-1][1] == "… 8 more (16 tiles)"
+    # continuous legend: a ramp from lo to hi
+    ramp = wq.legend_entries("prefilter/marker", np.linspace(0.2, 0.9, 30), ensure_colormap("viridis"), 0.2, 0.9)
+    assert [t for _, t in ramp] == ["0.2", "0.375", "0.55", "0.725", "0.9"]
+    assert "prefilter/marker</b> (scale)" in wq.legend_html("prefilter/marker", ramp)
+    # settings survive a new session and a corrupt file is ignored
+    assert wq.settings_path().is_relative_to(tmp_path)
+    wq.save_settings(column="qc")
+    wq.save_settings(store="/x.zarr")
+    assert wq.load_settings() == {"column": "qc", "store": "/x.zarr"}
+    wq.settings_path().write_text("{not json")
+    assert wq.load_settings() == {}
 
 
 # --------------------------------------------------------------------------- viewer
@@ -139,6 +185,8 @@ def test_viewer_layers_qc_edits_persist_and_screenshot(store, make_napari_viewer
     values = w.layers_["values"]
     assert tuple(values.scale) == (size0, size0) and values.data.shape == (H // size0, W // size0)
     assert np.count_nonzero(~np.isnan(values.data)) == n
+    assert w.column.value == "prefilter/marker"  # the default colouring: the prefilter score
+    w.column.value = "tissue"
     assert np.allclose(np.nanmax(values.data), info["tissue"].max())
     assert w.layers_["pen"].scale[0] == 16
 
@@ -223,3 +271,140 @@ def test_viewer_layers_qc_edits_persist_and_screenshot(store, make_napari_viewer
     # switching slides keeps one set of layers
     w2.slide.value = "s1"
     assert w2.slide_id == "s1" and sum(layer.name.startswith("slide ") for layer in viewer.layers) == 1
+
+
+# --------------------------------------------------------------------------- the plugin as a user opens it
+
+
+def save_picture(img: np.ndarray, name: str, *, scale: float = 1.0) -> Path:
+    """Save a screenshot under runs/test-artifacts/ and, with WORKBENCH_SCREENSHOTS=DIR (``make screenshots``), DIR."""
+    import os
+
+    import cv2
+
+    img = np.ascontiguousarray(img[..., :3])
+    if scale != 1.0:
+        img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    out = ARTIFACTS / name
+    cv2.imwrite(str(out), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    docs = os.environ.get("WORKBENCH_SCREENSHOTS")
+    if docs:
+        Path(docs).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(Path(docs) / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    return out
+
+
+def _plugin_widgets() -> list[str]:
+    npe2 = pytest.importorskip("npe2")
+    import workbench.ui.napari as wn
+
+    manifest = npe2.PluginManifest.from_file(Path(wn.__file__).with_name("napari.yaml"))
+    return [w.display_name for w in manifest.contributions.widgets]
+
+
+def _visible_world(viewer) -> tuple[float, float, float, float]:
+    """(y0, y1, x0, x1) of the world region the canvas shows."""
+    canvas = getattr(viewer, "canvas", None)  # napari >= 0.7: viewer.canvas / viewer.scene.camera
+    h, w = canvas.size if canvas is not None else viewer._canvas_size
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    cy, cx = camera.center[-2:]
+    zoom = camera.zoom
+    return cy - h / 2 / zoom, cy + h / 2 / zoom, cx - w / 2 / zoom, cx + w / 2 / zoom
+
+
+def _open_window(make_napari_viewer, qtbot, size=(1280, 800)):
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(*size)
+    qtbot.wait(50)
+    return viewer
+
+
+def _check_docked_qc(viewer, dock, w, store, qtbot, *, picture: str | None = None):
+    """Load the store through the widget's path field and check what a user sees."""
+    from workbench.ui.napari import QCWidget
+
+    assert isinstance(w, QCWidget) and w.slide_id is None  # opened empty
+    w.store.value = str(store)  # typing / choosing the store in the path field loads it
+    qtbot.wait(200)  # let Qt lay out the dock and run the deferred reset_view
+    assert w.slide_id == "s0" and "slide s0" in [layer.name for layer in viewer.layers]
+
+    window = viewer.window._qt_window
+    frac = dock.width() / window.width()
+    assert frac <= 0.34, f"dock takes {frac:.0%} of a {window.width()} px window"
+    print(f"dock {dock.width()} px of a {window.width()} px window ({frac:.0%}); canvas {viewer.window._qt_viewer.canvas.native.width()} px")
+    canvas_w = viewer.window._qt_viewer.canvas.native.width()
+    assert canvas_w >= 0.4 * window.width(), (canvas_w, dock.width(), window.width())  # napari's layer docks take the rest
+
+    # the whole slide is in view (camera), and the screenshot shows it with background on all sides
+    y0, y1, x0, x1 = _visible_world(viewer)
+    assert y0 <= 0 and x0 <= 0 and y1 >= H and x1 >= W, ((y0, y1, x0, x1), (H, W))
+    assert (y1 - y0) < 1.5 * H or (x1 - x0) < 1.5 * W  # ... and fills the canvas along one side
+    shot = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    slide_px = shot.sum(axis=2) > 60  # the dark canvas background is near black
+    rows, cols = np.flatnonzero(slide_px.any(axis=1)), np.flatnonzero(slide_px.any(axis=0))
+    assert rows[0] > 0 and cols[0] > 0 and rows[-1] < shot.shape[0] - 1 and cols[-1] < shot.shape[1] - 1
+    aspect = (cols[-1] - cols[0] + 1) / (rows[-1] - rows[0] + 1)
+    assert abs(aspect - W / H) < 0.05 * W / H
+
+    # the colour-by column: the prefilter score by default, with a legend (continuous, then categorical)
+    assert w.column.value == "prefilter/marker"
+    assert w.legend.visible and "prefilter/marker" in w.legend.value and len(w.legend_rows_) == 5
+    assert w.legend.native.isVisible() and w.legend.native.width() > 50
+    w.column.value = "tree/t1/level_1"
+    assert [t.split(" (")[0] for _, t in w.legend_rows_] == [f"cluster {c}" for c in range(7)]
+    assert len({c for c, _ in w.legend_rows_}) == 7  # seven distinct colours
+    qtbot.wait(50)
+    assert dock.width() / window.width() <= 0.34  # a longer legend does not widen the dock
+    if picture:
+        w.column.value = "prefilter/marker"
+        qtbot.wait(100)
+        save_picture(viewer.screenshot(canvas_only=False, flash=False), picture, scale=0.75)
+
+
+@pytest.mark.napari
+@pytest.mark.skipif(_viewer_skip_reason() is not None, reason=str(_viewer_skip_reason()))
+def test_every_contribution_opens_with_add_plugin_dock_widget(store, make_napari_viewer, qtbot):
+    names = _plugin_widgets()
+    assert names == ["Pathology QC"]
+    for name in names:
+        viewer = _open_window(make_napari_viewer, qtbot)
+        dock, w = viewer.window.add_plugin_dock_widget("pathology-workbench", name)
+        _check_docked_qc(viewer, dock, w, store, qtbot, picture="napari_qc.png")
+        # the choice is remembered: a new widget (a new napari session) starts with the last column
+        w.column.value = "samples/r1"
+        viewer2 = _open_window(make_napari_viewer, qtbot)
+        _, w2 = viewer2.window.add_plugin_dock_widget("pathology-workbench", name)
+        assert str(w2.store.value) == str(Path(store).resolve())  # the last store is offered
+        w2.open_button.clicked.emit()
+        assert w2.column.value == "samples/r1"
+        assert [t.split(" (")[0] for _, t in w2.legend_rows_] == ["not sampled", "in sample"]
+
+
+@pytest.mark.napari
+@pytest.mark.skipif(_viewer_skip_reason() is not None, reason=str(_viewer_skip_reason()))
+def test_plugins_menu_action_opens_the_widget(store, make_napari_viewer, qtbot):
+    from workbench.ui.napari import QCWidget
+
+    viewer = _open_window(make_napari_viewer, qtbot)
+    menu = viewer.window.plugins_menu
+    menu.aboutToShow.emit()  # napari updates the menu's entries when it is about to show
+
+    def actions(m):
+        for a in m.actions():
+            if a.menu() is not None:
+                a.menu().aboutToShow.emit()
+                yield from actions(a.menu())
+            else:
+                yield a
+
+    found = [a for a in actions(menu) if "Pathology QC" in a.text().replace("&", "")]
+    assert found, [a.text() for a in actions(menu)]
+    found[0].trigger()
+    qtbot.wait(100)
+    docked = {name: w for name, w in viewer.window.dock_widgets.items() if isinstance(w, QCWidget)}
+    assert len(docked) == 1, dict(viewer.window.dock_widgets)
+    (w,) = docked.values()
+    dock = w.native.parent()
+    assert dock.isVisible()
+    _check_docked_qc(viewer, dock, w, store, qtbot)

@@ -261,6 +261,9 @@ class HierarchicalKMeans:
         s = self.fit_sample_per_cluster
         streamed = s is not None and n > int(s) * k1
         timings = {}
+        from workbench.progress import progress_bar
+
+        bar = progress_bar(total=len(levels), desc="k-means levels", unit="level", disable=not self.progress)
         if streamed:
             m = int(s) * k1
             pick = np.sort(rng.choice(n, m, replace=False))
@@ -285,6 +288,7 @@ class HierarchicalKMeans:
         self.n_invalid_ = int((labels1 < 0).sum())
         if self.n_invalid_:
             log.warning("%d of %d rows with NaN/Inf features were excluded (label -1)", self.n_invalid_, n)
+        bar.update(1)
         centers, labels, iters = [C], [labels1], [it]
         t1 = time.perf_counter()
         for l in range(1, len(levels)):
@@ -292,6 +296,8 @@ class HierarchicalKMeans:
             centers.append(Cl)
             labels.append(lab.astype(np.int32))
             iters.append(it)
+            bar.update(1)
+        bar.close()
         self.cluster_centers_ = [np.asarray(c, np.float32) for c in centers]
         self.labels_ = labels
         self.distances_ = dist1

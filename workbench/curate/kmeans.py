@@ -53,9 +53,9 @@ def _iter_chunks(X, chunk_rows: int, *, progress: bool = False, desc: str = "row
     starts = list(range(0, n, chunk_rows))
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from workbench.progress import progress_bar
 
-        bar = tqdm(total=n, desc=desc, unit="row", unit_scale=True)
+        bar = progress_bar(total=n, desc=desc, unit="row", unit_scale=True)
     with ThreadPoolExecutor(1) as pool:  # prefetch: I/O + decompression overlap the matmuls
         fut = pool.submit(_read_rows, X, 0, min(chunk_rows, n)) if starts else None
         for i, a in enumerate(starts):
@@ -315,6 +315,7 @@ def resolve_backend(backend: str = "auto") -> str:
         except ImportError:
             return "torch"
     if backend == "faiss":
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
         import faiss  # noqa: F401  (clear ImportError if missing)
     if backend == "cuml":
         try:
@@ -325,6 +326,7 @@ def resolve_backend(backend: str = "auto") -> str:
 
 
 def _kmeans_faiss(X: np.ndarray, C0: np.ndarray, n_iter: int, seed: int):
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines are noise in notebooks
     import faiss
 
     n, d = X.shape

@@ -403,9 +403,9 @@ def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", 
 def _progress(progress: bool, total: int, name: str):
     if not progress or total == 0:
         return None
-    from tqdm.auto import tqdm
+    from workbench.progress import progress_bar
 
-    return tqdm(total=total, desc=f"embed {name}", unit="tile")
+    return progress_bar(total=total, desc=f"embed {name}", unit="tile")
 
 
 def stored_throughput(root, encoder: str) -> float:

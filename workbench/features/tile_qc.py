@@ -47,10 +47,9 @@ def compute_store(store_path, *, batch: int = 256, progress: bool = True, retry_
     cannot be opened or read (or runs past ``time_limit`` seconds) is recorded in the error table (stage
     ``qc``) and the others go on; a re-run skips recorded failures unless ``retry_failed=True``.
     """
-    from tqdm.auto import tqdm
-
     from workbench.io.slides import TileReader, deadline, open_slide
     from workbench.validate import check_bool, check_float, check_int, check_optional
+    from workbench.progress import progress_bar
 
     check_int("batch", batch, 1, 65536)
     check_bool("retry_failed", retry_failed)
@@ -60,7 +59,7 @@ def compute_store(store_path, *, batch: int = 256, progress: bool = True, retry_
     with st.write_lock(store_path):
         failed = {} if retry_failed else st.failed_slides(root, "qc")
         recorded = st.failed_slides(root, "qc") if retry_failed else failed
-        for sid in tqdm(st.slide_ids(root), desc="pixel QC", disable=not progress):
+        for sid in progress_bar(st.slide_ids(root), desc="pixel QC", unit="slide", disable=not progress):
             key = st.Key.pixel_qc(sid, METRICS[-1])
             if st.is_complete(root, key) or sid in failed:
                 continue

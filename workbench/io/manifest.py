@@ -151,7 +151,7 @@ def validate_manifest(df: pd.DataFrame, *, base_dir: str | os.PathLike | None = 
             i = int(idx) if idx is not None and not pd.isna(idx) else None
             sid = df["slide_id"].iloc[i] if i is not None and i < len(df) else None
             problems.append((i, sid, row.get("column"), f"{row.get('check')} (value {row.get('failure_case')!r})"))
-    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    base = (Path(base_dir) if base_dir is not None else Path.cwd()).absolute()  # stores record absolute paths
     paths, keys = [], {}
     for i, p in enumerate(df["path"].astype("string")):
         full = Path(p) if pd.notna(p) else None

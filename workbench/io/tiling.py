@@ -427,9 +427,9 @@ def tile_slides(
         if client is not None:
             results = client.gather(client.compute(tasks))
         elif progress:
-            from dask.diagnostics import ProgressBar
+            from workbench.progress import dask_progress
 
-            with ProgressBar(minimum=1.0):
+            with dask_progress("tile slides"):
                 results = dask.compute(*tasks, scheduler=scheduler, num_workers=num_workers)
         else:
             results = dask.compute(*tasks, scheduler=scheduler, num_workers=num_workers)

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
             from workbench.runs.sweep import run_demo_sweep
 
             nb_params = {**params, **run_demo_sweep(manifest, run_dir)}
-        run_notebook(nb, run_dir, nb_params)
+        run_notebook(nb, run_dir, nb_params, relative=True)  # the executed copies carry run-relative paths
         log.info("%s done in %.1f s", nb.name, time.perf_counter() - t)
     metrics = read_metrics(run_dir)
     metrics["demo.seconds"] = round(time.perf_counter() - t0, 1)

@@ -16,6 +16,7 @@ import ast
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -177,13 +178,21 @@ def check_parameters(notebook: str | Path, parameters: dict, *, where: str = "",
         except ParameterError as exc:
             raise ParameterError(f"{at}parameter {key!r}: {exc}") from None
     return parameters
+def _relative_to(value, base: Path):
+    """An absolute path string as a path relative to ``base``; anything else unchanged."""
+    if isinstance(value, str) and value and os.path.isabs(value):
+        return os.path.relpath(value, base)
+    return value
 
 
 def run_notebook(notebook: str | Path, run_dir: str | Path, parameters: dict, *, kernel: str = "python3",
-                 progress: bool = False) -> Path:
+                 progress: bool = False, relative: bool = False) -> Path:
     """Execute one notebook with papermill into ``run_dir``; returns the executed notebook's path.
 
-    ``run_dir`` is always passed as a parameter; the notebook runs with its own folder as working directory.
+    ``run_dir`` is always passed as a parameter. By default the notebook runs with its own folder as working
+    directory. With ``relative=True`` it runs inside ``run_dir`` and every absolute path parameter is passed
+    relative to ``run_dir`` (``run_dir`` itself as ``"."``), so the executed notebook carries no absolute paths
+    and a copy of the run folder, re-run where it lies, writes next to itself.
     """
     import papermill as pm
 
@@ -192,8 +201,12 @@ def run_notebook(notebook: str | Path, run_dir: str | Path, parameters: dict, *,
     out = run_dir / notebook.name
     params = {**parameters, "run_dir": str(run_dir)}
     check_parameters(notebook, params, where=f"notebook {notebook.name}")
+    cwd = notebook.parent
+    if relative:
+        params = {k: _relative_to(v, run_dir) for k, v in params.items()}
+        cwd = run_dir
     log.info("running %s -> %s", notebook.name, out)
-    pm.execute_notebook(str(notebook), str(out), parameters=params, kernel_name=kernel, cwd=str(notebook.parent),
+    pm.execute_notebook(str(notebook), str(out), parameters=params, kernel_name=kernel, cwd=str(cwd),
                         start_timeout=300, progress_bar=progress)
     return out
 

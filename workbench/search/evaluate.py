@@ -222,7 +222,8 @@ def evaluate_tiles(store_index, tile_labels: np.ndarray, *, ks=(1, 5, 10), n_que
 
 
 def evaluate_slides(store_index, *, label: str = "diagnosis", ks=(1, 5), k_tiles: int = 20, ranking: str = "sish",
-                    by: str = "features", slide_ids=None, allow_duplicate_files: bool = False):
+                    by: str = "features", slide_ids=None, allow_duplicate_files: bool = False,
+                    progress: bool = False):
     """Leave-one-patient-out slide retrieval: every labelled slide queries the rest.
 
     Returns (table, per-query DataFrame with slide_id, label, site, retrieved labels, query_s, and
@@ -240,7 +241,9 @@ def evaluate_slides(store_index, *, label: str = "diagnosis", ks=(1, 5), k_tiles
         slide_ids = slides.loc[slides[label].notna(), "slide_id"].tolist()
     kmax = max(ks)
     records = []
-    for sid in slide_ids:
+    from workbench.progress import progress_bar
+
+    for sid in progress_bar(slide_ids, desc=f"slide queries ({ranking})", unit="slide", disable=not progress):
         t0 = time.perf_counter()
         ranked = store_index.query_slide(sid, k_tiles=k_tiles, ranking=ranking, label=label, by=by)
         dt = time.perf_counter() - t0

@@ -61,6 +61,7 @@ METRICS = ("cosine", "ip", "l2")
 
 
 def _faiss():
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines ("Loading faiss with AVX2") are noise
     import faiss
 
     return faiss
@@ -186,6 +187,8 @@ class TileIndex:
             quantizer = flat(d)
             index = faiss.IndexIVFFlat(quantizer, d, self._nlist(n), mt)
             index.nprobe = int(self.nprobe)
+            # faiss trains on fewer than 39 points per cell anyway; its "please provide at least" line is C stderr noise
+            index.cp.min_points_per_centroid = 1
         else:
             index = faiss.IndexHNSWFlat(d, int(self.M), mt)
             index.hnsw.efConstruction = int(self.ef_construction)

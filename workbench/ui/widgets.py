@@ -6,14 +6,19 @@
 * :class:`ThresholdSlider` — the score histogram with a threshold line, the number of tiles flagged and,
   given ground truth, precision / recall at the threshold (notebook 02's prefilter threshold).
 
-Both render with matplotlib. ``show()`` displays ipywidgets controls when a widget frontend is connected
-(Jupyter with a widget manager) and one static figure otherwise — as when papermill runs the notebook
-headless. The rule (:func:`interactive_frontend`): ``WORKBENCH_STATIC=1`` forces static, ``=0`` forces
-interactive; otherwise interactive only inside a Jupyter kernel in which a frontend has opened a widget
-comm. Pass ``static=True/False`` to decide explicitly.
+Both render with matplotlib. ``show()`` displays the view once and returns nothing (so a ``show()`` that
+ends a cell is not shown twice): live ipywidgets controls when the cell runs in a notebook frontend that
+draws widgets (JupyterLab, Notebook 7, VS Code), one static figure when it runs headless (papermill,
+``jupyter nbconvert --execute``, a console, plain Python). The rule (:func:`interactive_frontend`) decides at
+once, without waiting for a widget comm: live when the code runs in an IPython kernel with ipywidgets, the
+request that runs the cell comes from a notebook frontend (its metadata names the cell, ``cellId``, which
+JupyterLab, Notebook 7 and VS Code send and papermill / nbclient do not), and no papermill run is
+announced in the environment (``PAPERMILL_*``). ``static=True/False`` decides explicitly; ``widget()``
+returns the ipywidgets view without displaying it.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -25,27 +30,38 @@ from workbench.dataset import run_column
 log = logging.getLogger(__name__)
 
 
+def _parent_request(shell) -> dict:
+    """The message that runs the current cell (an ``execute_request``), or ``{}``."""
+    kernel = getattr(shell, "kernel", None)
+    getters = [lambda: kernel.get_parent("shell"), lambda: kernel.get_parent(), lambda: shell.parent_header]
+    for get in getters:
+        try:
+            msg = get()
+        except Exception:  # noqa: BLE001 - the getters differ between ipykernel versions
+            continue
+        if msg:
+            return msg
+    return {}
+
+
+def headless_run() -> bool:
+    """Whether a batch runner (papermill) announces itself in this process's environment."""
+    return any(k.startswith("PAPERMILL_") for k in os.environ)
+
+
 def interactive_frontend() -> bool:
-    """Whether an ipywidgets frontend is connected to this kernel (see the module docstring)."""
-    env = os.environ.get("WORKBENCH_STATIC")
-    if env in ("1", "true", "yes"):
-        return False
+    """Whether this cell runs in a notebook frontend that draws ipywidgets (see the module docstring)."""
     try:
         from IPython import get_ipython
     except ImportError:
         return False
     shell = get_ipython()
-    if shell is None or type(shell).__name__ != "ZMQInteractiveShell":
+    if shell is None or type(shell).__name__ != "ZMQInteractiveShell" or headless_run():
         return False
-    if env in ("0", "false", "no"):
-        return True
-    try:
-        from comm import get_comm_manager
-
-        comms = get_comm_manager().comms.values()
-    except (ImportError, AttributeError):
+    if importlib.util.find_spec("ipywidgets") is None:
         return False
-    return any(str(getattr(c, "target_name", "")).startswith("jupyter.widget") for c in comms)
+    meta = _parent_request(shell).get("metadata") or {}
+    return bool(meta.get("cellId"))
 
 
 def _display(obj) -> None:
@@ -54,25 +70,44 @@ def _display(obj) -> None:
     display(obj)
 
 
+def _show_static(fig) -> None:
+    """Display a figure once and close it (the inline backend would otherwise show it again at the cell's end)."""
+    import matplotlib.pyplot as plt
+
+    _display(fig)
+    plt.close(fig)
+
+
+def _png(fig, dpi: int = 100) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
 def _live(control, figure):
-    """Display ``control`` above an output that redraws ``figure()`` whenever the control's value changes."""
+    """``control`` above an image that shows ``figure()`` and is redrawn whenever the control's value changes
+    (not displayed). The figure travels as the PNG value of an ``ipywidgets.Image``: a widget state update, so
+    rapid changes (a dragged slider, held arrow keys) end with the last figure, whole."""
     import ipywidgets as ipw
     import matplotlib.pyplot as plt
 
-    out = ipw.Output()
+    image = ipw.Image(format="png", layout=ipw.Layout(max_width="100%", height="auto"))
+    errors = ipw.Output()  # a failed redraw shows its traceback here
 
     def redraw(change=None):
-        with out:
-            out.clear_output(wait=True)
+        errors.clear_output()
+        with errors:
             fig = figure()
-            _display(fig)
-            plt.close(fig)
+            try:
+                image.value = _png(fig)
+            finally:
+                plt.close(fig)
 
     control.observe(redraw, names="value")
     redraw()
-    box = ipw.VBox([control, out])
-    _display(box)
-    return box
+    return ipw.VBox([control, image, errors])
 
 
 # --------------------------------------------------------------------------- threshold
@@ -139,10 +174,8 @@ class ThresholdSlider:
         fig.tight_layout()
         return fig
 
-    def show(self):
-        """Display the slider and live histogram, or the static figure; returns the widget or figure."""
-        if self.static:
-            return self.figure()
+    def widget(self):
+        """The ipywidgets view (slider above the live histogram), not displayed."""
         import ipywidgets as ipw
 
         lo, hi = (float(self.scores.min()), float(self.scores.max())) if len(self.scores) else (0.0, 1.0)
@@ -154,6 +187,13 @@ class ThresholdSlider:
             return self.figure()
 
         return _live(slider, figure)
+
+    def show(self) -> None:
+        """Display the slider and live histogram, or the static figure (once; returns nothing)."""
+        if self.static:
+            _show_static(self.figure())
+        else:
+            _display(self.widget())
 
 
 # --------------------------------------------------------------------------- gallery
@@ -288,13 +328,24 @@ class TileGallery:
         fig.tight_layout()
         return fig
 
-    def show(self, key=None):
-        """Display a dropdown of keys and the gallery, or the static figure of ``key`` (default: the first)."""
-        keys = self.keys()
-        key = keys[0] if key is None else key
-        if self.static:
-            return self.figure(key)
+    def widget(self, key=None):
+        """The ipywidgets view, not displayed: a page slider (by score / sample) or a cluster dropdown above
+        the live gallery."""
         import ipywidgets as ipw
 
-        pick = ipw.Dropdown(options=keys, value=key, description=self.by)
+        keys = self.keys()
+        key = keys[0] if key is None else key
+        if self.by == "cluster":
+            pick = ipw.Dropdown(options=keys, value=key, description="cluster")
+        else:
+            pick = ipw.IntSlider(value=int(key), min=0, max=max(0, len(keys) - 1), description="page",
+                                 continuous_update=False)
         return _live(pick, lambda: self.figure(pick.value))
+
+    def show(self, key=None) -> None:
+        """Display the controls and the gallery, or the static figure of ``key`` (default: the first), once."""
+        if self.static:
+            keys = self.keys()
+            _show_static(self.figure(keys[0] if key is None else key))
+        else:
+            _display(self.widget(key))

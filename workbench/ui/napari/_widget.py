@@ -14,9 +14,19 @@ Every edit (a paint stroke, a region, a click in "mark on click" mode, "label �
 once through :func:`workbench.ui.qc.write_labels` (write lock held only for the write); if another run holds
 the lock the edits stay in memory, the status says so, and a timer (every ``RETRY_S`` s), the next edit,
 "save now" or switching slides retries.
+
+The widget is the npe2 contribution itself (``napari.yaml`` names the class, whose ``__init__`` takes
+``napari_viewer``), so it opens from Plugins → Pathology QC and from
+``viewer.window.add_plugin_dock_widget("pathology-workbench", "Pathology QC")``; opened that way it is empty
+and loads the store typed (or chosen) in its path field. It stays narrow (at most ``MAX_WIDTH`` px, labels
+word-wrapped), shows the whole slide on open, draws a legend for the colour-by column (swatches for a
+categorical column, a colour ramp with its range for a continuous one), colours by a prefilter score by default
+(else the QC labels once some exist, else tissue) and remembers the last store and column in
+``settings_path()`` (a small JSON in the user's config folder).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -34,6 +44,96 @@ QC_COLOURS = {0: (0, 0, 0, 0), 1: (0.1, 0.8, 0.2, 1), 2: (0.15, 0.35, 1.0, 1), 3
               None: (0, 0, 0, 0)}
 LABEL_CHOICES = ["marker", "artefact", "keep", "unlabelled"]
 RETRY_S = 5.0  # a save refused because another run holds the store's lock is retried after this
+MAX_WIDTH = 380  # px: the dock stays at most about a third of a laptop-sized napari window
+LEGEND_MAX_ITEMS = 12  # categories listed in the legend (the largest first)
+
+
+def settings_path() -> Path:
+    """The JSON where the widget remembers the last store and colour-by column (``$XDG_CONFIG_HOME`` or ~/.config)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "pathology-workbench" / "napari-qc.json"
+
+
+def load_settings() -> dict:
+    try:
+        data = json.loads(settings_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def save_settings(**values) -> None:
+    """Merge ``values`` into the settings file (best effort: an unwritable config folder is only logged)."""
+    data = {**load_settings(), **values}
+    path = settings_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("cannot remember the QC widget settings in %s: %s", path, exc)
+
+
+def default_column(names: list[str], *, has_labels: bool = False, remembered: str | None = None) -> str:
+    """The colour-by column to start with: the remembered one if the slide has it, else the first prefilter
+    score (what a QC reviewer looks for: marker / pen tiles), else the QC labels when some exist, else tissue."""
+    if remembered in names:
+        return remembered
+    prefilter = [n for n in names if n.startswith("prefilter/")]
+    if prefilter:
+        return prefilter[0]
+    if has_labels and "qc" in names:
+        return "qc"
+    return "tissue" if "tissue" in names else names[0]
+
+
+def is_categorical(name: str) -> bool:
+    """Whether a column holds categories (cluster ids, sample membership, QC labels) rather than a score."""
+    return name == "qc" or name.startswith(("tree/", "samples/"))
+
+
+def category_names(name: str, values) -> list[str]:
+    """Display names of a categorical column's values."""
+    if name == "qc":
+        return [qc.LABEL_NAMES.get(int(v), str(v)) for v in values]
+    if name.startswith("samples/"):
+        return ["in sample" if v else "not sampled" for v in values]
+    return [f"cluster {int(v)}" for v in values]
+
+
+def _hex(rgba) -> str:
+    r, g, b = (int(round(255 * float(c))) for c in list(rgba)[:3])
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def legend_entries(name: str, vals: np.ndarray, colormap, lo: float, hi: float) -> list[tuple[str, str]]:
+    """(colour hex, text) rows of the legend: categories by size (at most ``LEGEND_MAX_ITEMS``) or a ramp lo → hi.
+
+    ``colormap`` maps values scaled to [0, 1] to RGBA (a napari ``Colormap``).
+    """
+    vals = np.asarray(vals, np.float64)
+    finite = vals[np.isfinite(vals)]
+    span = hi - lo if hi > lo else 1.0
+    if is_categorical(name):
+        cats, counts = np.unique(finite, return_counts=True)
+        order = np.argsort(-counts, kind="stable")
+        cats, counts = cats[order], counts[order]
+        colours = colormap.map(np.clip((cats - lo) / span, 0, 1)) if len(cats) else []
+        rows = [(_hex(c), f"{label} ({n})") for c, label, n in zip(colours, category_names(name, cats), counts)]
+        if len(rows) > LEGEND_MAX_ITEMS:
+            rest = int(counts[LEGEND_MAX_ITEMS:].sum())
+            rows = rows[:LEGEND_MAX_ITEMS] + [("#808080", f"… {len(cats) - LEGEND_MAX_ITEMS} more ({rest} tiles)")]
+        return rows
+    steps = np.linspace(0, 1, 5)
+    return [(_hex(c), f"{lo + t * span:.3g}") for t, c in zip(steps, colormap.map(steps))]
+
+
+def legend_html(name: str, rows: list[tuple[str, str]]) -> str:
+    """The legend as rich text for a QLabel: one coloured square per row."""
+    kind = "categories" if is_categorical(name) else "scale"
+    items = "<br>".join(f'<span style="color:{c}">&#9632;&#9632;</span> {t}' for c, t in rows)
+    return f"<b>{name}</b> ({kind})<br>{items}"
 
 
 def _direct_colormap(colours: dict):
@@ -57,7 +157,10 @@ class QCWidget(Container):
 
     def __init__(self, napari_viewer, store: str | os.PathLike | None = None, slide_id: str | None = None, *,
                  fast: bool = True):
-        self.store = FileEdit(label="store", mode="d", value=str(store) if store else "")
+        self._settings = load_settings()
+        remembered_store = self._settings.get("store") if store is None else None
+        self.store = FileEdit(label="store", mode="d", value=str(store or remembered_store or ""))
+        self.open_button = PushButton(text="open store")
         # choices are callables: napari calls reset_choices() on layer changes, which re-reads them
         self._slide_names: list[str] = []
         self._column_names: list[str] = []
@@ -72,9 +175,11 @@ class QCWidget(Container):
         self.info = TextEdit(label="tile", value="click a tile")
         self.info.read_only = True
         self.status = Label(label="status", value="")
-        super().__init__(widgets=[self.store, self.slide, self.column, self.threshold, self.qc_label,
-                                  self.mark_on_click, self.label_above, self.apply_regions, self.save,
-                                  self.info, self.status])
+        self.legend = Label(label="legend", value="")
+        super().__init__(widgets=[self.store, self.open_button, self.slide, self.column, self.legend,
+                                  self.threshold, self.qc_label, self.mark_on_click, self.label_above,
+                                  self.apply_regions, self.save, self.info, self.status])
+        self._fit_width()
         self.viewer = napari_viewer
         self.fast = fast
         self.lock_wait = 0.5  # seconds a save waits for the store's write lock before retrying later
@@ -92,6 +197,7 @@ class QCWidget(Container):
         self._retry_scheduled = False
 
         self.store.changed.connect(lambda v: self.open_store(v))
+        self.open_button.clicked.connect(lambda *_: self.open_store(self.store.value))
         self.slide.changed.connect(lambda v: self.open_slide(v) if v else None)
         self.column.changed.connect(lambda v: self.show_column(v) if v else None)
         self.threshold.changed.connect(lambda v: self.show_threshold())
@@ -101,12 +207,31 @@ class QCWidget(Container):
         self.viewer.mouse_drag_callbacks.append(self._on_mouse)
         if store:
             self.open_store(store, slide_id)
+        else:
+            self.status.value = "choose a workbench store (a .zarr folder) above, then 'open store'"
+
+    def _fit_width(self) -> None:
+        """Keep the dock narrow: word-wrapped labels and a maximum width (Qt only)."""
+        try:
+            from qtpy.QtCore import Qt
+            from qtpy.QtWidgets import QLabel, QSizePolicy
+        except ImportError:
+            return
+        for w in (self.status, self.legend):
+            native = w.native
+            if isinstance(native, QLabel):
+                native.setWordWrap(True)
+                native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+                native.setMinimumWidth(120)
+        if isinstance(self.legend.native, QLabel):
+            self.legend.native.setTextFormat(Qt.TextFormat.RichText)
+        self.native.setMaximumWidth(MAX_WIDTH)
 
     # ------------------------------------------------------------------ opening
     def open_store(self, path, slide_id: str | None = None) -> None:
-        path = Path(path)
-        if not (path / "zarr.json").exists():
-            self.status.value = f"{path} is not a workbench store"
+        path = Path(path).expanduser()
+        if not str(path) or str(path) == "." or not (path / "zarr.json").exists():
+            self.status.value = f"{path} is not a workbench store (no zarr.json): choose a .zarr folder"
             return
         if not self.flush():
             self.status.value = f"cannot switch stores: labels of {self.slide_id!r} are not saved yet (store locked)"
@@ -125,6 +250,7 @@ class QCWidget(Container):
         if str(self.store.value) != str(path):
             with self.store.changed.blocked():
                 self.store.value = str(path)
+        save_settings(store=str(path.resolve()))
         self.open_slide(self.slide.value)
 
     def open_slide(self, slide_id: str) -> None:
@@ -191,10 +317,23 @@ class QCWidget(Container):
         with self.column.changed.blocked():
             self._column_names = _data.list_columns(self.root, slide_id)
             self.column.reset_choices()
-            self.column.value = self.column.value if self.column.value in self.column.choices else "tissue"
-        self.show_column(self.column.value)
-        v.reset_view()
+            current = self.column.value if getattr(self, "_column_chosen", False) else None
+            self.column.value = default_column(self._column_names, has_labels=bool((self.labels_ >= 0).any()),
+                                               remembered=current or self._settings.get("column"))
+        self.show_column(self.column.value, remember=False)
+        v.layers.selection.active = self.layers_["values"]  # its controls (opacity, colormap) on top
+        self.fit_view()
         self._update_status()
+
+    def fit_view(self) -> None:
+        """Show the whole slide: reset the view now and again once Qt has laid out the dock (which narrows
+        the canvas), so the first view is not cut off."""
+        self.viewer.reset_view()
+        try:
+            from qtpy.QtCore import QTimer
+        except ImportError:
+            return
+        QTimer.singleShot(0, self.viewer.reset_view)
 
     def _remove_layers(self) -> None:
         for layer in self.layers_.values():
@@ -214,7 +353,11 @@ class QCWidget(Container):
             self._cache[name] = _data.column_values(self.root, self.slide_id, name)
         return self._cache[name]
 
-    def show_column(self, name: str) -> None:
+    def show_column(self, name: str, *, remember: bool = True) -> None:
+        if remember:
+            self._column_chosen = True
+            self._settings["column"] = name
+            save_settings(column=name)
         vals = self.values(name).astype(np.float32)
         layer = self.layers_["values"]
         layer.data = _data.tile_raster(vals, self.rows_, self.cols_, self.grid_shape_)
@@ -224,6 +367,8 @@ class QCWidget(Container):
         layer.contrast_limits = (lo, hi)
         layer.colormap = "turbo" if name.startswith("tree/") else "viridis"
         layer.name = f"tile values: {name}"
+        self.legend_rows_ = legend_entries(name, vals, layer.colormap, lo, hi)
+        self.legend.value = legend_html(name, self.legend_rows_)
         with self.threshold.changed.blocked():
             self.threshold.min, self.threshold.max = lo, hi
             self.threshold.step = (hi - lo) / 100
@@ -416,7 +561,7 @@ class QCWidget(Container):
 
 
 def make_qc_widget(napari_viewer) -> QCWidget:
-    """npe2 widget command: an empty QC widget (pick the store in it)."""
+    """An empty QC widget (pick the store in it); the npe2 manifest names :class:`QCWidget` itself."""
     return QCWidget(napari_viewer)
 
 
@@ -430,4 +575,5 @@ def show(store: str | os.PathLike, slide_id: str | None = None, *, viewer=None, 
     viewer = napari.Viewer(title=f"workbench QC: {Path(store).name}") if viewer is None else viewer
     widget = QCWidget(viewer, store=store, slide_id=slide_id, fast=fast)
     viewer.window.add_dock_widget(widget, name="Pathology QC", area="right")
+    widget.fit_view()  # the dock narrowed the canvas
     return viewer, widget
