@@ -210,7 +210,8 @@ class HNSWKind(IndexKind):
 class IVFPQKind(IndexKind):
     """Compressed: (optional OPQ rotation) + IVF with an HNSW coarse quantizer + product-quantised codes.
 
-    ``pq_m`` bytes per vector (8-bit codes); the index factory string is ``factory`` when given, else
+    ``pq_m`` bytes per vector (8-bit codes; default d / 16, so each sub-quantizer has 16 dimensions and faiss
+    encodes with BLAS: 24 bytes for 384-d); the index factory string is ``factory`` when given, else
     ``[OPQ{m},]IVF{nlist}_HNSW32,PQ{m}x8``. Candidates are scored from the codes, then the best ``rerank``
     (at least the number asked for) are re-scored exactly from the float16 features.
     """
@@ -220,21 +221,31 @@ class IVFPQKind(IndexKind):
     params = ("nlist", "nprobe", "pq_m", "opq", "factory", "rerank", "train_size")
     gpu, trained, reranked = False, True, True
 
+    @staticmethod
+    def default_m(d: int) -> int:
+        """Largest m dividing d with ≥ 16 dimensions per sub-quantizer (faiss encodes those with BLAS)."""
+        return max([m for m in range(1, d + 1) if d % m == 0 and d // m >= 16] or [1])
+
     def factory_string(self, ti, d, n) -> str:
         if ti.factory:
             return str(ti.factory)
-        m = int(ti.pq_m)
+        m = self.default_m(d) if ti.pq_m is None else int(ti.pq_m)
         if m < 1 or d % m:
             raise ValueError(f"pq_m must divide the dimension {d}, not {m!r}")
         return f"{f'OPQ{m},' if ti.opq else ''}IVF{ti._nlist(n)}_HNSW32,PQ{m}x8"
 
     def new(self, ti, d, n):
         faiss = _faiss()
-        return faiss.index_factory(d, self.factory_string(ti, d, n), _metric_type(ti))
+        index = faiss.index_factory(d, self.factory_string(ti, d, n), _metric_type(ti))
+        pq = getattr(self._ivf(index), "pq", None)
+        if pq is not None:  # 64 points per code word and 15 iterations train the codebooks well enough
+            pq.cp.max_points_per_centroid, pq.cp.niter = 64, 15
+        return index
 
     @staticmethod
     def _ivf(index):
-        return _faiss().extract_index_ivf(index)
+        faiss = _faiss()
+        return faiss.downcast_index(faiss.extract_index_ivf(index))
 
     def _set_nprobe(self, index, nprobe: int) -> None:
         faiss = _faiss()
@@ -321,9 +332,9 @@ class FeatureRows:
     read with one orthogonal selection (each chunk touched decoded once), a Dask array by fancy indexing.
     """
 
-    def __init__(self, x):
+    def __init__(self, x, *, n: int | None = None):
         self.x = x
-        self.shape = tuple(int(s) for s in x.shape)
+        self.shape = (int(x.shape[0]) if n is None else int(n), int(x.shape[1]))  # n: only the first n rows
         self._maps = None
         self._chunk = None
         if not isinstance(x, np.ndarray) and not hasattr(x, "dask"):
@@ -395,7 +406,7 @@ class TileIndex:
     M, ef_construction, ef_search : int
         HNSW links per node, build-time and query-time candidate list sizes.
     pq_m, opq, factory, rerank : int, bool, str, int
-        ``ivfpq``: bytes per row, OPQ rotation first, a faiss index-factory string replacing the default
+        ``ivfpq``: bytes per row (default d / 16), OPQ rotation first, a faiss index-factory string replacing the default
         ``[OPQ{m},]IVF{nlist}_HNSW32,PQ{m}x8``, and candidates re-ranked exactly from the features.
     metric : {"cosine", "ip", "l2"}
         Scores are similarities (higher is closer) for cosine/ip, squared L2 distances for l2.
@@ -430,7 +441,7 @@ class TileIndex:
     """
 
     def __init__(self, kind: str = "flat", *, nlist: int | None = None, nprobe: int = 16, M: int = 32,
-                 ef_construction: int = 40, ef_search: int = 64, pq_m: int = 64, opq: bool = False,
+                 ef_construction: int = 40, ef_search: int = 64, pq_m: int | None = None, opq: bool = False,
                  factory: str | None = None, rerank: int = 256, metric: str = "cosine", use_gpu="auto",
                  train_size: int | None = None, batch_rows: int = 65536, progress: bool = False,
                  random_state: int = 0):
@@ -472,7 +483,7 @@ class TileIndex:
             raise ValueError(f"use_gpu must be 'auto', True or False, not {self.use_gpu!r}")
         if n < 1:
             raise ValueError("cannot build an index over 0 vectors")
-        for name in ("nprobe", "M", "ef_construction", "ef_search", "batch_rows", "pq_m", "rerank"):
+        for name in ("nprobe", "M", "ef_construction", "ef_search", "batch_rows", "rerank"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)!r}")
 
@@ -573,13 +584,14 @@ class TileIndex:
     def attach_features(self, x) -> "TileIndex":
         """The (N, d) features re-ranked kinds re-score candidates from (kept by reference, or as float16).
 
-        In-memory NumPy arrays are kept as a float16 copy; memmaps, Zarr and Dask arrays are read on demand.
+        In-memory NumPy arrays are kept as a float16 copy; memmaps, Zarr and Dask arrays (or a
+        :class:`FeatureRows` over one) are read on demand.
         """
         if tuple(x.shape) != (self.n_, self.dim_):
             raise ValueError(f"features of shape {tuple(x.shape)} do not match the index ({self.n_}, {self.dim_})")
         if isinstance(x, np.ndarray) and not isinstance(x, np.memmap):
             x = np.ascontiguousarray(x, dtype=np.float16)
-        self._features = FeatureRows(x)
+        self._features = x if isinstance(x, FeatureRows) else FeatureRows(x)
         return self
 
     def _set_groups(self, groups) -> None:
