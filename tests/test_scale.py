@@ -297,3 +297,31 @@ def test_widening_on_a_capped_index_falls_back_and_fills_k(clustered):
     assert idx.cpu_fallbacks_ == 20
     np.testing.assert_array_equal(i2, full_i)
     np.testing.assert_allclose(s2, full_s)
+
+
+def test_gpu_cluster_request_errors(monkeypatch):
+    import sys
+
+    from workbench.errors import ParameterError
+    from workbench.features import embed
+
+    with pytest.raises(ParameterError, match="gpus"):
+        embed.gpu_cluster("some", n_visible=2)
+    with pytest.raises(ParameterError, match="2 CUDA device"):
+        embed.gpu_cluster([0, 3], n_visible=2)
+    with pytest.raises(ParameterError, match="0 CUDA device"):
+        embed.gpu_cluster("all", n_visible=0)
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)  # not installed
+    with pytest.raises(ImportError, match="pip install dask-cuda"):
+        embed.gpu_cluster("all", n_visible=2)
+
+    class FakeCluster:  # what LocalCUDACluster receives
+        def __init__(self, **kw):
+            self.kw = kw
+
+    import types
+
+    monkeypatch.setitem(sys.modules, "dask_cuda", types.SimpleNamespace(LocalCUDACluster=FakeCluster))
+    assert embed.gpu_cluster("all", n_visible=3).kw["CUDA_VISIBLE_DEVICES"] == "0,1,2"
+    assert embed.gpu_cluster([1, 2], n_visible=3).kw["CUDA_VISIBLE_DEVICES"] == "1,2"
+    assert embed.gpu_cluster(1, n_visible=3).kw == {"CUDA_VISIBLE_DEVICES": "0", "threads_per_worker": 1}
