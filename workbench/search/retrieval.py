@@ -1,16 +1,23 @@
 """Tile retrieval: faiss indexes over store features, and the store glue for slide search.
 
 Tile index
-    :class:`TileIndex` wraps one faiss index over an (N, d) features array: ``"flat"`` (exact),
-    ``"ivf"`` (IVF-Flat: ``nlist`` k-means cells, ``nprobe`` of them searched) or ``"hnsw"`` (graph with
-    ``M`` links per node, ``ef_search`` candidates). With ``metric="cosine"`` vectors are
+    :class:`TileIndex` wraps one faiss index over an (N, d) features array; its kind comes from the
+    registry :data:`KINDS` (``print(KINDS)`` shows the table; a new kind is one :class:`IndexKind` subclass
+    under :func:`register_kind`): ``"flat"`` (exact), ``"ivf"`` (IVF-Flat: ``nlist`` k-means cells, ``nprobe``
+    of them searched), ``"hnsw"`` (graph with ``M`` links per node, ``ef_search`` candidates) or ``"ivfpq"``
+    (compressed for 10^7+ rows: IVF cells found by an HNSW coarse quantizer, ``pq_m``-byte product-quantised
+    codes, trained on a sample and filled chunk by chunk from Zarr/Dask with a progress bar; the best
+    ``rerank`` candidates are re-scored exactly from the float16 features, read back from the store —
+    uncompressed Zarr chunks are memory-mapped — or from an in-memory float16 copy for arrays). With ``metric="cosine"`` vectors are
     L2-normalised and compared by inner product, so scores are cosine similarities. faiss-gpu is used
     when it is installed and sees a GPU (``use_gpu="auto"``; HNSW stays on the CPU, faiss has no GPU
     HNSW), otherwise the CPU build. Every database row may carry a *group* (the patient, or the slide
     when the patient is unknown); ``search(..., exclude_groups=)`` never returns rows of the query's
-    group (leave-one-patient-out). It over-fetches and filters, doubling the number of candidates (and,
-    for IVF, the number of probed cells once the probed lists run dry) until each query has ``k``
-    results or none are left, so a query whose own slide holds all its nearest tiles still gets ``k``.
+    group (leave-one-patient-out). It over-fetches and filters (:func:`widen_search`, the same loop on
+    CPU and GPU), doubling the number of candidates (and, for IVF kinds, the number of probed cells once
+    the probed lists run dry) until each query has ``k`` results or none are left, so a query whose own
+    slide holds all its nearest tiles still gets ``k``; on a GPU index, queries that reach faiss-gpu's
+    2,048-candidate limit first are searched again on a CPU copy of the index.
 
     Saved as ``<name>.faiss`` (faiss.write_index) + ``<name>.json`` (kind, parameters, size, features
     digest) + ``<name>.groups.npz``. The digest hashes what the features came from (per slide: id, tile
