@@ -21,6 +21,14 @@ cluster the centroids are as good for curation (the resampling steps themselves 
 points per cluster). Memory is bounded by the sample (``s·k₁·d`` float32) plus one chunk.
 Without ``fit_sample_per_cluster`` the rows are loaded into memory.
 
+On a Dask cluster. ``fit(X, client=...)`` (a ``distributed.Client``, a scheduler address string or a cluster
+object: LocalCluster, dask-jobqueue, dask-cuda) runs the streamed assignment as one task per store chunk
+(:func:`workbench.curate.kmeans.assign_chunks`: centroids broadcast, each worker reads its own chunks, labels
+and partial counts/sums/inertia come back), and ``stream_iter=t`` adds ``t`` Lloyd updates over every row
+of the store after the sample fit (:func:`workbench.curate.kmeans.lloyd_chunks`: per-chunk partial sums
+reduced, nothing per row travels until the last pass). Without ``client`` the same per-chunk code runs in
+this process, so the results are identical.
+
 Rows with NaN/Inf features are detected chunk by chunk, reported in the log, excluded from every
 fit (never averaged) and labelled ``-1``.
 
@@ -50,6 +58,7 @@ import numpy as np
 from workbench.curate.kmeans import (BACKENDS, STRATEGIES, _as_tensor, _finite_rows, _iter_chunks, _l2_normalize, _n_rows,
                      _torch_device, assign_torch, kmeans, kmeans_plusplus, lloyd_torch, resample_indices,
                      resolve_backend)
+from workbench.curate.kmeans import assign_chunks, lloyd_chunks
 
 __all__ = ["BACKENDS", "STRATEGIES", "HierarchicalKMeans", "Tree", "assign_torch", "cluster_purity",
            "compose_labels", "export_swissai_csv", "fit_store", "kmeans", "kmeans_plusplus", "lloyd_torch",
@@ -161,6 +170,8 @@ class HierarchicalKMeans:
     fit_sample_per_cluster : fit level 1 on a random sample of ``this × k₁`` rows, then assign
         every row by streaming (see the module docstring); None = fit on all rows in memory.
     progress : show a tqdm bar for streamed assignment.
+    stream_iter : Lloyd updates of level 1 over every row of the store after the sample fit (streamed,
+        on the Dask cluster when ``fit`` gets ``client=``); 0 = none.
     random_state : int seed; one numpy Generator drives every random choice.
 
     Attributes
@@ -177,7 +188,8 @@ class HierarchicalKMeans:
 
     def __init__(self, levels=(64,), *, resampling_steps=1, sample_per_cluster=None, sample_strategy="closest",
                  init="k-means++", n_iter=50, normalize=False, backend="auto", device=None, chunk_size=65536,
-                 fit_sample_per_cluster=None, progress=False, random_state=0):
+                 fit_sample_per_cluster=None, progress=False, random_state=0,
+                 stream_iter=0):
         self.levels = levels
         self.resampling_steps = resampling_steps
         self.sample_per_cluster = sample_per_cluster
@@ -191,12 +203,15 @@ class HierarchicalKMeans:
         self.fit_sample_per_cluster = fit_sample_per_cluster
         self.progress = progress
         self.random_state = random_state
+        self.stream_iter = stream_iter
 
     # ------------------------------------------------------------------ params
 
     def get_params(self) -> dict:
         keys = ["levels", "resampling_steps", "sample_per_cluster", "sample_strategy", "init", "n_iter",
                 "normalize", "backend", "device", "chunk_size", "fit_sample_per_cluster", "random_state"]
+        if int(self.stream_iter):
+            keys.append("stream_iter")
         out = {}
         for k in keys:
             v = getattr(self, k)
@@ -251,7 +266,11 @@ class HierarchicalKMeans:
         return C, labels, dist, it
 
     def fit(self, X, y=None, *, client=None):
-        """Fit the tree on X: (N, d) numpy, Dask or zarr array. ``client``: Dask-CUDA client for cuML."""
+        """Fit the tree on X: (N, d) numpy, Dask or zarr array.
+
+        ``client``: a Dask client, scheduler address or cluster; streamed assignment and ``stream_iter`` updates
+        run on it (one task per chunk), and the cuML backend fits on its GPUs (dask-cuda).
+        """
         levels, steps, sizes, backend = self._validate()
         t0 = time.perf_counter()
         rng = np.random.default_rng(self.random_state)
@@ -274,8 +293,14 @@ class HierarchicalKMeans:
             timings["sample_fit"] = time.perf_counter() - t0 - timings["read_sample"]
             del Xs
             t1 = time.perf_counter()
-            labels1, dist1 = _assign_stream(X, C, normalize=self.normalize, chunk_rows=chunk, device=self.device,
-                                            progress=self.progress, desc="assign level 1")
+            if int(self.stream_iter) or (client is not None and backend != "cuml"):
+                # chunk by chunk (on the cluster with a client): Lloyd updates over the store, then labels
+                C, labels1, dist1, hist = lloyd_chunks(X, C, n_iter=int(self.stream_iter), client=client,
+                                                      normalize=self.normalize, progress=self.progress)
+                self.stream_inertia_ = hist
+            else:
+                labels1, dist1 = _assign_stream(X, C, normalize=self.normalize, chunk_rows=chunk, device=self.device,
+                                                progress=self.progress, desc="assign level 1")
             timings["assign"] = time.perf_counter() - t1
         else:
             Xm, ok = self._load(X, chunk)

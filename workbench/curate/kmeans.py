@@ -337,25 +337,55 @@ def _kmeans_faiss(X: np.ndarray, C0: np.ndarray, n_iter: int, seed: int):
     return np.asarray(km.centroids, np.float32)
 
 
+def array_module(x):
+    """The array module of ``x``: ``cupy`` for CuPy (device) arrays, else ``numpy`` (dispatch, no import of cupy
+    unless ``x`` is one)."""
+    if type(x).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def to_host(x) -> np.ndarray:
+    """A NumPy copy of a NumPy or CuPy array (``np.asarray`` refuses CuPy arrays: no implicit device copies)."""
+    xp = array_module(x)
+    return np.asarray(x.get() if xp is not np else x)
+
+
+def _kmeans_cuml_dask(X: np.ndarray, C0: np.ndarray, n_iter: int, seed: int, client, *, xp=None, KMeans=None):
+    """Multi-GPU k-means with ``cuml.dask.cluster.KMeans`` started from the given centroids ``C0``.
+
+    The rows go to the workers as device blocks (``xp.asarray`` per block; ``xp`` is cupy) and stay there; the
+    initial centroids are handed to cuML as a device array (``init=C0``, one run), so the tree's k-means++ /
+    resampling seeds are what cuML refines; only the final centroids come back to the host. ``xp`` and
+    ``KMeans`` can be given (NumPy and a stand-in) to test the plumbing without a GPU.
+    """
+    import dask.array as da
+
+    if xp is None:
+        import cupy as xp
+    if KMeans is None:
+        from cuml.dask.cluster import KMeans
+    n_workers = max(1, len(client.scheduler_info()["workers"]))
+    rows = max(1, -(-len(X) // n_workers))
+    Xd = da.from_array(np.ascontiguousarray(X, np.float32), chunks=(rows, X.shape[1]))
+    Xd = client.persist(Xd.map_blocks(xp.asarray, dtype=np.float32, meta=xp.empty((0, X.shape[1]), np.float32)))
+    km = KMeans(client=client, n_clusters=len(C0), init=xp.asarray(np.ascontiguousarray(C0, np.float32)),
+                n_init=1, max_iter=int(n_iter), tol=0.0, random_state=seed)
+    km.fit(Xd)
+    return to_host(km.cluster_centers_).astype(np.float32)
+
+
 def _kmeans_cuml(X: np.ndarray, C0: np.ndarray, n_iter: int, seed: int, client=None):
     if client is not None:  # multi-GPU over a Dask-CUDA cluster
-        import cupy
-        import dask.array as da
-        from cuml.dask.cluster import KMeans
-
-        n_workers = max(1, len(client.scheduler_info()["workers"]))
-        Xd = da.from_array(X, chunks=(max(1, -(-len(X) // n_workers)), X.shape[1])).map_blocks(cupy.asarray)
-        Xd = client.persist(Xd)
-        km = KMeans(client=client, n_clusters=len(C0), init="k-means||", max_iter=n_iter, tol=0.0,
-                    random_state=seed)
-        km.fit(Xd)
-        return np.asarray(km.cluster_centers_, np.float32)
+        return _kmeans_cuml_dask(X, C0, n_iter, seed, _as_client(client))
     from cuml.cluster import KMeans
 
     km = KMeans(n_clusters=len(C0), init=np.ascontiguousarray(C0, np.float32), n_init=1, max_iter=n_iter,
                 tol=0.0, random_state=seed, output_type="numpy")
     km.fit(np.ascontiguousarray(X, np.float32))
-    return np.asarray(km.cluster_centers_, np.float32)
+    return to_host(km.cluster_centers_).astype(np.float32)
 
 
 def kmeans(X, k: int, *, rng: np.random.Generator, init="k-means++", n_iter: int = 50, backend: str = "torch",
@@ -406,3 +436,190 @@ def resample_indices(labels: np.ndarray, sqdist: np.ndarray, k: int, size: int, 
     starts = np.searchsorted(sorted_labels, np.arange(k))
     rank = np.arange(len(order)) - starts[sorted_labels]
     return np.sort(order[rank < size])
+
+
+# =========================================================================== Dask: assignment and updates over chunks
+
+
+def _as_client(client):
+    """A ``distributed.Client`` from a client, a scheduler address string (``"tcp://host:8786"``) or a cluster
+    object (LocalCluster, dask-jobqueue's SLURMCluster, dask-cuda's LocalCUDACluster)."""
+    from distributed import Client
+
+    if isinstance(client, Client):
+        return client
+    if isinstance(client, str) or hasattr(client, "scheduler_address"):
+        return Client(client)
+    raise TypeError(f"client must be a distributed.Client, a scheduler address or a cluster, not {type(client).__name__}")
+
+
+def block_partials(block, C, normalize: bool = False, *, device=None) -> dict:
+    """Assignment of one block of rows to centroids ``C`` and its partial k-means statistics.
+
+    The unit of work of :func:`assign_chunks` (one call per chunk of the store, local or on a Dask worker).
+    Non-finite rows get label -1 and take no part in the sums.
+
+    Returns
+    -------
+    dict with ``labels`` (m,) int32, ``sqdist`` (m,) float32 (NaN for non-finite rows), ``counts`` (k,) int64,
+    ``sums`` (k, d) float64 (of the normalised rows when ``normalize``), ``inertia`` float (float64 sum of
+    sqdist), ``bad`` (number of non-finite rows).
+    """
+    import torch
+
+    x = np.asarray(block, dtype=np.float32)
+    C = np.asarray(C, dtype=np.float32)
+    k, d = C.shape
+    ok = _finite_rows(x)
+    xs = x[ok] if not ok.all() else x
+    if normalize:
+        xs = _l2_normalize(xs)
+    dev = _torch_device(device)  # CUDA on a dask-cuda worker, else CPU
+    lab, dist = assign_torch(xs, C, device=dev)
+    labels = np.full(len(x), -1, np.int32)
+    sq = np.full(len(x), np.nan, np.float32)
+    labels[ok], sq[ok] = lab.cpu().numpy(), dist.cpu().numpy()
+    xt = _as_tensor(xs, dev)
+    sums = torch.zeros((k, d), dtype=torch.float64, device=dev)
+    for a in range(0, len(xs), 16384):  # float32 partial sums of ≤ 16k rows, totals in float64
+        sums += _segment_sums(xt[a:a + 16384], lab[a:a + 16384], k)
+    return {"labels": labels, "sqdist": sq, "counts": torch.bincount(lab, minlength=k).cpu().numpy().astype(np.int64),
+            "sums": sums.cpu().numpy(), "inertia": float(dist.double().sum()), "bad": int((~ok).sum())}
+
+
+def _reduce_partials(parts: list) -> dict:
+    """Counts, sums, inertia of a list of :func:`block_partials` results, added in list order."""
+    out = {"counts": parts[0]["counts"].copy(), "sums": parts[0]["sums"].copy(), "inertia": parts[0]["inertia"],
+           "bad": parts[0]["bad"]}
+    for p in parts[1:]:
+        out["counts"] += p["counts"]
+        out["sums"] += p["sums"]
+        out["inertia"] += p["inertia"]
+        out["bad"] += p["bad"]
+    return out
+
+
+def _stats_only(p: dict) -> dict:
+    return {k: v for k, v in p.items() if k not in ("labels", "sqdist")}
+
+
+def _chunk_bounds(X, chunk_rows: int | None) -> list[tuple[int, int]]:
+    """Row ranges of X's chunks: its own (Zarr/Dask) row chunks, or ``chunk_rows`` blocks."""
+    n = _n_rows(X)
+    if chunk_rows is None:
+        if hasattr(X, "chunks") and isinstance(X.chunks, tuple) and X.chunks and isinstance(X.chunks[0], tuple):
+            sizes = X.chunks[0]  # Dask: ((rows...), (d,))
+            edges = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+            return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+        if hasattr(X, "chunks") and isinstance(X.chunks, tuple) and X.chunks:
+            chunk_rows = int(X.chunks[0])  # Zarr
+        else:
+            chunk_rows = 65536
+    return [(a, min(a + int(chunk_rows), n)) for a in range(0, n, int(chunk_rows))]
+
+
+def _read_block(X, a: int, b: int) -> np.ndarray:
+    return _read_rows(X, a, b)
+
+
+def _partials_of(block, C, normalize, keep_rows):
+    p = block_partials(block, C, normalize)
+    return p if keep_rows else _stats_only(p)
+
+
+def _task_partials(X, a, b, C, normalize, keep_rows):
+    return _partials_of(_read_block(X, a, b), C, normalize, keep_rows)
+
+
+def assign_chunks(X, C, *, client=None, normalize: bool = False, chunk_rows: int | None = None,
+                  labels: bool = True, progress: bool = False) -> dict:
+    """Assign every row of X (numpy, Zarr or Dask; on disk or in memory) to ``C``, chunk by chunk.
+
+    With ``client`` (a ``distributed.Client``, a scheduler address string or a cluster object: LocalCluster,
+    dask-jobqueue, dask-cuda) each chunk is one task on the cluster: the centroids are broadcast once
+    (``client.scatter(broadcast=True)``), each worker reads its chunks itself (Zarr arrays are pickled as
+    references to the store, not as data) and returns its rows' labels and its partial counts, sums and
+    inertia, which are added here in chunk order. Without ``client`` the same per-chunk function runs in
+    this process, so both paths give identical labels, counts, sums and inertia.
+
+    Returns
+    -------
+    dict: ``labels`` (N,) int32 (-1 non-finite) and ``sqdist`` (N,) float32 when ``labels``; ``counts`` (k,),
+    ``sums`` (k, d) float64, ``inertia``, ``bad``.
+    """
+    C = np.ascontiguousarray(C, dtype=np.float32)
+    bounds = _chunk_bounds(X, chunk_rows)
+    n = _n_rows(X)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="assign (chunks)", unit="row", unit_scale=True)
+    parts = [None] * len(bounds)
+    own = client is not None and type(client).__name__ != "Client"
+    if client is None:
+        for i, (a, b) in enumerate(bounds):
+            parts[i] = _task_partials(X, a, b, C, normalize, labels)
+            if bar is not None:
+                bar.update(b - a)
+    else:
+        from distributed import as_completed
+
+        client = _as_client(client)
+        Cf = client.scatter(C, broadcast=True)  # sent to every worker once, not once per task
+        if hasattr(X, "dask"):  # each task computes its own block of the Dask graph (reads from the store)
+            import dask
+
+            blocks = X.rechunk({1: -1}).to_delayed().ravel()
+            futs = client.compute([dask.delayed(_partials_of)(blk, Cf, normalize, labels) for blk in blocks])
+        else:
+            Xf = client.scatter(X, broadcast=True) if isinstance(X, np.ndarray) else X  # Zarr: a reference
+            futs = [client.submit(_task_partials, Xf, a, b, Cf, normalize, labels, pure=False) for a, b in bounds]
+        index = {f.key: i for i, f in enumerate(futs)}
+        for fut in as_completed(futs):
+            i = index[fut.key]
+            parts[i] = fut.result()
+            fut.release()
+            if bar is not None:
+                bar.update(bounds[i][1] - bounds[i][0])
+        if own:  # a client made here from an address or a cluster
+            client.close()
+    if bar is not None:
+        bar.close()
+    out = _reduce_partials(parts)
+    if labels:
+        out["labels"] = np.concatenate([p["labels"] for p in parts]) if parts else np.empty(0, np.int32)
+        out["sqdist"] = np.concatenate([p["sqdist"] for p in parts]) if parts else np.empty(0, np.float32)
+    return out
+
+
+def lloyd_chunks(X, C0, *, n_iter: int = 10, client=None, normalize: bool = False, chunk_rows: int | None = None,
+                 tol: float = 0.0, progress: bool = False):
+    """Lloyd iterations over every row of X by chunks (out of core; on a Dask cluster with ``client``).
+
+    Each iteration is one :func:`assign_chunks` pass returning only partial counts/sums/inertia per chunk
+    (no per-row data travels); the new centroids are ``sums / counts`` (empty clusters keep their
+    centroid). Stops when the relative inertia change is ≤ ``tol`` (0: run all ``n_iter``). A final pass
+    returns the labels of the returned centroids.
+
+    Returns
+    -------
+    C (k, d) float32, labels (N,) int32, sqdist (N,) float32, inertia history (list of float)
+    """
+    C = np.array(C0, dtype=np.float32, copy=True)
+    client = _as_client(client) if client is not None else None
+    history = []
+    for it in range(int(n_iter)):
+        st = assign_chunks(X, C, client=client, normalize=normalize, chunk_rows=chunk_rows, labels=False,
+                           progress=progress)
+        history.append(st["inertia"])
+        nz = st["counts"] > 0
+        C[nz] = (st["sums"][nz] / st["counts"][nz, None]).astype(np.float32)
+        log.info("lloyd over chunks: iteration %d, inertia %.6g, %d empty clusters", it + 1, st["inertia"],
+                 int((~nz).sum()))
+        if tol > 0 and len(history) > 1 and abs(history[-2] - history[-1]) <= tol * abs(history[-2]):
+            break
+    final = assign_chunks(X, C, client=client, normalize=normalize, chunk_rows=chunk_rows, labels=True,
+                          progress=progress)
+    history.append(final["inertia"])
+    return C, final["labels"], final["sqdist"], history

@@ -292,6 +292,36 @@ def _slide_task(store_path: str, slide_id: str, name: str, weights, device: str 
         return _row(slide_id, "error", 0, error=f"{type(exc).__name__}: {exc}")
 
 
+def gpu_cluster(gpus="all", *, n_visible: int | None = None):
+    """A dask-cuda ``LocalCUDACluster`` with one worker per GPU (``gpus``: "all", a count or device ids).
+
+    Raises :class:`~workbench.errors.ParameterError` for a bad ``gpus`` and ``ImportError`` naming the package
+    when dask-cuda is not installed. ``n_visible`` (default: torch's CUDA device count) bounds the devices.
+    """
+    from workbench.errors import ParameterError
+
+    if n_visible is None:
+        import torch
+
+        n_visible = torch.cuda.device_count()
+    if gpus == "all":
+        devices = list(range(n_visible))
+    elif isinstance(gpus, int) and not isinstance(gpus, bool):
+        devices = list(range(gpus))
+    elif isinstance(gpus, (list, tuple)) and all(isinstance(g, int) for g in gpus):
+        devices = list(gpus)
+    else:
+        raise ParameterError(f"gpus must be 'all', a number of GPUs or a list of device ids, not {gpus!r}")
+    if not devices or max(devices) >= n_visible or min(devices) < 0:
+        raise ParameterError(f"gpus={gpus!r} asks for devices {devices}, but {n_visible} CUDA device(s) are visible")
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as err:
+        raise ImportError("embed_slides(gpus=...) starts one worker per GPU with dask-cuda, which is not installed: "
+                          "pip install dask-cuda (or pass client= with your own cluster)") from err
+    return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(map(str, devices)), threads_per_worker=1)
+
+
 def _row(slide_id, status, n_tiles, *, error=None) -> dict:
     return {"slide_id": slide_id, "status": status, "n_tiles": n_tiles, "n_nonfinite": 0, "seconds": 0.0,
             "tiles_per_s": float("nan"), "error": error}
@@ -300,7 +330,7 @@ def _row(slide_id, status, n_tiles, *, error=None) -> dict:
 def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", *, weights=None,
                  device: str | None = None, batch_size: int | None = None, num_workers: int | None = None,
                  compile: bool = False, on_error: str = "skip", client=None, progress: bool = True,
-                 retry_failed: bool = False, time_limit: float | None = 1800.0) -> pd.DataFrame:
+                 retry_failed: bool = False, time_limit: float | None = 1800.0, gpus=None) -> pd.DataFrame:
     """Embed every complete slide of a store with one encoder (resumable; see the module docstring).
 
     Parameters
@@ -317,6 +347,8 @@ def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", 
     progress : a tqdm bar over tiles
     retry_failed : retry slides whose failure with this encoder is recorded (default: skip, ``failed-earlier``)
     time_limit : seconds of reading per slide (None: no limit); a slide past it is recorded as timed out
+    gpus : ``"all"``, a number of GPUs or a list of device ids: start dask-cuda's ``LocalCUDACluster`` (one
+        worker per GPU, :func:`gpu_cluster`) for this run when no ``client`` is given
 
     Returns
     -------
@@ -335,6 +367,15 @@ def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", 
     from workbench.validate import check_float
 
     check_optional(check_float, "time_limit", time_limit, 0, lo_open=True)
+    if gpus is not None and client is None:
+        from distributed import Client
+
+        with gpu_cluster(gpus) as cluster, Client(cluster) as gpu_client:
+            log.info("embedding on %d GPU workers (dask-cuda)", len(cluster.workers))
+            return embed_slides(store_path, encoder, weights=weights, device=device, batch_size=batch_size,
+                                num_workers=num_workers, compile=compile, on_error=on_error, client=gpu_client,
+                                progress=progress, retry_failed=retry_failed,
+                                time_limit=time_limit)
     store_path = str(st.as_path(store_path))
     root = st.open_store(store_path, mode="a")
     ids = st.slide_ids(root)

@@ -1,16 +1,23 @@
 """Tile retrieval: faiss indexes over store features, and the store glue for slide search.
 
 Tile index
-    :class:`TileIndex` wraps one faiss index over an (N, d) features array: ``"flat"`` (exact),
-    ``"ivf"`` (IVF-Flat: ``nlist`` k-means cells, ``nprobe`` of them searched) or ``"hnsw"`` (graph with
-    ``M`` links per node, ``ef_search`` candidates). With ``metric="cosine"`` vectors are
+    :class:`TileIndex` wraps one faiss index over an (N, d) features array; its kind comes from the
+    registry :data:`KINDS` (``print(KINDS)`` shows the table; a new kind is one :class:`IndexKind` subclass
+    under :func:`register_kind`): ``"flat"`` (exact), ``"ivf"`` (IVF-Flat: ``nlist`` k-means cells, ``nprobe``
+    of them searched), ``"hnsw"`` (graph with ``M`` links per node, ``ef_search`` candidates) or ``"ivfpq"``
+    (compressed for 10^7+ rows: IVF cells found by an HNSW coarse quantizer, ``pq_m``-byte product-quantised
+    codes, trained on a sample and filled chunk by chunk from Zarr/Dask with a progress bar; the best
+    ``rerank`` candidates are re-scored exactly from the float16 features, read back from the store —
+    uncompressed Zarr chunks are memory-mapped — or from an in-memory float16 copy for arrays). With ``metric="cosine"`` vectors are
     L2-normalised and compared by inner product, so scores are cosine similarities. faiss-gpu is used
     when it is installed and sees a GPU (``use_gpu="auto"``; HNSW stays on the CPU, faiss has no GPU
     HNSW), otherwise the CPU build. Every database row may carry a *group* (the patient, or the slide
     when the patient is unknown); ``search(..., exclude_groups=)`` never returns rows of the query's
-    group (leave-one-patient-out). It over-fetches and filters, doubling the number of candidates (and,
-    for IVF, the number of probed cells once the probed lists run dry) until each query has ``k``
-    results or none are left, so a query whose own slide holds all its nearest tiles still gets ``k``.
+    group (leave-one-patient-out). It over-fetches and filters (:func:`widen_search`, the same loop on
+    CPU and GPU), doubling the number of candidates (and, for IVF kinds, the number of probed cells once
+    the probed lists run dry) until each query has ``k`` results or none are left, so a query whose own
+    slide holds all its nearest tiles still gets ``k``; on a GPU index, queries that reach faiss-gpu's
+    2,048-candidate limit first are searched again on a CPU copy of the index.
 
     Saved as ``<name>.faiss`` (faiss.write_index) + ``<name>.json`` (kind, parameters, size, features
     digest) + ``<name>.groups.npz``. The digest hashes what the features came from (per slide: id, tile
@@ -43,7 +50,7 @@ from workbench.validate import check_choice, check_int, check_optional
 
 __all__ = [
     # tile index
-    "KINDS", "METRICS", "StaleIndexError", "TileIndex", "gpu_available", "l2_normalise", "array_digest",
+    "KINDS", "METRICS", "IndexKind", "register_kind", "widen_search", "FeatureRows", "StaleIndexError", "TileIndex", "gpu_available", "l2_normalise", "array_digest",
     # store glue
     "index_path", "features_digest", "slide_table", "encode_images", "StoreIndex", "build_store_index",
     "load_store_index",
@@ -54,8 +61,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-KINDS = ("flat", "ivf", "hnsw")
 METRICS = ("cosine", "ip", "l2")
+GPU_MAX_K = 2048  # faiss-gpu returns at most this many results per query (k and nprobe)
 
 
 
@@ -89,6 +96,312 @@ def array_digest(x, *, rows: int = 65536) -> str:
     return h.hexdigest()
 
 
+# --------------------------------------------------------------------------- index kinds
+
+
+class IndexKind:
+    """One kind of faiss index: how to make it, set its query-time knobs and search it.
+
+    Adding a kind is one subclass decorated with :func:`register_kind`; :class:`TileIndex` reads everything
+    from here (no per-kind branches elsewhere). ``params`` names the :class:`TileIndex` parameters the kind
+    reads; ``trained`` kinds are trained on a sample of ``train_size`` rows first; ``reranked`` kinds score
+    their candidates approximately and re-rank them exactly from the features (:meth:`TileIndex.attach_features`).
+    """
+
+    name = ""
+    summary = ""
+    params: tuple = ()
+    gpu = True
+    trained = False
+    reranked = False
+
+    def new(self, ti: "TileIndex", d: int, n: int):
+        raise NotImplementedError
+
+    def configure(self, ti: "TileIndex", index) -> None:
+        """Apply query-time settings (after building and after loading)."""
+
+    def probes(self, ti: "TileIndex", index) -> tuple[int | None, int | None]:
+        """(cells probed, cells in all) for kinds whose probed lists can run dry, else (None, None)."""
+        return None, None
+
+    def search(self, ti: "TileIndex", index, q: np.ndarray, k: int, nprobe: int | None):
+        return index.search(q, k)
+
+
+class _KindRegistry(dict):
+    """name → :class:`IndexKind`; prints as a table."""
+
+    def table(self):
+        import pandas as pd
+
+        return pd.DataFrame([{"kind": n, "gpu": c.gpu, "trained": c.trained, "re-ranked": c.reranked,
+                              "parameters": ", ".join(c.params), "summary": c.summary} for n, c in self.items()])
+
+    def __str__(self) -> str:
+        return self.table().to_string(index=False)
+
+    __repr__ = __str__
+
+
+KINDS = _KindRegistry()
+
+
+def register_kind(cls):
+    """Class decorator: add an :class:`IndexKind` subclass to :data:`KINDS` under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a name")
+    KINDS[cls.name] = cls()
+    return cls
+
+
+def _metric_type(ti):
+    faiss = _faiss()
+    return faiss.METRIC_L2 if ti.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
+@register_kind
+class FlatKind(IndexKind):
+    name, summary = "flat", "exact search over the full vectors"
+
+    def new(self, ti, d, n):
+        faiss = _faiss()
+        return faiss.IndexFlatL2(d) if ti.metric == "l2" else faiss.IndexFlatIP(d)
+
+
+@register_kind
+class IVFKind(IndexKind):
+    name, summary = "ivf", "IVF-Flat: nlist k-means cells of full vectors, nprobe searched"
+    params, trained = ("nlist", "nprobe", "train_size"), True
+
+    def new(self, ti, d, n):
+        faiss = _faiss()
+        index = faiss.IndexIVFFlat(FlatKind().new(ti, d, n), d, ti._nlist(n), _metric_type(ti))
+        # faiss trains on fewer than 39 points per cell anyway; its "please provide at least" line is C stderr noise
+        index.cp.min_points_per_centroid = 1
+        return index
+
+    def configure(self, ti, index):
+        index.nprobe = int(ti.nprobe)
+
+    def probes(self, ti, index):
+        return int(ti.nprobe), int(index.nlist)
+
+    def search(self, ti, index, q, k, nprobe):
+        if nprobe is None or nprobe == int(ti.nprobe):
+            return index.search(q, k)
+        if getattr(ti, "on_gpu_", False):  # GPU indexes take nprobe as an attribute
+            old, index.nprobe = index.nprobe, int(nprobe)
+            try:
+                return index.search(q, k)
+            finally:
+                index.nprobe = old
+        return index.search(q, k, params=_faiss().SearchParametersIVF(nprobe=int(nprobe)))
+
+
+@register_kind
+class HNSWKind(IndexKind):
+    name, summary = "hnsw", "graph of M links per node over full vectors (CPU only)"
+    params, gpu = ("M", "ef_construction", "ef_search"), False
+
+    def new(self, ti, d, n):
+        index = _faiss().IndexHNSWFlat(d, int(ti.M), _metric_type(ti))
+        index.hnsw.efConstruction = int(ti.ef_construction)
+        return index
+
+    def configure(self, ti, index):
+        index.hnsw.efSearch = int(ti.ef_search)
+
+    def search(self, ti, index, q, k, nprobe):
+        if k > int(ti.ef_search):  # faiss returns at most efSearch results
+            return index.search(q, k, params=_faiss().SearchParametersHNSW(efSearch=int(k)))
+        return index.search(q, k)
+
+
+@register_kind
+class IVFPQKind(IndexKind):
+    """Compressed: (optional OPQ rotation) + IVF with an HNSW coarse quantizer + product-quantised codes.
+
+    ``pq_m`` bytes per vector (8-bit codes; default d / 16, so each sub-quantizer has 16 dimensions and faiss
+    encodes with BLAS: 24 bytes for 384-d); the index factory string is ``factory`` when given, else
+    ``[OPQ{m},]IVF{nlist}_HNSW32,PQ{m}x8``. Candidates are scored from the codes, then the best ``rerank``
+    (at least the number asked for) are re-scored exactly from the float16 features.
+    """
+
+    name = "ivfpq"
+    summary = "OPQ/IVF-PQ codes (pq_m bytes per row) + exact re-rank of the top `rerank` from the features"
+    params = ("nlist", "nprobe", "pq_m", "opq", "factory", "rerank", "train_size")
+    gpu, trained, reranked = False, True, True
+
+    @staticmethod
+    def default_m(d: int) -> int:
+        """Largest m dividing d with ≥ 16 dimensions per sub-quantizer (faiss encodes those with BLAS)."""
+        return max([m for m in range(1, d + 1) if d % m == 0 and d // m >= 16] or [1])
+
+    def factory_string(self, ti, d, n) -> str:
+        if ti.factory:
+            return str(ti.factory)
+        m = self.default_m(d) if ti.pq_m is None else int(ti.pq_m)
+        if m < 1 or d % m:
+            raise ValueError(f"pq_m must divide the dimension {d}, not {m!r}")
+        return f"{f'OPQ{m},' if ti.opq else ''}IVF{ti._nlist(n)}_HNSW32,PQ{m}x8"
+
+    def new(self, ti, d, n):
+        faiss = _faiss()
+        index = faiss.index_factory(d, self.factory_string(ti, d, n), _metric_type(ti))
+        pq = getattr(self._ivf(index), "pq", None)
+        if pq is not None:  # 64 points per code word and 15 iterations train the codebooks well enough
+            pq.cp.max_points_per_centroid, pq.cp.niter = 64, 15
+        return index
+
+    @staticmethod
+    def _ivf(index):
+        faiss = _faiss()
+        return faiss.downcast_index(faiss.extract_index_ivf(index))
+
+    def _set_nprobe(self, index, nprobe: int) -> None:
+        faiss = _faiss()
+        ivf = self._ivf(index)
+        ivf.nprobe = int(nprobe)
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        if hasattr(quantizer, "hnsw"):  # the HNSW coarse quantizer must return nprobe cells
+            quantizer.hnsw.efSearch = max(64, 2 * int(nprobe))
+
+    def configure(self, ti, index):
+        self._set_nprobe(index, int(ti.nprobe))
+
+    def probes(self, ti, index):
+        return int(ti.nprobe), int(self._ivf(index).nlist)
+
+    def search(self, ti, index, q, k, nprobe):
+        want = int(ti.nprobe) if nprobe is None else int(nprobe)
+        if want == int(ti.nprobe):
+            return index.search(q, k)
+        self._set_nprobe(index, want)
+        try:
+            return index.search(q, k)
+        finally:
+            self._set_nprobe(index, int(ti.nprobe))
+
+
+# --------------------------------------------------------------------------- candidate widening
+
+
+def widen_search(raw, n_queries: int, k: int, *, possible, cap: int, keep=None, nprobe=None, nlist=None,
+                 fill: float = -np.inf, start: int | None = None):
+    """Search with over-fetching until every query has ``k`` results that survive ``keep``.
+
+    The one widening loop of every index (CPU and GPU): ``raw(rows, fetch, nprobe)`` returns
+    ``(scores, ids)`` (len(rows), fetch) of the queries ``rows``, best first, -1 ids for missing candidates;
+    ``keep(rows, ids)`` is a bool mask of the candidates allowed (default: every id ≥ 0). ``fetch`` starts at
+    ``start`` (default ``2k + 8``) and doubles, and ``nprobe`` doubles (up to ``nlist``) whenever a probed
+    list ran dry, until a query has ``possible[i]`` allowed results, or ``fetch`` reached ``cap`` and all
+    cells are probed.
+
+    Returns
+    -------
+    scores, ids : (n_queries, k), padded with ``fill`` / -1
+    short : int64 array of queries that stopped at ``cap`` with fewer than ``possible`` results (a capped
+        GPU index: search them again on a CPU index, cap = database size)
+    """
+    scores = np.full((n_queries, k), fill, dtype=np.float32)
+    ids = np.full((n_queries, k), -1, dtype=np.int64)
+    possible = np.broadcast_to(np.asarray(possible), (n_queries,))
+    todo = np.arange(n_queries)
+    short = []
+    fetch = min(int(cap), int(start) if start is not None else 2 * k + 8)
+    while todo.size:
+        d_, i_ = raw(todo, fetch, nprobe)
+        ok = (i_ >= 0) if keep is None else ((i_ >= 0) & keep(todo, i_))
+        count = ok.sum(1)
+        at_cap = fetch >= cap
+        exhausted = at_cap and (nprobe is None or nlist is None or nprobe >= nlist)
+        done = (count >= possible[todo]) | exhausted
+        order = np.argsort(~ok[done], axis=1, kind="stable")[:, :k]
+        rows = todo[done]
+        kk = order.shape[1]
+        took = np.take_along_axis(ok[done], order, 1)
+        scores[rows, :kk] = np.where(took, np.take_along_axis(d_[done], order, 1), fill)
+        ids[rows, :kk] = np.where(took, np.take_along_axis(i_[done], order, 1), -1)
+        if exhausted:
+            short.extend(rows[count[done] < possible[rows]].tolist())
+        todo = todo[~done]
+        if todo.size:
+            if nprobe is not None and nlist is not None and ((i_[~done] < 0).any() or at_cap):
+                nprobe = min(nlist, 2 * nprobe)  # the probed lists ran dry: probe more cells
+            fetch = min(int(cap), 2 * fetch)
+    return scores, ids, np.asarray(short, np.int64)
+
+
+# --------------------------------------------------------------------------- exact re-rank
+
+
+class FeatureRows:
+    """Random rows of an (N, d) features array as float32: NumPy/memmap, Zarr or Dask.
+
+    An uncompressed Zarr v3 array on a local disk (the benchmark's layout) is read by memory-mapping its
+    chunk files, so a few hundred scattered rows cost page reads, not chunk decodes; any other Zarr array is
+    read with one orthogonal selection (each chunk touched decoded once), a Dask array by fancy indexing.
+    """
+
+    def __init__(self, x, *, n: int | None = None):
+        self.x = x
+        self.shape = (int(x.shape[0]) if n is None else int(n), int(x.shape[1]))  # n: only the first n rows
+        self._maps = None
+        self._chunk = None
+        if not isinstance(x, np.ndarray) and not hasattr(x, "dask"):
+            self._maps = self._raw_chunk_paths(x)
+
+    @staticmethod
+    def _raw_chunk_paths(x):
+        try:
+            meta = x.metadata
+            codecs = getattr(meta, "codecs", None)
+            if codecs is None or len(codecs) != 1 or type(codecs[0]).__name__ != "BytesCodec":
+                return None
+            root = getattr(x.store, "root", None)
+            chunks = meta.chunk_grid.chunk_shape
+            if root is None or len(chunks) != 2 or chunks[1] != x.shape[1]:
+                return None
+            enc = meta.chunk_key_encoding
+            base = Path(str(root)) / x.path if x.path else Path(str(root))
+            paths = [base / enc.encode_chunk_key((i, 0)) for i in range(-(-x.shape[0] // chunks[0]))]
+            if not all(p.exists() for p in paths):
+                return None
+            return {"paths": paths, "rows": int(chunks[0]), "dtype": np.dtype(x.dtype).newbyteorder("<"),
+                    "maps": {}}
+        except Exception:  # noqa: BLE001  (any other layout: the generic reader)
+            return None
+
+    def _chunk_map(self, i: int) -> np.ndarray:
+        m = self._maps["maps"].get(i)
+        if m is None:
+            m = np.memmap(self._maps["paths"][i], dtype=self._maps["dtype"], mode="r",
+                          shape=(self._maps["rows"], self.shape[1]))
+            self._maps["maps"][i] = m
+        return m
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        if rows.size == 0:
+            return np.empty((0, self.shape[1]), np.float32)
+        uniq, inv = np.unique(rows, return_inverse=True)
+        if isinstance(self.x, np.ndarray):
+            got = self.x[uniq]
+        elif self._maps is not None:
+            r = self._maps["rows"]
+            got = np.empty((len(uniq), self.shape[1]), self._maps["dtype"])
+            which = uniq // r
+            for c in np.unique(which):
+                sel = which == c
+                got[sel] = self._chunk_map(int(c))[uniq[sel] - c * r]
+        elif hasattr(self.x, "dask"):
+            got = np.asarray(self.x[uniq])
+        else:
+            got = np.asarray(self.x.get_orthogonal_selection((uniq, slice(None))))
+        return np.asarray(got, np.float32)[inv.reshape(-1)]
+
+
 # --------------------------------------------------------------------------- tile index
 
 
@@ -97,20 +410,25 @@ class TileIndex:
 
     Parameters
     ----------
-    kind : {"flat", "ivf", "hnsw"}
+    kind : a name in :data:`KINDS` (``print(KINDS)`` lists them): "flat", "ivf", "hnsw", "ivfpq"
     nlist : int, optional
         IVF cells; default ``clip(4 * sqrt(N), 1, N // 39)``.
     nprobe : int
         IVF cells searched per query.
     M, ef_construction, ef_search : int
         HNSW links per node, build-time and query-time candidate list sizes.
+    pq_m, opq, factory, rerank : int, bool, str, int
+        ``ivfpq``: bytes per row (default d / 16), OPQ rotation first, a faiss index-factory string replacing the default
+        ``[OPQ{m},]IVF{nlist}_HNSW32,PQ{m}x8``, and candidates re-ranked exactly from the features.
     metric : {"cosine", "ip", "l2"}
         Scores are similarities (higher is closer) for cosine/ip, squared L2 distances for l2.
     use_gpu : {"auto", True, False}
     train_size : int, optional
-        Rows sampled to train IVF; default ``64 * nlist``.
+        Rows sampled to train IVF kinds; default ``64 * nlist`` (``39 * nlist``, at least 65,536, for ivfpq).
     batch_rows : int
-        Rows converted and added per block (bounds memory for Dask inputs).
+        Rows converted and added per block (bounds memory for Dask / Zarr inputs).
+    progress : bool
+        tqdm bar while adding rows.
     random_state : int
 
     Attributes
@@ -122,6 +440,8 @@ class TileIndex:
     digest_ : str
     on_gpu_ : bool
     build_seconds_ : float
+    cpu_fallbacks_ : int
+        Queries a capped GPU index could not fill and that were searched again on the CPU.
 
     Examples
     --------
@@ -133,33 +453,48 @@ class TileIndex:
     """
 
     def __init__(self, kind: str = "flat", *, nlist: int | None = None, nprobe: int = 16, M: int = 32,
-                 ef_construction: int = 40, ef_search: int = 64, metric: str = "cosine", use_gpu="auto",
-                 train_size: int | None = None, batch_rows: int = 65536, random_state: int = 0):
+                 ef_construction: int = 40, ef_search: int = 64, pq_m: int | None = None, opq: bool = False,
+                 factory: str | None = None, rerank: int = 256, metric: str = "cosine", use_gpu="auto",
+                 train_size: int | None = None, batch_rows: int = 65536, progress: bool = False,
+                 random_state: int = 0):
         self.kind = kind
         self.nlist = nlist
         self.nprobe = nprobe
         self.M = M
         self.ef_construction = ef_construction
         self.ef_search = ef_search
+        self.pq_m = pq_m
+        self.opq = opq
+        self.factory = factory
+        self.rerank = rerank
         self.metric = metric
         self.use_gpu = use_gpu
         self.train_size = train_size
         self.batch_rows = batch_rows
+        self.progress = progress
         self.random_state = random_state
 
     def get_params(self) -> dict:
         return {k: getattr(self, k) for k in ("kind", "nlist", "nprobe", "M", "ef_construction", "ef_search",
-                                               "metric", "use_gpu", "train_size", "batch_rows", "random_state")}
+                                               "pq_m", "opq", "factory", "rerank", "metric", "use_gpu",
+                                               "train_size", "batch_rows", "progress", "random_state")}
+
+    @property
+    def spec(self) -> IndexKind:
+        """The :class:`IndexKind` of this index."""
+        if self.kind not in KINDS:
+            raise ParameterError(f"kind={self.kind!r} is not allowed: kind must be one of {tuple(KINDS)}")
+        return KINDS[self.kind]
 
     # ---- building
     def _validate(self, n: int) -> None:
-        check_choice("kind", self.kind, KINDS)
+        self.spec  # noqa: B018  (raises for an unknown kind)
         check_choice("metric", self.metric, METRICS)
         check_choice("use_gpu", self.use_gpu, ("auto", True, False))
         if n < 1:
             raise ParameterError("cannot build an index over 0 vectors")
         for name, hi in (("nprobe", 1 << 20), ("M", 512), ("ef_construction", 1 << 16), ("ef_search", 1 << 16),
-                         ("batch_rows", 1 << 26)):
+                         ("batch_rows", 1 << 26), ("rerank", 1 << 20)):
             check_int(name, getattr(self, name), 1, hi)
         check_optional(check_int, "nlist", self.nlist, 1, 1 << 24)
         check_optional(check_int, "train_size", self.train_size, 1)
@@ -178,21 +513,8 @@ class TileIndex:
         return l2_normalise(x) if self.metric == "cosine" else np.ascontiguousarray(x, dtype=np.float32)
 
     def _new_index(self, d: int, n: int):
-        faiss = _faiss()
-        mt = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
-        flat = faiss.IndexFlatL2 if self.metric == "l2" else faiss.IndexFlatIP
-        if self.kind == "flat":
-            index = flat(d)
-        elif self.kind == "ivf":
-            quantizer = flat(d)
-            index = faiss.IndexIVFFlat(quantizer, d, self._nlist(n), mt)
-            index.nprobe = int(self.nprobe)
-            # faiss trains on fewer than 39 points per cell anyway; its "please provide at least" line is C stderr noise
-            index.cp.min_points_per_centroid = 1
-        else:
-            index = faiss.IndexHNSWFlat(d, int(self.M), mt)
-            index.hnsw.efConstruction = int(self.ef_construction)
-            index.hnsw.efSearch = int(self.ef_search)
+        index = self.spec.new(self, d, n)
+        self.spec.configure(self, index)
         return self._maybe_gpu(index)
 
     def _maybe_gpu(self, index):
@@ -205,8 +527,8 @@ class TileIndex:
                 raise RuntimeError("use_gpu=True but this faiss build sees no GPU; install faiss-gpu or use 'auto'")
             self.on_gpu_ = False
             return index
-        if self.kind == "hnsw":
-            log.info("faiss has no GPU HNSW: the HNSW index stays on the CPU")
+        if not self.spec.gpu:
+            log.info("faiss has no GPU version of the %s index: it stays on the CPU", self.kind)
             self.on_gpu_ = False
             return index
         faiss = _faiss()
@@ -214,25 +536,37 @@ class TileIndex:
         self.on_gpu_ = True
         return faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
 
+    def _train_sample(self, x, n: int, nlist: int) -> np.ndarray:
+        default = max(39 * nlist, 65536) if self.kind == "ivfpq" else 64 * nlist
+        size = min(n, int(self.train_size or default))
+        rng = np.random.default_rng(self.random_state)
+        rows = np.sort(rng.choice(n, size=size, replace=False))
+        sample = self._prepare(FeatureRows(x)(rows) if not isinstance(x, np.ndarray) else x[rows])
+        return sample[np.isfinite(sample).all(axis=1)]
+
     def fit(self, x, *, groups=None, digest: str | None = None) -> "TileIndex":
-        """Build the index over ``x`` (N, d) (NumPy or Dask; float16 is fine).
+        """Build the index over ``x`` (N, d) (NumPy, Zarr or Dask; float16 is fine).
 
         ``groups`` (N,) holds each row's group (patient or slide) for leave-one-group-out search;
-        ``digest`` identifies the features (default: a hash of ``x``'s values).
+        ``digest`` identifies the features (default: a hash of ``x``'s values). Re-ranked kinds keep ``x``
+        (Zarr/Dask/memmap) or a float16 copy of it (in-memory arrays) to re-score candidates.
         """
         t0 = time.perf_counter()
         n, d = int(x.shape[0]), int(x.shape[1])
         self._validate(n)
         self.n_, self.dim_ = n, d
         index = self._new_index(d, n)
-        if self.kind == "ivf":
-            nlist = self._nlist(n)
-            size = min(n, self.train_size or 64 * nlist)
-            rng = np.random.default_rng(self.random_state)
-            sample = self._prepare(x[np.sort(rng.choice(n, size=size, replace=False))])
-            index.train(sample[np.isfinite(sample).all(axis=1)])
+        if self.spec.trained:
+            t1 = time.perf_counter()
+            index.train(self._train_sample(x, n, self._nlist(n)))
+            log.info("trained %s index in %.1f s", self.kind, time.perf_counter() - t1)
         # NaN/Inf rows (a broken model or tile) are left out of the index and reported, never searched
         kept, bad = [], []
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc=f"fill {self.kind} index", unit="row", unit_scale=True)
         for start in range(0, n, int(self.batch_rows)):
             block = self._prepare(x[start : start + int(self.batch_rows)])
             finite = np.isfinite(block).all(axis=1)
@@ -242,6 +576,10 @@ class TileIndex:
             kept.append(start + np.flatnonzero(finite))
             if len(block):
                 index.add(block)
+            if bar is not None:
+                bar.update(len(finite))
+        if bar is not None:
+            bar.close()
         if bad:
             log.warning("%d of %d rows are non-finite (NaN/Inf) and were left out of the index: rows %s%s",
                         len(bad), n, bad[:20], " …" if len(bad) > 20 else "")
@@ -249,9 +587,24 @@ class TileIndex:
         self.nonfinite_rows_ = np.asarray(bad, np.int64)
         self.index_ = index
         self._set_groups(groups)
+        if self.spec.reranked:
+            self.attach_features(x)
         self.digest_ = digest if digest is not None else array_digest(x)
         self.build_seconds_ = time.perf_counter() - t0
         log.info("built %s index over %d x %d in %.1f s", self.kind, n, d, self.build_seconds_)
+        return self
+
+    def attach_features(self, x) -> "TileIndex":
+        """The (N, d) features re-ranked kinds re-score candidates from (kept by reference, or as float16).
+
+        In-memory NumPy arrays are kept as a float16 copy; memmaps, Zarr and Dask arrays (or a
+        :class:`FeatureRows` over one) are read on demand.
+        """
+        if tuple(x.shape) != (self.n_, self.dim_):
+            raise ValueError(f"features of shape {tuple(x.shape)} do not match the index ({self.n_}, {self.dim_})")
+        if isinstance(x, np.ndarray) and not isinstance(x, np.memmap):
+            x = np.ascontiguousarray(x, dtype=np.float16)
+        self._features = x if isinstance(x, FeatureRows) else FeatureRows(x)
         return self
 
     def _set_groups(self, groups) -> None:
@@ -275,23 +628,41 @@ class TileIndex:
         if not hasattr(self, "index_"):
             raise RuntimeError("this TileIndex is not built yet: call fit() or TileIndex.load()")
 
-    def _raw_search(self, q: np.ndarray, k: int, nprobe: int | None = None):
-        """faiss search of k rows; IVF probes ``nprobe`` cells, HNSW keeps max(ef_search, k) candidates."""
-        faiss = _faiss()
-        params = None
-        if self.kind == "ivf" and nprobe is not None and nprobe != int(self.nprobe):
-            params = faiss.SearchParametersIVF(nprobe=int(nprobe))
-        elif self.kind == "hnsw" and k > int(self.ef_search):
-            params = faiss.SearchParametersHNSW(efSearch=int(k))  # faiss returns at most efSearch results
-        if params is None or getattr(self, "on_gpu_", False):
-            if params is not None and self.kind == "ivf":  # GPU indexes take nprobe as an attribute
-                old, self.index_.nprobe = self.index_.nprobe, int(nprobe)
-                try:
-                    return self._to_rows(*self.index_.search(q, k))
-                finally:
-                    self.index_.nprobe = old
-            return self._to_rows(*self.index_.search(q, k))
-        return self._to_rows(*self.index_.search(q, k, params=params))
+    def _raw_search(self, q: np.ndarray, k: int, nprobe: int | None = None, *, index=None):
+        """``k`` candidates per query (row ids, best first): faiss search, then the exact re-rank if any."""
+        index = self.index_ if index is None else index
+        spec = self.spec
+        if not spec.reranked:
+            return self._to_rows(*spec.search(self, index, q, k, nprobe))
+        feats = getattr(self, "_features", None)
+        kk = max(int(k), int(self.rerank))
+        scores, ids = self._to_rows(*spec.search(self, index, q, min(kk, int(index.ntotal)), nprobe))
+        if feats is None:
+            if not getattr(self, "_warned_no_features", False):
+                log.warning("%s index without features: scores come from the compressed codes; call "
+                            "attach_features() for the exact re-rank", self.kind)
+                self._warned_no_features = True
+            return scores[:, :k], ids[:, :k]
+        return self._rerank(q, ids, k, feats)
+
+    def _rerank(self, q: np.ndarray, ids: np.ndarray, k: int, feats: FeatureRows):
+        """Exact scores of the candidate rows ``ids`` (-1 = none) read from the features; best ``k`` first."""
+        valid = ids >= 0
+        flat_rows = ids[valid]
+        vec = feats(flat_rows)
+        if self.metric == "cosine":
+            vec = l2_normalise(vec)
+        qi = np.nonzero(valid)[0]
+        if self.metric == "l2":
+            exact = ((vec - q[qi]) ** 2).sum(1)
+        else:
+            exact = np.einsum("ij,ij->i", vec, q[qi])
+        fill = np.inf if self.metric == "l2" else -np.inf
+        s = np.full(ids.shape, fill, np.float32)
+        s[valid] = exact
+        order = np.argsort(s if self.metric == "l2" else -s, axis=1, kind="stable")[:, :k]
+        out_s, out_i = np.take_along_axis(s, order, 1), np.take_along_axis(ids, order, 1)
+        return out_s, np.where(np.isfinite(out_s), out_i, -1)
 
     def _to_rows(self, scores: np.ndarray, ids: np.ndarray):
         """Map faiss positions to row ids of ``x`` (they differ when non-finite rows were left out)."""
@@ -301,8 +672,19 @@ class TileIndex:
         return scores, ids
 
     def _max_k(self) -> int:
+        """Most candidates one search may return: the database, or faiss-gpu's limit on a GPU index."""
         n = int(self.index_.ntotal)
-        return min(n, 2048) if getattr(self, "on_gpu_", False) else n
+        cap = getattr(self, "_gpu_k_cap", GPU_MAX_K) if getattr(self, "on_gpu_", False) else n
+        return min(n, int(cap))
+
+    def _cpu_index(self):
+        """A CPU copy of a GPU index (made once), for queries the GPU's candidate cap cannot serve."""
+        if not getattr(self, "on_gpu_", False):
+            return self.index_
+        if getattr(self, "_cpu_copy", None) is None:
+            self._cpu_copy = _faiss().index_gpu_to_cpu(self.index_)
+            self.spec.configure(self, self._cpu_copy)
+        return self._cpu_copy
 
     def group_codes(self, values) -> np.ndarray:
         """Codes of group ``values`` (-1 for a group absent from the database)."""
@@ -314,6 +696,10 @@ class TileIndex:
 
     def search(self, queries, k: int, *, exclude_groups=None) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest rows of each query, never from the query's own group.
+
+        Candidates are widened by :func:`widen_search` until ``k`` survive the exclusion; on a GPU index,
+        queries that hit faiss-gpu's candidate limit first are searched again on a CPU copy
+        (``cpu_fallbacks_`` counts them), so no query silently gets fewer than ``k``.
 
         Parameters
         ----------
@@ -332,39 +718,32 @@ class TileIndex:
         # k is bounded by what exists: rows past the index's size could only ever be -1
         nq, k = len(q), min(check_int("k", k, 1), max(1, int(self.n_)))
         fill = np.inf if self.metric == "l2" else -np.inf
-        scores = np.full((nq, k), fill, dtype=np.float32)
-        ids = np.full((nq, k), -1, dtype=np.int64)
-        if exclude_groups is None:
-            kk = min(k, self._max_k())
-            d_, i_ = self._raw_search(q, kk)
-            scores[:, :kk], ids[:, :kk] = d_, i_
-            return scores, ids
-        qg = self.group_codes(exclude_groups)
-        if qg.shape != (nq,):
-            raise ValueError(f"exclude_groups must have shape ({nq},), got {qg.shape}")
-        own = np.where(qg >= 0, self._group_sizes[np.maximum(qg, 0)], 0)
-        possible = np.minimum(k, self.n_ - own)  # results that can exist at all
-        todo = np.arange(nq)
-        fetch = min(self._max_k(), 2 * k + 8)
-        nprobe = int(self.nprobe) if self.kind == "ivf" else None
-        nlist = self.index_.nlist if self.kind == "ivf" else None
-        while todo.size:
-            d_, i_ = self._raw_search(q[todo], fetch, nprobe)
-            keep = (i_ >= 0) & (self.groups_[np.maximum(i_, 0)] != qg[todo, None])
-            count = keep.sum(1)
-            exhausted = fetch >= self._max_k() and (nprobe is None or nprobe >= nlist)
-            done = (count >= possible[todo]) | exhausted
-            order = np.argsort(~keep[done], axis=1, kind="stable")[:, :k]
-            rows = todo[done]
-            kk = order.shape[1]
-            took = np.take_along_axis(keep[done], order, 1)
-            scores[rows, :kk] = np.where(took, np.take_along_axis(d_[done], order, 1), fill)
-            ids[rows, :kk] = np.where(took, np.take_along_axis(i_[done], order, 1), -1)
-            todo = todo[~done]
-            if todo.size:
-                if nprobe is not None and (i_[~done] < 0).any():
-                    nprobe = min(nlist, 2 * nprobe)  # the probed lists ran dry: probe more cells
-                fetch = min(self._max_k(), 2 * fetch)
+        keep, qg = None, None
+        possible = np.full(nq, min(k, int(self.index_.ntotal)))
+        if exclude_groups is not None:
+            qg = self.group_codes(exclude_groups)
+            if qg.shape != (nq,):
+                raise ValueError(f"exclude_groups must have shape ({nq},), got {qg.shape}")
+            own = np.where(qg >= 0, self._group_sizes[np.maximum(qg, 0)], 0)
+            possible = np.minimum(k, self.n_ - own)  # results that can exist at all
+            keep = lambda rows, i_: self.groups_[np.maximum(i_, 0)] != qg[rows, None]  # noqa: E731
+        nprobe, nlist = self.spec.probes(self, self.index_)
+        start = k if exclude_groups is None else None
+
+        def run(index, cap, rows):
+            raw = lambda r, fetch, npb: self._raw_search(q[rows[r]], fetch, npb, index=index)  # noqa: E731
+            kp = None if keep is None else (lambda r, i_: keep(rows[r], i_))
+            return widen_search(raw, len(rows), k, possible=possible[rows], cap=cap, keep=kp, nprobe=nprobe,
+                                nlist=nlist, fill=fill, start=start)
+
+        scores, ids, short = run(self.index_, self._max_k(), np.arange(nq))
+        self.cpu_fallbacks_ = 0
+        if short.size and getattr(self, "on_gpu_", False):
+            log.info("%d queries need more than the GPU's %d candidates: searching them on the CPU",
+                     short.size, self._max_k())
+            s2, i2, _ = run(self._cpu_index(), int(self.index_.ntotal), short)
+            scores[short], ids[short] = s2, i2
+            self.cpu_fallbacks_ = int(short.size)
         return scores, ids
 
     # ---- persistence
@@ -425,8 +804,13 @@ class TileIndex:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, expected_digest: str | None = None, use_gpu="auto") -> "TileIndex":
-        """Read an index saved by :meth:`save`; refuse it if its digest is not ``expected_digest``."""
+    def load(cls, path: str | os.PathLike, *, expected_digest: str | None = None, use_gpu="auto",
+             features=None) -> "TileIndex":
+        """Read an index saved by :meth:`save`; refuse it if its digest is not ``expected_digest``.
+
+        ``features``: the (N, d) features a re-ranked kind re-scores from (see :meth:`attach_features`).
+        """
+        faiss = _faiss()
         path = Path(path)
         sidecar = path.with_suffix(".json")
         if not sidecar.exists() or not (path.exists() or any(path.parent.glob(f"{path.stem}.*.faiss"))):
@@ -439,7 +823,7 @@ class TileIndex:
             raise IntegrityError(f"index sidecar {sidecar} is unreadable ({type(exc).__name__}: {exc}): "
                                  "rebuild the index (build_store_index)") from None
         try:
-            return cls._load(path, meta, files, expected_digest, use_gpu)
+            return cls._load(path, meta, files, expected_digest, use_gpu, features)
         except (StaleIndexError, ParameterError):
             raise
         except Exception as exc:  # noqa: BLE001 — a damaged file (BadZipFile, faiss RuntimeError, ...) by name
@@ -447,7 +831,7 @@ class TileIndex:
                                  "(build_store_index)") from None
 
     @classmethod
-    def _load(cls, path: Path, meta: dict, files: dict, expected_digest, use_gpu) -> "TileIndex":
+    def _load(cls, path: Path, meta: dict, files: dict, expected_digest, use_gpu, features=None) -> "TileIndex":
         faiss = _faiss()
         if expected_digest is not None and meta["digest"] != expected_digest:
             raise StaleIndexError(
@@ -465,10 +849,7 @@ class TileIndex:
         if meta.get("has_row_ids"):
             self.row_ids_ = np.load(path.parent / files["rows"] if "rows" in files else path.with_suffix(".rows.npy"),
                                     allow_pickle=False)
-        if self.kind == "ivf":
-            index.nprobe = int(self.nprobe)
-        elif self.kind == "hnsw":
-            index.hnsw.efSearch = int(self.ef_search)
+        self.spec.configure(self, index)
         self.n_, self.dim_, self.digest_ = meta["n"], meta["dim"], meta["digest"]
         self.build_seconds_ = meta.get("build_seconds", float("nan"))
         self.index_ = self._maybe_gpu(index)
@@ -479,6 +860,8 @@ class TileIndex:
             self._group_sizes = np.bincount(self.groups_, minlength=len(self.group_values_))
         else:
             self.groups_, self.group_values_ = None, None
+        if features is not None:
+            self.attach_features(features)
         return self
 
 
@@ -827,4 +1210,10 @@ def load_store_index(store: str | os.PathLike, encoder: str, kind: str = "flat",
                               "it (build_store_index)") from exc
     _check_file_sums(index_path(store, encoder, kind))
     index = TileIndex.load(index_path(store, encoder, kind), expected_digest=digest, use_gpu=use_gpu)
-    return StoreIndex(store, encoder, index, table, exclude)
+    feats = None
+    if index.spec.reranked:  # compressed kinds re-rank their candidates from the store's float16 features
+        from workbench.store import features_array
+
+        feats = features_array(root, encoder, list(table["slide_id"]))
+        index.attach_features(feats)
+    return StoreIndex(store, encoder, index, table, exclude, feats)
