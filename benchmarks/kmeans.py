@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import emit, full_mode  # noqa: E402
+from _results import emit, finish, full_mode, write  # noqa: E402
 
 
 def mixture(n: int, dim: int, k: int, seed: int = 0) -> np.ndarray:
@@ -152,37 +152,43 @@ def main(argv=None) -> dict:
     print(f"kmeans benchmark: n={args.n} dim={args.dim} ks={args.ks} iters={args.iters} threads={args.threads}; "
           f"faiss CPU-matched run with OPENBLAS_CORETYPE={coretype!r} (environment: "
           f"{os.environ.get('OPENBLAS_CORETYPE')!r})", flush=True)
-    per_k, sides = {}, {}
-    for k in args.ks:  # sides alternate so machine load hits both alike
-        r = {"faiss": spawn("faiss", args, k, coretype), "ours": spawn("ours", args, k, coretype)}
-        if k in generic:
-            r["faiss_generic"] = spawn("faiss_generic", args, k, "Prescott")
-        if not args.no_reference:
-            r["ours_kmeanspp"] = spawn("ours_kmeanspp", args, k, coretype)
-        per_k[str(k)] = {
-            **{f"{s}_s": round(v["seconds"], 2) for s, v in r.items()},
-            **{f"{s}_inertia": v["inertia"] for s, v in r.items()},
-            "ratio": round(r["ours"]["seconds"] / r["faiss"]["seconds"], 3),
-            "inertia_ratio": (round(r["ours"]["inertia"] / r["ours_kmeanspp"]["inertia"], 4)
-                              if "ours_kmeanspp" in r else None),
-            "inertia_ratio_vs_faiss": round(r["ours"]["inertia"] / r["faiss"]["inertia"], 4),
+    per_k, sides, runs = {}, {}, {}
+
+    def summary() -> dict:
+        for k, r in runs.items():
+            d = {**{f"{s}_s": round(v["seconds"], 2) for s, v in r.items()},
+                 **{f"{s}_inertia": v["inertia"] for s, v in r.items()},
+                 "ratio": round(r["ours"]["seconds"] / r["faiss"]["seconds"], 3),
+                 "inertia_ratio": (round(r["ours"]["inertia"] / r["ours_kmeanspp"]["inertia"], 4)
+                                   if "ours_kmeanspp" in r else None),
+                 "inertia_ratio_vs_faiss": round(r["ours"]["inertia"] / r["faiss"]["inertia"], 4)}
+            if "faiss_generic" in r:
+                d["ratio_vs_faiss_generic"] = round(r["ours"]["seconds"] / r["faiss_generic"]["seconds"], 3)
+                d["faiss_generic_vs_faiss"] = round(r["faiss_generic"]["seconds"] / r["faiss"]["seconds"], 3)
+            if "ours_kmeanspp" in r:
+                d["ratio_kmeanspp_vs_faiss"] = round(r["ours_kmeanspp"]["seconds"] / r["faiss"]["seconds"], 3)
+            per_k[str(k)] = d
+            for s, v in r.items():
+                sides.setdefault(s, {key: v[key] for key in v if key not in ("seconds", "inertia", "side", "iters")})
+        ir = [v["inertia_ratio"] for v in per_k.values() if v["inertia_ratio"] is not None]
+        return {
+            "n": args.n, "dim": args.dim, "ks": args.ks, "iters": args.iters, "threads": args.threads,
+            "init": "k-means||", "ratio": max(v["ratio"] for v in per_k.values()),
+            "inertia_ratio": max(ir) if ir else None,
+            "inertia_ratio_vs_faiss": max(v["inertia_ratio_vs_faiss"] for v in per_k.values()),
+            "goal": "ratio <= 1.2 (whole fits, faiss on its CPU-matched kernel); inertia_ratio <= 1.02 vs full k-means++",
+            "faiss_coretype_matched": coretype, "per_k": per_k, "sides": sides,
+            "note": "each side in a fresh process; timings include initialisation and the final labels",
         }
-        if "faiss_generic" in r:
-            per_k[str(k)]["ratio_vs_faiss_generic"] = round(r["ours"]["seconds"] / r["faiss_generic"]["seconds"], 3)
-        if "ours_kmeanspp" in r:
-            per_k[str(k)]["ratio_kmeanspp_vs_faiss"] = round(r["ours_kmeanspp"]["seconds"] / r["faiss"]["seconds"], 3)
-        for s, v in r.items():
-            sides.setdefault(s, {key: v[key] for key in v if key not in ("seconds", "inertia", "side")})
-    ir = [v["inertia_ratio"] for v in per_k.values() if v["inertia_ratio"] is not None]
-    out = {
-        "n": args.n, "dim": args.dim, "ks": args.ks, "iters": args.iters, "threads": args.threads, "init": "k-means||",
-        "ratio": max(v["ratio"] for v in per_k.values()),
-        "inertia_ratio": max(ir) if ir else None,
-        "inertia_ratio_vs_faiss": max(v["inertia_ratio_vs_faiss"] for v in per_k.values()),
-        "goal": "ratio <= 1.2 (whole fits, faiss on its CPU-matched kernel); inertia_ratio <= 1.02 vs full k-means++",
-        "faiss_coretype_matched": coretype, "per_k": per_k, "sides": sides,
-        "note": "each side in a fresh process; timings include initialisation and the final labels",
-    }
+
+    for k in args.ks:  # sides alternate so machine load hits both alike
+        runs[k] = {"faiss": spawn("faiss", args, k, coretype), "ours": spawn("ours", args, k, coretype)}
+        if not args.no_reference:
+            runs[k]["ours_kmeanspp"] = spawn("ours_kmeanspp", args, k, coretype)
+        write("kmeans", finish("kmeans", {**summary(), "partial": True}))  # a long run leaves its figures so far
+    for k in generic:
+        runs[k]["faiss_generic"] = spawn("faiss_generic", args, k, "Prescott")
+    out = summary()
     emit("kmeans", out)
     return out
 

@@ -192,22 +192,28 @@ def kmeans_plusplus(X, k: int, rng: np.random.Generator, *, n_local_trials: int 
     return centers
 
 
-def kmeans_parallel(X, k: int, rng: np.random.Generator, *, oversampling: float = 1.0, rounds: int = 2,
-                    local_iter: int = 10, n_local_trials: int | None = None, seed_sample: float = 0,
+def kmeans_parallel(X, k: int, rng: np.random.Generator, *, oversampling: float = 1.5, rounds: int = 2,
+                    local_iter: int = 10, n_local_trials: int | None = None, seed_sample: float = 3,
                     chunk_size: int | None = None, device=None):
-    """k-means|| seeding (Bahmani et al. 2012, "Scalable k-means++"), the start Spark MLlib and cuML use.
+    """k-means|| seeding (Bahmani et al. 2012, "Scalable k-means++"), the start Spark MLlib and cuML use,
+    with its first candidates from greedy k-means++ on a small uniform subsample.
 
-    1. One centre uniformly at random; ``D²(x)`` = squared distance of each row to its nearest candidate.
+    1. First candidates: greedy k-means++ (:func:`kmeans_plusplus`) on ``seed_sample · k`` rows drawn
+       uniformly (``seed_sample = 0``: one uniform row, as in the paper); ``D²(x)`` = squared distance of
+       each row to its nearest candidate (one chunked matmul pass over X).
     2. ``rounds`` times: keep each row independently with probability ``min(1, ℓ·D²(x) / Σ D²)``,
-       ``ℓ = oversampling · k`` (so ≈ ℓ new candidates per round), and update ``D²`` with them (one
-       chunked matmul pass over X against the new candidates only).
-    3. Weight each candidate by the number of rows nearest to it (tracked during the passes: no extra pass).
-    4. Recluster the ≈ ``1 + rounds·ℓ`` weighted candidates down to k: weighted greedy k-means++
-       (:func:`kmeans_plusplus`) then ``local_iter`` weighted Lloyd iterations on the candidates.
+       ``ℓ = oversampling · k`` (≈ ℓ new candidates per round), and update ``D²`` with them (one pass over
+       X against the new candidates only). Rows of groups the subsample missed have large D², so they
+       are drawn: every row takes part, as in full k-means++.
+    3. Weight each candidate by the number of rows nearest to it (tracked during the passes).
+    4. Recluster the ≈ ``(1 + rounds·oversampling)·k`` weighted candidates down to k: weighted greedy
+       k-means++ then ``local_iter`` weighted Lloyd iterations on the candidates.
 
-    The cost is ≈ ``rounds · oversampling`` Lloyd passes over X (defaults: 2, as Spark's
-    ``initializationSteps``), against k passes for full k-means++; unlike k-means++ on a uniform
-    subsample, every row takes part in the D² sampling, so small well-separated groups still get a centre.
+    Cost ≈ ``1 + rounds · oversampling`` Lloyd passes over X (defaults: 4) plus work on ≈ 4k candidates,
+    against k passes for full k-means++. Defaults chosen on a 250-component Dirichlet(0.5) mixture
+    (50k × 384, 20 Lloyd iterations after the start; final inertia relative to full greedy k-means++):
+    seed_sample 3, oversampling 1.5, rounds 2 → 1.015; the paper's one-row start with oversampling 1,
+    rounds 2 → 1.128, oversampling 2 → 1.029; k-means++ on a 10·k subsample alone → 1.029, 3·k → 1.236.
     Falls back to full greedy k-means++ when X has fewer than ``(1 + rounds·oversampling)·k`` rows.
 
     Returns
