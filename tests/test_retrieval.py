@@ -156,6 +156,32 @@ def test_label_weights_sum_to_ten_inverse_frequency():
     assert w["b"] == pytest.approx(7.5)
 
 
+def test_sish_list_length_filter_fires_on_varied_lengths_and_max_distance_varies_them(feature_store):
+    # SISH's clean step: with more than 3 distinct list lengths, keep lists strictly between the 5th and 95th
+    # percentile of the lengths. Lengths 1..6 -> percentiles 1.25 and 5.75 -> the 1-hit and 6-hit lists go.
+    hits = [[(f"t{i}s{j}", 0.125, "X") for j in range(i + 1)] for i in range(6)]  # exact in binary
+    ranked = R.sish_rank(hits, {"X": 1.0})
+    assert {r["mosaic"] for r in ranked} == {1, 2, 3, 4}
+    # 3 distinct lengths: no length filter (the guard), every list takes part
+    ranked = R.sish_rank(hits[:3], {"X": 1.0})
+    assert {r["mosaic"] for r in ranked} == {0, 1, 2}
+    # with fixed-k lists every length is k: max_distance (SISH's Hamming threshold) makes them differ
+    path, _ = feature_store
+    si = R.build_store_index(path, "toy", "flat", save=False)
+    seen = []
+    orig = R.sish_rank
+    try:
+        R.sish_rank = lambda h, w: seen.append([len(x) for x in h if x]) or orig(h, w)
+        si.query_slide("s04", k_tiles=15, by="features", white_filter=False)
+        scores, ids = si.query_tiles(si.slide_tiles("s04"), 15)
+        cut = float(np.median(1 - scores[ids >= 0]))  # half the hits lie beyond it
+        si.query_slide("s04", k_tiles=15, by="features", white_filter=False, max_distance=cut)
+    finally:
+        R.sish_rank = orig
+    assert set(seen[0]) == {15}
+    assert len(set(seen[1])) > 3 and max(seen[1]) <= 15
+
+
 def test_sish_rank_worked_example():
     # w(X) = w(Y) = 5.  m0: all X -> entropy 0.  m1: Y at rank 0, X at rank 1 -> weights 5, 2.5 ->
     # p = (2/3, 1/3), entropy 0.918.  m2: entropy 0 but top-5 mean distance 0.55 > t = mean(0.15, 0.2, 0.55)

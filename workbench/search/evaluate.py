@@ -181,7 +181,7 @@ def evaluate_tiles(store_index, tile_labels: np.ndarray, *, ks=(1, 5, 10), n_que
 
 
 def evaluate_slides(store_index, *, label: str = "diagnosis", ks=(1, 5), k_tiles: int = 20, ranking: str = "sish",
-                    by: str = "colour", white_filter: bool = True, slide_ids=None):
+                    by: str = "colour", white_filter: bool = True, max_distance: float | None = None, slide_ids=None):
     """Leave-one-patient-out slide retrieval: every labelled slide queries the rest.
 
     ``by`` / ``white_filter`` choose the mosaic (:meth:`StoreIndex.mosaic`: SISH's colour histograms and
@@ -200,7 +200,7 @@ def evaluate_slides(store_index, *, label: str = "diagnosis", ks=(1, 5), k_tiles
     for sid in slide_ids:
         t0 = time.perf_counter()
         ranked = store_index.query_slide(sid, k_tiles=k_tiles, ranking=ranking, label=label, by=by,
-                                         white_filter=white_filter)
+                                         white_filter=white_filter, max_distance=max_distance)
         dt = time.perf_counter() - t0
         rec = slides.loc[slides["slide_id"] == sid].iloc[0]
         records.append({"slide_id": sid, "label": rec[label], "site": rec["site"],

@@ -652,12 +652,17 @@ class StoreIndex:
         return ids[local] if ids.size else ids
 
     def query_slide(self, slide_id: str, *, k_tiles: int = 20, ranking: str = "sish", label: str = "diagnosis",
-                    by: str = "colour", white_filter: bool = True, mosaic_ids: np.ndarray | None = None):
+                    by: str = "colour", white_filter: bool = True, max_distance: float | None = None,
+                    mosaic_ids: np.ndarray | None = None):
         """Rank the database's slides for a query slide (its own patient excluded).
 
         The slide's mosaic tiles each retrieve ``k_tiles`` tiles; hits are ranked by :func:`sish_rank`
         (``ranking="sish"``, labels from column ``label`` weighted by inverse slide frequency) or
-        :func:`mean_similarity_rank` (``"mean"``). Returns a DataFrame: rank, slide_id, label and the
+        :func:`mean_similarity_rank` (``"mean"``). ``max_distance`` drops hits farther than it (cosine
+        distance, or L2 for an L2 index), as SISH keeps only hits within Hamming distance 128: the lists
+        then differ in length and SISH's list-length filter can act; without it every list holds
+        ``k_tiles`` hits (fewer only where the query's patient was excluded) and that filter, which needs
+        more than 3 distinct lengths, does not fire. Returns a DataFrame: rank, slide_id, label and the
         ranking's score columns.
         """
         import pandas as pd
@@ -672,7 +677,8 @@ class StoreIndex:
         labels = self.slides[label].to_numpy()
         dist = 1.0 - scores if self.index.metric != "l2" else scores
         value = dist if ranking == "sish" else scores
-        hits = [[(slide_names[rw], float(v), labels[rw]) for rw, v in zip(rows[i], value[i]) if rw >= 0]
+        near = dist <= (np.inf if max_distance is None else float(max_distance))
+        hits = [[(slide_names[rw], float(v), labels[rw]) for rw, v, ok in zip(rows[i], value[i], near[i]) if rw >= 0 and ok]
                 for i in range(len(ids))]
         if ranking == "sish":
             ranked = sish_rank(hits, label_weights(labels))
