@@ -1,6 +1,6 @@
 """k-means kernels and backends for :mod:`workbench.curate.cluster` (DESIGN.md §4).
 
-One flat k-means (:func:`kmeans`): greedy k-means++ init (:func:`kmeans_plusplus`, ``2 + ln k`` local
+One flat k-means (:func:`kmeans`): k-means|| init by default (:func:`kmeans_parallel`), or full greedy k-means++ (:func:`kmeans_plusplus`, ``2 + ln k`` local
 trials), ``n_iter`` Lloyd iterations, sums in float64, chunked assignment (:func:`assign_torch`);
 :func:`resample_indices` picks the points of a resampling step; the chunk I/O helpers stream rows of
 numpy / Dask / zarr arrays.
