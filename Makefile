@@ -76,8 +76,10 @@ reliability: setup
 sweep: setup
 	$(BIN)/python -m workbench.runs.sweep $(SWEEP) --out runs/$(basename $(notdir $(SWEEP))) $(SWEEP_ARGS)
 
+# Every benchmarks/*.py; each script's last JSON line goes to benchmarks/results/quick/NAME.json (quick sizes),
+# or with BENCH_FULL=1 (full sizes) to benchmarks/results/NAME.json, the committed figures (benchmarks/_results.py).
 benchmarks: setup
-	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	$(BIN)/python benchmarks/_results.py $(BENCHMARKS)
 
 strip-notebooks:
 	$(BIN)/python -m workbench.runs.notebooks strip notebooks/*.ipynb

@@ -78,9 +78,14 @@ def purity(labels: np.ndarray, truth: np.ndarray) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=10_000_000)
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _results import full_mode  # quick sizes unless BENCH_FULL=1 (make benchmarks)
+
+    ap.add_argument("--n", type=int, default=10_000_000 if full_mode() else 200_000)
     ap.add_argument("--dim", type=int, default=384)
-    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--k", type=int, default=4096 if full_mode() else 1024)
     ap.add_argument("--sample-per-cluster", type=int, default=50)
     ap.add_argument("--n-iter", type=int, default=50)
     ap.add_argument("--chunk", type=int, default=65536, help="rows per store chunk and per streamed read")

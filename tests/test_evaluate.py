@@ -86,18 +86,19 @@ def test_store_evaluation_beats_chance(tmp_path):
     assert table.loc["macro", "mv@5"] > 0.9 and table.loc["macro", "precision@10"] > 0.8
     assert query_ms > 0
     for ranking in ("sish", "mean"):
-        stable, per_query, slide_ms = E.evaluate_slides(si, ks=(1, 5), ranking=ranking)
+        stable, per_query, slide_ms = E.evaluate_slides(si, ks=(1, 5), ranking=ranking, by="features",
+                                                        white_filter=False)  # the toy store has no pixels
         assert len(per_query) == 18
         # leave-one-patient-out: never the query's own slide or its patient's other slide
         for sid, got in zip(per_query["slide_id"], per_query["retrieved_slides"]):
             partner = f"s{int(sid[1:]) ^ 1:02d}"
             assert sid not in got and partner not in got
-        # 3 balanced diagnoses: chance mMV@5 is about 1/3. SISH's clean step drops mosaic tiles whose top-5
-        # distance is above the mean: here the dense shared stroma has the shortest distances, so SISH keeps
-        # mostly stroma tiles and scores lower (0.72) than the mean-similarity ranking (1.0)
-        floor = {"sish": 0.65, "mean": 0.95}[ranking]
+        # 3 balanced diagnoses: chance mMV@5 is about 1/3. Measured 1.0 for both rankings (mAP@5 0.80): SISH's
+        # mosaic keeps colour clusters under 20 tiles whole, and the toy slides have 30-60 tiles, so every tile
+        # queries. The former mosaic (one tile per small cluster) scored 0.72 with SISH's ranking, under this floor.
+        floor = {"sish": 0.9, "mean": 0.95}[ranking]
         assert stable.loc["overall", "mMV@5"] >= floor, (ranking, stable)
-        assert stable.loc["overall", "mAP@5"] >= floor - 0.2
+        assert stable.loc["overall", "mAP@5"] >= 0.7
         assert slide_ms > 0
 
 

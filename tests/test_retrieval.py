@@ -123,10 +123,11 @@ def test_mosaic_rule_counts_and_drops_white():
     coords = rng.integers(0, 10_000, size=(len(feats), 2))
     keep = np.arange(len(feats)) < 150
     m = R.mosaic(coords, feats, keep=keep, n_colour=3, rate=0.05)
-    # 5 % per colour cluster, at least 1: round(5) + round(2) + max(1, round(0.5)) = 5 + 2 + 1
-    assert len(m) == 8
+    # SISH: int(5 % of each colour cluster) spatial clusters, a cluster under 20 tiles kept whole:
+    # int(5) + int(2) + all 10 = 17
+    assert len(m) == 17
     assert (m < 150).all()
-    assert ((m < 100).sum(), ((m >= 100) & (m < 140)).sum(), (m >= 140).sum()) == (5, 2, 1)
+    assert ((m < 100).sum(), ((m >= 100) & (m < 140)).sum(), (m >= 140).sum()) == (5, 2, 10)
 
 
 def test_near_white_and_colour_histograms():
@@ -136,6 +137,9 @@ def test_near_white_and_colour_histograms():
     tiles[1, :2] = 100  # 25 % dark: not near-white
     tiles[2, :, :, 0] = 255
     np.testing.assert_array_equal(R.near_white(tiles), [True, False, False])
+    grey = np.full((2, 4, 4, 3), 235, np.uint8)
+    grey[1] = 236
+    np.testing.assert_array_equal(R.near_white(grey), [False, True])  # SISH: strictly above 235
     h = R.colour_histograms(tiles, bins=4)
     assert h.shape == (3, 12)
     np.testing.assert_allclose(h.reshape(3, 3, 4).sum(-1), 1)
@@ -150,6 +154,32 @@ def test_label_weights_sum_to_ten_inverse_frequency():
     assert w["a"] + w["b"] == pytest.approx(10)
     assert w["b"] == pytest.approx(3 * w["a"])  # 1/1 vs 1/3 -> 7.5 and 2.5
     assert w["b"] == pytest.approx(7.5)
+
+
+def test_sish_list_length_filter_fires_on_varied_lengths_and_max_distance_varies_them(feature_store):
+    # SISH's clean step: with more than 3 distinct list lengths, keep lists strictly between the 5th and 95th
+    # percentile of the lengths. Lengths 1..6 -> percentiles 1.25 and 5.75 -> the 1-hit and 6-hit lists go.
+    hits = [[(f"t{i}s{j}", 0.125, "X") for j in range(i + 1)] for i in range(6)]  # exact in binary
+    ranked = R.sish_rank(hits, {"X": 1.0})
+    assert {r["mosaic"] for r in ranked} == {1, 2, 3, 4}
+    # 3 distinct lengths: no length filter (the guard), every list takes part
+    ranked = R.sish_rank(hits[:3], {"X": 1.0})
+    assert {r["mosaic"] for r in ranked} == {0, 1, 2}
+    # with fixed-k lists every length is k: max_distance (SISH's Hamming threshold) makes them differ
+    path, _ = feature_store
+    si = R.build_store_index(path, "toy", "flat", save=False)
+    seen = []
+    orig = R.sish_rank
+    try:
+        R.sish_rank = lambda h, w: seen.append([len(x) for x in h if x]) or orig(h, w)
+        si.query_slide("s04", k_tiles=15, by="features", white_filter=False)
+        scores, ids = si.query_tiles(si.slide_tiles("s04"), 15)
+        cut = float(np.median(1 - scores[ids >= 0]))  # half the hits lie beyond it
+        si.query_slide("s04", k_tiles=15, by="features", white_filter=False, max_distance=cut)
+    finally:
+        R.sish_rank = orig
+    assert set(seen[0]) == {15}
+    assert len(set(seen[1])) > 3 and max(seen[1]) <= 15
 
 
 def test_sish_rank_worked_example():
@@ -257,13 +287,13 @@ def test_slide_query_excludes_own_patient_and_ranks_by_diagnosis(feature_store):
     path, _ = feature_store
     si = R.load_store_index(path, "toy", "flat")
     for ranking in ("sish", "mean"):
-        out = si.query_slide("s00", k_tiles=15, ranking=ranking)
+        out = si.query_slide("s00", k_tiles=15, ranking=ranking, by="features", white_filter=False)  # no pixels
         assert "s00" not in set(out["slide_id"]) and "s01" not in set(out["slide_id"])  # p00 owns s00, s01
         assert out["slide_id"].is_unique
         # the 4 luad slides of other patients come first (stroma mosaic tiles hit every diagnosis)
         assert (out["label"].iloc[:4] == "luad").all(), out
-    m = si.mosaic("s00")
-    assert 1 <= len(m) <= 9 + 3 and set(m) <= set(si.slide_tiles("s00"))
+    m = si.mosaic("s00", by="features", white_filter=False)
+    assert 1 <= len(m) <= len(si.slide_tiles("s00")) and set(m) <= set(si.slide_tiles("s00"))
 
 
 def test_query_by_image_matches_query_by_tile_id(feature_store):

@@ -1,7 +1,7 @@
 """Hierarchical k-means over tile embeddings (Vo et al. 2024; Chen et al. 2025), DESIGN.md §4.
 
 Level 1 clusters the embeddings; level l+1 clusters the centroids of level l, so every level-(l+1)
-cluster is a set of level-l clusters. Every level runs k-means (greedy k-means++ init with
+cluster is a set of level-l clusters. Every level runs k-means (k-means|| init, or greedy k-means++ with
 ``2 + ln k`` local trials, ``n_iter`` Lloyd iterations, sums in float64, chunked assignment), then
 ``resampling_steps`` times: take from every cluster the ``sample_per_cluster`` points closest to its
 centroid (or random ones), re-run k-means on that union only, and re-assign all the level's points to
@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.curate.kmeans import (BACKENDS, STRATEGIES, _as_tensor, _finite_rows, _iter_chunks, _l2_normalize, _n_rows,
+from workbench.curate.kmeans import (BACKENDS, INITS, STRATEGIES, _as_tensor, _finite_rows, _iter_chunks, _l2_normalize, _n_rows,
                      _torch_device, assign_torch, kmeans, kmeans_plusplus, lloyd_torch, resample_indices,
                      resolve_backend)
 from workbench.curate.kmeans import assign_chunks, lloyd_chunks
@@ -161,7 +161,8 @@ class HierarchicalKMeans:
     sample_per_cluster : int, list or None – points taken per cluster in each resampling step;
         None = half the average cluster size of that level (the reference's rule of thumb).
     sample_strategy : "closest" | "random".
-    init : "k-means++" | "random".
+    init : "k-means||" (default: k-means|| seeding, :func:`workbench.curate.kmeans.kmeans_parallel`) |
+        "k-means++" (full greedy k-means++, k passes over the rows) | "random".
     n_iter : Lloyd iterations per k-means (reference: 50).
     normalize : L2-normalise rows first (the cosine variant).
     backend : "auto" | "torch" | "faiss" | "cuml".
@@ -187,7 +188,7 @@ class HierarchicalKMeans:
     """
 
     def __init__(self, levels=(64,), *, resampling_steps=1, sample_per_cluster=None, sample_strategy="closest",
-                 init="k-means++", n_iter=50, normalize=False, backend="auto", device=None, chunk_size=65536,
+                 init="k-means||", n_iter=50, normalize=False, backend="auto", device=None, chunk_size=65536,
                  fit_sample_per_cluster=None, progress=False, random_state=0,
                  stream_iter=0):
         self.levels = levels
@@ -238,8 +239,8 @@ class HierarchicalKMeans:
             raise ValueError(f"levels must not grow upwards (level 1 first), got {levels}")
         if self.sample_strategy not in STRATEGIES:
             raise ValueError(f"sample_strategy must be one of {STRATEGIES}, got {self.sample_strategy!r}")
-        if self.init not in ("k-means++", "random"):
-            raise ValueError(f"init must be 'k-means++' or 'random', got {self.init!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if int(self.n_iter) < 1:
             raise ValueError(f"n_iter must be >= 1, got {self.n_iter}")
         steps = [int(s) for s in _per_level(self.resampling_steps, len(levels), "resampling_steps")]

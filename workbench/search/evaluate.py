@@ -222,9 +222,12 @@ def evaluate_tiles(store_index, tile_labels: np.ndarray, *, ks=(1, 5, 10), n_que
 
 
 def evaluate_slides(store_index, *, label: str = "diagnosis", ks=(1, 5), k_tiles: int = 20, ranking: str = "sish",
-                    by: str = "features", slide_ids=None, allow_duplicate_files: bool = False,
-                    progress: bool = False):
+                    by: str = "colour", white_filter: bool = True, max_distance: float | None = None, slide_ids=None,
+                    allow_duplicate_files: bool = False, progress: bool = False):
     """Leave-one-patient-out slide retrieval: every labelled slide queries the rest.
+
+    ``by`` / ``white_filter`` choose the mosaic (:meth:`StoreIndex.mosaic`: SISH's colour histograms and
+    white filter by default).
 
     Returns (table, per-query DataFrame with slide_id, label, site, retrieved labels, query_s, and
     query_ms (mean per slide, mosaic included)).
@@ -245,7 +248,8 @@ def evaluate_slides(store_index, *, label: str = "diagnosis", ks=(1, 5), k_tiles
 
     for sid in progress_bar(slide_ids, desc=f"slide queries ({ranking})", unit="slide", disable=not progress):
         t0 = time.perf_counter()
-        ranked = store_index.query_slide(sid, k_tiles=k_tiles, ranking=ranking, label=label, by=by)
+        ranked = store_index.query_slide(sid, k_tiles=k_tiles, ranking=ranking, label=label, by=by,
+                                         white_filter=white_filter, max_distance=max_distance)
         dt = time.perf_counter() - t0
         rec = slides.loc[slides["slide_id"] == sid].iloc[0]
         records.append({"slide_id": sid, "label": rec[label], "site": rec["site"],

@@ -1063,45 +1063,55 @@ class StoreIndex:
             out[sel] = images
         return out if out is not None else np.zeros((0, tile_px or 224, tile_px or 224, 3), np.uint8)
 
-    def mosaic(self, slide_id: str, *, by: str = "features", n_colour: int = 9, rate: float = 0.05,
-               min_tissue: float = 0.1, random_state: int = 0) -> np.ndarray:
-        """Global tile ids of a slide's mosaic (:func:`mosaic`).
+    def mosaic(self, slide_id: str, *, by: str = "colour", white_filter: bool = True, n_colour: int = 9,
+               rate: float = 0.05, min_tissue: float = 0.1, mpp_5x: float = 2.0, random_state: int = 0) -> np.ndarray:
+        """Global tile ids of a slide's mosaic (:func:`mosaic`, SISH's two-stage k-means).
 
-        ``by="features"`` clusters the tiles' embeddings and drops tiles with tissue fraction below
-        ``min_tissue`` (no pixels read); ``by="colour"`` reads each tile at 32 px over the same footprint
-        and applies SISH's near-white rule and RGB histograms.
+        ``by="colour"`` (default, as SISH) clusters RGB histograms (256 bins per channel) of the tiles read
+        at 5x (``mpp_5x`` µm/px over each tile's footprint: 56 px for 224-px tiles at 0.5 µm/px);
+        ``by="features"`` clusters the tiles' embeddings instead. ``white_filter`` (default on, as SISH)
+        drops tiles whose grey level is > 235 on more than 90 % of the 5x tile (:func:`near_white`);
+        with ``by="features"`` and the filter off no pixel is read and tiles with tissue fraction below
+        ``min_tissue`` are dropped instead.
         """
         from workbench.store import open_store, read_slide
 
+        if by not in ("features", "colour"):
+            raise ParameterError(f"mosaic: by must be 'features' or 'colour', not {by!r}")
         root = open_store(self.store)
         info = read_slide(root, slide_id)
         ids = self.slide_tiles(slide_id)
-        if by == "features":
-            feats = l2_normalise(np.asarray(self.features[ids[0] : ids[-1] + 1])) if ids.size else np.empty((0, 1))
-            keep = np.asarray(info["tissue"]) >= min_tissue
-        elif by == "colour":
+        images = None
+        if by == "colour" or white_filter:
             from workbench.io.slides import TileReader, open_slide
             from workbench.store import check_slide_file
 
             check_slide_file(root, slide_id)
 
             with open_slide(info["path"], slide_id=slide_id, mpp=info.get("mpp")) as slide:
-                px = 32
+                px = max(8, int(round(info["tile_px"] * info["tile_mpp"] / mpp_5x)))
                 with TileReader(slide, tile_px=px, tile_mpp=info["tile_mpp"] * info["tile_px"] / px) as reader:
                     images = reader.read(info["coords"])
-            keep, feats = ~near_white(images), colour_histograms(images)
+        if by == "features":
+            feats = l2_normalise(np.asarray(self.features[ids[0] : ids[-1] + 1])) if ids.size else np.empty((0, 1))
         else:
-            raise ValueError(f"by must be 'features' or 'colour', not {by!r}")
+            feats = colour_histograms(images)
+        keep = ~near_white(images) if white_filter else np.asarray(info["tissue"]) >= min_tissue
         local = mosaic(info["coords"], feats, keep=keep, n_colour=n_colour, rate=rate, random_state=random_state)
         return ids[local] if ids.size else ids
 
     def query_slide(self, slide_id: str, *, k_tiles: int = 20, ranking: str = "sish", label: str = "diagnosis",
-                    by: str = "features", mosaic_ids: np.ndarray | None = None):
+                    by: str = "colour", white_filter: bool = True, max_distance: float | None = None,
+                    mosaic_ids: np.ndarray | None = None):
         """Rank the database's slides for a query slide (its own patient excluded).
 
         The slide's mosaic tiles each retrieve ``k_tiles`` tiles; hits are ranked by :func:`sish_rank`
         (``ranking="sish"``, labels from column ``label`` weighted by inverse slide frequency) or
-        :func:`mean_similarity_rank` (``"mean"``). Returns a DataFrame: rank, slide_id, label and the
+        :func:`mean_similarity_rank` (``"mean"``). ``max_distance`` drops hits farther than it (cosine
+        distance, or L2 for an L2 index), as SISH keeps only hits within Hamming distance 128: the lists
+        then differ in length and SISH's list-length filter can act; without it every list holds
+        ``k_tiles`` hits (fewer only where the query's patient was excluded) and that filter, which needs
+        more than 3 distinct lengths, does not fire. Returns a DataFrame: rank, slide_id, label and the
         ranking's score columns.
         """
         import pandas as pd
@@ -1109,14 +1119,15 @@ class StoreIndex:
         if ranking not in ("sish", "mean"):
             raise ValueError(f"ranking must be 'sish' or 'mean', not {ranking!r}")
         t0 = time.perf_counter()
-        mids = self.mosaic(slide_id, by=by) if mosaic_ids is None else np.asarray(mosaic_ids)
+        mids = self.mosaic(slide_id, by=by, white_filter=white_filter) if mosaic_ids is None else np.asarray(mosaic_ids)
         scores, ids = self.query_tiles(mids, k_tiles) if mids.size else (np.empty((0, k_tiles)), np.empty((0, k_tiles), int))
         rows = self.slide_of(ids)
         slide_names = self.slides["slide_id"].to_numpy()
         labels = self.slides[label].to_numpy()
         dist = 1.0 - scores if self.index.metric != "l2" else scores
         value = dist if ranking == "sish" else scores
-        hits = [[(slide_names[rw], float(v), labels[rw]) for rw, v in zip(rows[i], value[i]) if rw >= 0]
+        near = dist <= (np.inf if max_distance is None else float(max_distance))
+        hits = [[(slide_names[rw], float(v), labels[rw]) for rw, v, ok in zip(rows[i], value[i], near[i]) if rw >= 0 and ok]
                 for i in range(len(ids))]
         if ranking == "sish":
             ranked = sish_rank(hits, label_weights(labels))

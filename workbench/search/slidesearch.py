@@ -5,17 +5,20 @@ mosaic tiles' hits by SISH's uncertainty rule, :func:`mean_similarity_rank` is t
 :class:`workbench.search.retrieval.StoreIndex` runs the searches (``StoreIndex.mosaic``,
 ``StoreIndex.query_slide``); this module holds only the rules, on plain arrays and hit lists.
 
-Mosaic rule (:func:`mosaic`)
-    1. Drop tiles where ``keep`` is False (near-white tiles: SISH drops tiles whose grey level is
-       >= 235 on > 90 % of the tile, see :func:`near_white`).
-    2. k-means with ``min(n_colour, n)`` clusters (SISH: 9) on ``cluster_features`` (SISH: RGB
-       histograms of 5x tiles, :func:`colour_histograms`; embeddings work too).
-    3. Inside each of these clusters, k-means on the tile coordinates with
-       ``max(1, round(rate * n_c))`` clusters (rate 5 %).
-    4. The mosaic is, for each spatial centroid, the cluster's tile nearest to it (SISH keeps the
-       rounded centroid coordinates and re-reads that region; we keep real tiles so their embeddings
-       exist; SISH's code also uses *all* tiles of a cluster smaller than 20 where we keep 1).
-       Duplicates are removed.
+Mosaic rule (:func:`mosaic`, after SISH's ``extract_mosaic.py``)
+    1. Drop tiles where ``keep`` is False: near-white tiles (SISH: grey level > 235 on more than 90 % of
+       the tile at 5x, see :func:`near_white`).
+    2. k-means with ``min(n_colour, n)`` clusters (SISH: 9, scikit-learn ``KMeans(random_state=0)`` with
+       10 restarts) on ``cluster_features``: by default SISH's RGB histograms of the tiles at 5x (256 bins
+       per channel, :func:`colour_histograms`); embeddings as an option.
+    3. Inside each colour cluster of ``n_c`` tiles, k-means on the tile coordinates with
+       ``int(rate * n_c)`` clusters (rate 5 %, rounded down as SISH); when that is 0 (``n_c`` < 20) SISH
+       keeps every tile of the cluster, and so do we.
+    4. SISH's mosaic is the spatial centroids (coordinates truncated to integers), re-read from the slide;
+       we keep, for each centroid, the cluster's tile nearest to it, so its embedding exists. Duplicates
+       are removed.
+    Not reproduced: SISH's pretrained LBP "trash" classifier (a logistic regression on LBP histograms,
+    ``checkpoints/trash_lgrlbp.pkl``) that drops debris tiles before step 2.
 
 Label weights (:func:`label_weights`)
     Inverse label frequency over slides, normalised to sum to 10 (``LABEL_WEIGHT_SUM``); missing
@@ -58,13 +61,21 @@ LABEL_WEIGHT_SUM = 10.0  # SISH normalises the inverse label frequencies to sum 
 
 
 def near_white(images: np.ndarray, *, grey: int = 235, fraction: float = 0.9) -> np.ndarray:
-    """(n,) True for tiles (n, h, w, 3) uint8 whose grey level is >= ``grey`` on > ``fraction`` of pixels."""
-    g = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    return (g >= grey).mean(axis=(1, 2)) > fraction
+    """(n,) True for tiles (n, h, w, 3) uint8 whose grey level is > ``grey`` on > ``fraction`` of pixels.
+
+    SISH's white filter: PIL ``convert('L')`` (ITU-R 601 luma, rounded) then ``cv2.threshold(235, THRESH_BINARY)``,
+    which marks pixels strictly above 235.
+    """
+    g = np.rint(images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
+    return (g > grey).mean(axis=(1, 2)) > fraction
 
 
-def colour_histograms(images: np.ndarray, *, bins: int = 32) -> np.ndarray:
-    """(n, 3 * bins) per-channel RGB histograms of tiles (n, h, w, 3) uint8, each channel summing to 1."""
+def colour_histograms(images: np.ndarray, *, bins: int = 256) -> np.ndarray:
+    """(n, 3 * bins) per-channel RGB histograms of tiles (n, h, w, 3) uint8, each channel summing to 1.
+
+    SISH concatenates ``cv2.calcHist`` counts of the R, G and B channels with 256 bins each; its tiles all
+    have the same pixel count, so normalising (done here, for tiles of any size) changes no k-means result.
+    """
     n = len(images)
     idx = (images.reshape(n, -1, 3).astype(np.int64) * bins) // 256  # (n, p, 3) bin of each channel
     offs = idx + np.arange(3) * bins + (np.arange(n) * 3 * bins)[:, None, None]
@@ -73,23 +84,16 @@ def colour_histograms(images: np.ndarray, *, bins: int = 32) -> np.ndarray:
 
 
 def mosaic(coords: np.ndarray, cluster_features: np.ndarray, *, keep: np.ndarray | None = None,
-           n_colour: int = 9, rate: float = 0.05, random_state: int = 0) -> np.ndarray:
-    """Indices of a slide's mosaic tiles, following SISH's two-stage k-means.
-
-    Rule: (1) drop tiles where ``keep`` is False (near-white tiles: SISH drops tiles whose grey level
-    is >= 235 on > 90 % of the tile, see :func:`near_white`); (2) k-means with ``min(n_colour, n)``
-    clusters (SISH: 9) on ``cluster_features`` (SISH: RGB histograms of 5x tiles,
-    :func:`colour_histograms`; embeddings work too); (3) inside each of these clusters, k-means on the
-    tile coordinates with ``max(1, round(rate * n_c))`` clusters (rate 5 %); (4) the mosaic is, for
-    each spatial centroid, the cluster's tile nearest to it (SISH keeps the rounded centroid
-    coordinates and re-reads that region; we keep real tiles so their embeddings exist; SISH's code
-    also uses *all* tiles of a cluster smaller than 20 where we keep 1). Duplicates are removed.
+           n_colour: int = 9, rate: float = 0.05, random_state: int = 0, n_init: int = 10) -> np.ndarray:
+    """Indices of a slide's mosaic tiles, following SISH's two-stage k-means (rule in the module docstring).
 
     Parameters
     ----------
     coords : (n, 2) tile coordinates
-    cluster_features : (n, f) what the first k-means clusters (colour histograms or embeddings)
-    keep : (n,) bool, optional
+    cluster_features : (n, f) what the first k-means clusters (SISH: RGB histograms at 5x; or embeddings)
+    keep : (n,) bool, optional – False for tiles to leave out (SISH: near-white tiles)
+    n_colour : colour clusters (SISH: 9); rate : spatial clusters per tile of a colour cluster (SISH: 0.05)
+    n_init : k-means restarts (SISH ran scikit-learn's default of the time, 10)
 
     Returns
     -------
@@ -103,15 +107,21 @@ def mosaic(coords: np.ndarray, cluster_features: np.ndarray, *, keep: np.ndarray
         return np.empty(0, dtype=np.int64)
     feats = np.asarray(cluster_features, dtype=np.float64)[cand]
     k1 = min(n_colour, len(np.unique(feats, axis=0)))
-    colour = KMeans(k1, n_init=3, random_state=random_state).fit_predict(feats) if k1 > 1 else np.zeros(len(cand), int)
+    colour = (KMeans(k1, n_init=n_init, random_state=random_state).fit_predict(feats) if k1 > 1
+              else np.zeros(len(cand), int))
     chosen = []
     for c in range(k1):
         members = cand[colour == c]
         if members.size == 0:
             continue
+        k2 = int(rate * len(members))
+        if k2 == 0:  # SISH: a cluster of fewer than 1 / rate tiles is kept whole
+            chosen.append(members)
+            continue
         xy = coords[members]
-        k2 = min(max(1, int(round(rate * len(members)))), len(np.unique(xy, axis=0)))
-        centres = KMeans(k2, n_init=1, random_state=random_state).fit(xy).cluster_centers_ if k2 > 1 else xy.mean(0, keepdims=True)
+        k2 = min(k2, len(np.unique(xy, axis=0)))
+        centres = (KMeans(k2, n_init=n_init, random_state=random_state).fit(xy).cluster_centers_ if k2 > 1
+                   else xy.mean(0, keepdims=True))
         d2 = ((xy[None, :, :] - centres[:, None, :]) ** 2).sum(-1)  # (k2, n_c)
         chosen.append(members[d2.argmin(1)])
     return np.unique(np.concatenate(chosen)).astype(np.int64)
