@@ -232,11 +232,13 @@ def test_stain_texture_matches_rgb2hed_means():
     """The stain statistics agree with skimage.color.rgb2hed on the same pixels (5-bit colour cells)."""
     from skimage.color import rgb2hed
 
+    from workbench.features import descriptors as D
+
     tiles = _hne_tiles("nuclei", 4, seed=3)
     f = E.stain_texture_features(tiles)
     hed = rgb2hed(tiles[:, ::2, ::2].reshape(-1, 56, 3)).reshape(4, -1, 3)
-    expected = np.maximum(hed, 0).mean(1) / np.array(E.STAIN_RANGES)
-    n_hist = sum(E._BLOCKS)
+    expected = np.maximum(hed, 0).mean(1) / np.array(D.STAIN_RANGES)
+    n_hist = sum(D._BLOCKS)
     np.testing.assert_allclose(f[:, n_hist:n_hist + 3], expected, atol=0.02)
 
 

@@ -123,14 +123,16 @@ def test_text_with_quotes_and_newlines_is_rendered_as_a_literal(tmp_path):
 
     marker = tmp_path / "MARK"
     text = f'x"\n__import__("os").system("touch {marker}")\n#\'\'\'"""\\' + "\u202e"
-    nb_path = ROOT / "notebooks" / "01_segmentation_and_tiling.ipynb"
-    check_parameters(nb_path, {"threshold": text})  # text is allowed for notebook 01's threshold
-    nb = parameterize_notebook(load_notebook_node(str(nb_path)), {"threshold": text, "tile_px": 224})  # as papermill
+    nb_path = ROOT / "notebooks" / "02_prefilter_and_embedding.ipynb"
+    check_parameters(nb_path, {"encoder": text})  # text is allowed for notebook 02's encoder
+    nb = parameterize_notebook(load_notebook_node(str(nb_path)), {"encoder": text, "batch_size": 8})  # as papermill
     cell = next(c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", []))
     ns: dict = {}
     exec(compile(cell.source, "injected-parameters", "exec"), {"__builtins__": {}}, ns)  # noqa: S102
-    assert ns == {"threshold": text, "tile_px": 224}
+    assert ns == {"encoder": text, "batch_size": 8}
     assert not marker.exists()
+    with pytest.raises(ParameterError, match=r"'2020-01-01' \(str\) is not of its declared type 'otsu'\|float\|int"):
+        check_parameters(ROOT / "notebooks" / "01_segmentation_and_tiling.ipynb", {"threshold": "2020-01-01"})
 
 
 @pytest.mark.parametrize("value, cls", [

@@ -99,7 +99,7 @@ class TileBatches:
                 return k, start, torch.zeros(0, dtype=torch.uint8), (
                     f"SlideTimeoutError: slide {self.slides[k]['slide_id']!r}: timed out after the per-slide time "
                     f"limit of {self.time_limit:g} s (raise time_limit to allow more)")
-            with deadline(remaining, self.slides[k]["slide_id"], limit=self.time_limit):
+            with deadline(remaining, self.slides[k]["slide_id"], self.time_limit):
                 tiles = self._reader(k).read(self.slides[k]["coords"][start:stop])
         except Exception as exc:  # reported per slide by the consumer, never silently dropped
             return k, start, torch.zeros(0, dtype=torch.uint8), f"{type(exc).__name__}: {exc}"

@@ -45,7 +45,7 @@ _DEADLINE = threading.local()
 
 
 @contextlib.contextmanager
-def deadline(seconds: float | None, slide_id: str = "slide", *, limit: float | None = None):
+def deadline(seconds: float | None, slide_id: str = "slide", limit: float | None = None):
     """Run the block with a time limit: any slide read past it raises :class:`SlideTimeoutError`.
 
     ``seconds`` is the time left; ``limit`` the configured per-slide limit that the error names
@@ -55,7 +55,8 @@ def deadline(seconds: float | None, slide_id: str = "slide", *, limit: float | N
     declares a huge image behind little data stops within one read of the limit instead of spinning.
     """
     old = getattr(_DEADLINE, "value", None)
-    _DEADLINE.value = None if seconds is None else (time.monotonic() + float(seconds), float(seconds if limit is None else limit), slide_id)
+    limit = float(seconds if limit is None else limit) if seconds is not None else None
+    _DEADLINE.value = None if seconds is None else (time.monotonic() + float(seconds), limit, slide_id)
     try:
         yield
     finally:
@@ -548,6 +549,8 @@ class TileReader:
         needed = sorted({b for (lx, ly) in boxes for b in t.blocks_for(lx, ly, self.read_px, self.read_px)})
         try:
             blocks = t.tiles(needed, self._pool, self.cache_tiles)
+        except SlideTimeoutError:
+            raise
         except Exception as exc:
             raise SlideError(
                 f"slide {self.slide.slide_id!r} ({self.slide.path}): decoding stored tiles failed: {exc}"

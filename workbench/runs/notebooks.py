@@ -74,7 +74,7 @@ def declared_types(notebook: str | Path) -> dict[str, set]:
     for name, info in pm.inspect_notebook(str(notebook)).items():
         if name in schema:
             kinds = {k.strip() for k in str(schema[name]).split("|")}
-            unknown = kinds - _KINDS
+            unknown = {k for k in kinds - _KINDS if not (len(k) > 1 and k[0] == k[-1] == "'")}  # 'text' = that text
             if unknown:
                 raise ParameterError(f"{schema_path}: {notebook.name[:2]}.{name}: unknown type(s) {sorted(unknown)}")
             out[name] = kinds
@@ -115,7 +115,7 @@ def _matches(value, kinds: set) -> bool:
     if type(value) is float:
         return "float" in kinds
     if type(value) is str:
-        return "str" in kinds
+        return "str" in kinds or f"'{value}'" in kinds
     if type(value) in (list, tuple):
         if "list" in kinds:
             return True
