@@ -251,3 +251,14 @@ def test_fast_segmentation_equals_the_reference_chain_on_the_real_slide():
     ours, *_ = _contours(path)
     assert ours.shape == ref.shape and (ours == ref).all()
     assert 0.3 < ours.mean() < 0.7  # about half the region is tissue
+
+
+def test_oversized_segmentation_level_refused_by_name_and_mask_mpp_works(slide_dir, monkeypatch):
+    from workbench.io import slides
+
+    monkeypatch.setattr(slides, "MAX_SEG_PIXELS", 100_000)  # the 768² level 1 of a 3072² slide is over this
+    with open_slide(slide_dir / "s1.tiff") as s:
+        with pytest.raises(slides.SlideError, match=r"'s1'.*mask_mpp"):
+            s.segmentation_image()
+        image, ds, level = s.segmentation_image(mask_mpp=8.0)  # read in blocks and shrunk: 96² at 32× downsample
+    assert level is None and image.shape == (96, 96, 3) and ds == (32.0, 32.0)

@@ -33,6 +33,7 @@ from workbench.errors import SlideError, SlideTimeoutError  # noqa: F401  (raise
 log = logging.getLogger(__name__)
 
 MPP_TOLERANCE = 0.02  # relative: a level within 2 % of the target mpp is read as is
+MAX_SEG_PIXELS = 2**30  # a segmentation level larger than this (3 GiB as RGB) is refused: use mask_mpp
 WHITE = 255
 
 
@@ -277,6 +278,11 @@ class Slide:
         if level >= self.level_count:
             raise SlideError(f"slide {self.slide_id!r} ({self.path}): seg_level {level} does not exist "
                              f"(the slide has {self.level_count} levels)")
+        lw, lh = self.level_dimensions[level]
+        if lw * lh > MAX_SEG_PIXELS:
+            raise SlideError(f"slide {self.slide_id!r} ({self.path}): segmentation level {level} is {lw}x{lh} px "
+                             f"(over {MAX_SEG_PIXELS:,} px); give SegmentParams(mask_mpp=...) to segment a "
+                             "fixed-mpp image read in blocks instead")
         return self.level_image(level), self.level_downsample_xy(level), level
 
     def thumbnail(self, mpp: float) -> tuple[np.ndarray, float]:
