@@ -1,24 +1,30 @@
-"""The dataset store: one Zarr v3 store per dataset, laid out as in DESIGN.md §6.
+"""The dataset store: one Zarr v3 store per dataset, layout version 2 (README: "The Dataset handle").
 
 ```
 <dataset>.zarr/
-  attrs: layout_version, workbench_version, manifest (records), tiling (parameters)
-  slides/<slide_id>/        attrs: path, mpp, width, height, tile_px, tile_mpp, read_level, complete
+  attrs: layout_version (2), workbench_version, manifest (records, store order), tiling (parameters)
+  slides/<slide_id>/        attrs: path, manifest_path, file_identity, mpp, width, height, tile_px, tile_mpp, complete
       coords   (n, 2) int32   level-0 x, y of each tile's top-left corner
       tissue   (n,)   float32 tissue fraction of each tile
-      features/<encoder>      (n, d) float16, attrs: encoder, weights_digest, complete
+      mask                    the tissue mask at mask_downsample
+      features/<encoder>      (n, d) float16, attrs: encoder, weights_digest, coords_digest, complete
       prefilter/<name>        (n,) float32 scores, attrs: threshold, complete
       pixel_qc/<metric>       (n,) float32 blur / background / pen_colour per tile (workbench.features.tile_qc)
       qc/labels               (n,) int8 QC labels written by the napari widget
-  tree/<run>/               level_1 ... level_L (N,) int32; centroids/level_l (k_l, d) float32
-  samples/<run>/            indices (m,) int64 global tile ids, attrs: parameters
+  tree/<run>/               level_l (N,) int32; centroids/, parents/, distance; attrs: parameters, lineage, identity
+  samples/<run>/            indices (m,) int64 global tile ids + stable keys slide (m,) / xy (m, 2); lineage, identity
   errors/                   attrs: records [{slide_id, stage, error}]
+<dataset>.zarr.indexes/     saved retrieval indexes (+ .sha256.json checksums)
 ```
 
-Every name in the store is built by :class:`Key`, so notebooks, napari and indexes agree. A
-slide's (or a features array's) ``complete`` attribute is written last, after its arrays: a
-reader trusts only complete entries, and a re-run redoes incomplete ones. One run at a time
-holds the store's write lock (:func:`write_lock`); a second writer is refused, never interleaved.
+Every name in the store is built by :class:`Key`. Every array is written by :func:`write_array`:
+zstd + crc32c chunks, every chunk written, then attrs with the chunk count, per-chunk sha256 of the
+values and crc32c of the stored bytes, and a values ``digest``; every read goes through
+:class:`CheckedStore`, which raises :class:`ChecksumError` / :class:`MissingChunkError` naming slide and
+array. Lineage digests (:func:`tiling_digest`, :func:`features_digest`, :func:`node_digest`) let trees,
+samples and indexes refuse inputs that changed (:class:`StaleError`). Named runs are written beside the
+old one and swapped in atomically (:func:`write_run`). A slide's (or a features array's) ``complete``
+attribute is written last; one run at a time holds the store's write lock (:func:`write_lock`).
 """
 from __future__ import annotations
 
@@ -221,6 +227,13 @@ def as_path(store) -> Path:
     return Path(os.fspath(store))
 
 
+def as_root(store):
+    """An open store group from a group, a :class:`~workbench.dataset.Dataset` (group-like) or a path."""
+    if isinstance(store, zarr.Group) or hasattr(store, "root") and hasattr(store, "__fspath__"):
+        return store
+    return open_store(store)
+
+
 def open_store(path, mode: str = "r") -> zarr.Group:
     """Open an existing dataset store (a path or a Dataset). ``mode`` is ``"r"`` or ``"a"``.
 
@@ -361,6 +374,7 @@ def write_lock(path: str | os.PathLike, *, wait: float = 0.0):
 
 def slide_ids(root: zarr.Group, *, complete_only: bool = True) -> list[str]:
     """Slide ids in manifest order (the order that defines global tile ids)."""
+    root = as_root(root)
     ids = [rec["slide_id"] for rec in root.attrs.get("manifest", [])]
     if not complete_only:
         return ids
@@ -478,6 +492,7 @@ def check_fresh(arr, what: str | None = None) -> None:
 
 def read_slide(root: zarr.Group, slide_id: str) -> dict:
     """A complete slide's attrs and arrays, or a clear error naming the slide."""
+    root = as_root(root)
     key = Key.slide(slide_id)
     if not is_complete(root, key):
         raise StoreError(f"slide {slide_id!r} is not tiled in {store_path(root)}: run tiling first")
@@ -487,12 +502,14 @@ def read_slide(root: zarr.Group, slide_id: str) -> dict:
 
 def tile_counts(root: zarr.Group, ids: list[str] | None = None) -> np.ndarray:
     """Number of tiles of each complete slide, in manifest order."""
+    root = as_root(root)
     ids = slide_ids(root) if ids is None else ids
     return np.array([root[Key.coords(s)].shape[0] for s in ids], dtype=np.int64)
 
 
 def tile_index(root: zarr.Group, ids: list[str] | None = None):
     """Table of all tiles: global tile id → (slide_id, position in slide, x, y), as pandas."""
+    root = as_root(root)
     import pandas as pd
 
     ids = slide_ids(root) if ids is None else ids
@@ -514,6 +531,7 @@ def features_array(root: zarr.Group, encoder: str, ids: list[str] | None = None)
 
     Raises naming the first slide whose features are missing or incomplete.
     """
+    root = as_root(root)
     import dask.array as da
 
     ids = slide_ids(root) if ids is None else ids
@@ -552,6 +570,7 @@ def clear_error(root: zarr.Group, slide_id: str, stage: str) -> None:
 
 def error_table(root: zarr.Group):
     """The store's error table as a DataFrame (slide_id, stage, error, time)."""
+    root = as_root(root)
     import pandas as pd
 
     records = root[Key.ERRORS].attrs.get("records", []) if Key.ERRORS in root else []
@@ -646,6 +665,7 @@ def _sha(obj) -> str:
 
 def tiling_digest(root: zarr.Group, ids: list[str] | None = None) -> str:
     """Digest of what global tile ids mean: the slides in order and each slide's coords values."""
+    root = as_root(root)
     ids = slide_ids(root) if ids is None else ids
     parts = []
     for s in ids:
@@ -666,6 +686,7 @@ def features_digest(root: zarr.Group, encoder: str, ids: list[str] | None = None
     With ``check`` (default) every features array is first checked against the chunks on disk
     (:func:`check_fresh`, a 4-byte read per chunk), so features rewritten in place are refused as stale.
     """
+    root = as_root(root)
     ids = slide_ids(root) if ids is None else ids
     parts = []
     for s in ids:
