@@ -185,6 +185,7 @@ def export_tile_pngs(store_path, out_dir, *, slide_ids: list[str] | None = None,
     rows = []
     for sid in slide_ids or st.slide_ids(root):
         info = st.read_slide(root, sid)
+        st.check_slide_file(root, sid)  # never export pixels of another file at these coordinates
         folder = out_dir / sid
         folder.mkdir(parents=True, exist_ok=True)
         coords = info["coords"]
