@@ -262,6 +262,7 @@ def test_manifest_with_a_new_file_for_an_old_slide_id_is_refused(base, tmp_path)
     man.loc[man.slide_id == "r2", "path"] = str(moved)
     out = tile_slides(man, store, progress=False)
     assert (out.status == "skipped").all()
+    assert workbench.open_dataset(store).slide("r2")["path"] == str(moved)
 
 
 def test_slide_file_replaced_after_tiling_embedding_refuses(base, tmp_path):

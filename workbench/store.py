@@ -284,6 +284,8 @@ def _merge_manifest(path: Path, old: list[dict], new: list[dict], root: zarr.Gro
         now = file_identity(rec["path"]) if Path(str(rec["path"])).exists() else None
         if stored and now and same_file(stored, now):
             log.info("slide %r moved from %s to %s (same file): path updated", sid, was, rec["path"])
+            attrs.update({"path": str(Path(str(rec["path"]))), "manifest_path": str(rec["path"]),
+                          "file_identity": now})
             continue
         raise StaleError(
             f"slide {sid!r} was tiled from {was}; the manifest now gives {rec['path']}, "
