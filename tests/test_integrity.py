@@ -122,6 +122,21 @@ def test_bit_flip_in_coords_is_refused_too(base, tmp_path):
         workbench.open_dataset(store).coords("r0")
 
 
+def test_changed_slide_attributes_are_refused(base, tmp_path):
+    """A flipped digit in a slide's zarr.json (its mpp, tile footprint or path) would read other pixels."""
+    store = copy_store(base, tmp_path)
+    meta_path = store / st.Key.slide("r1") / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["size0"] += 2
+    meta_path.write_text(json.dumps(meta))
+    ds = workbench.open_dataset(store)
+    with pytest.raises(ChecksumError, match="slide 'r1': its attributes"):
+        ds.slide("r1")
+    with pytest.raises(ChecksumError, match="slide 'r1'"):
+        ds.open_slide("r1")
+    assert (faults(store).check == "attributes").any()
+
+
 def test_deleted_chunk_is_an_error_not_zeros(base, tmp_path):
     from workbench.curate.cluster import fit_store
 

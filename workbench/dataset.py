@@ -429,7 +429,11 @@ def verify(store, *, values: bool = True):
                 rows.append({"node": key, "check": "complete", "status": "FAULT",
                              "detail": f"slide {s!r} is incomplete: re-run tile_slides"})
             continue
-        a = dict(root[key].attrs)
+        try:
+            a = st.check_attrs(root[key], f"slide {s!r}")
+        except IntegrityError as exc:
+            rows.append({"node": key, "check": "attributes", "status": "FAULT", "detail": str(exc)})
+            a = dict(root[key].attrs)
         for name in ("coords", "tissue"):
             if name not in root[key]:
                 rows.append({"node": f"{key}/{name}", "check": "present", "status": "FAULT",

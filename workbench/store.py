@@ -286,6 +286,8 @@ def _merge_manifest(path: Path, old: list[dict], new: list[dict], root: zarr.Gro
             log.info("slide %r moved from %s to %s (same file): path updated", sid, was, rec["path"])
             attrs.update({"path": str(Path(str(rec["path"]))), "manifest_path": str(rec["path"]),
                           "file_identity": now})
+            if SEAL in attrs:
+                seal_attrs(root[key])
             continue
         raise StaleError(
             f"slide {sid!r} was tiled from {was}; the manifest now gives {rec['path']}, "
@@ -499,7 +501,7 @@ def read_slide(root: zarr.Group, slide_id: str) -> dict:
     if not is_complete(root, key):
         raise StoreError(f"slide {slide_id!r} is not tiled in {store_path(root)}: run tiling first")
     g = root[key]
-    return {**dict(g.attrs), "coords": g["coords"][:], "tissue": g["tissue"][:]}
+    return {**check_attrs(g, f"slide {slide_id!r}"), "coords": g["coords"][:], "tissue": g["tissue"][:]}
 
 
 def tile_counts(root: zarr.Group, ids: list[str] | None = None) -> np.ndarray:
@@ -648,9 +650,29 @@ def identity_change(stored: dict | None, path) -> str | None:
     return f"the file {path} changed since tiling ({', '.join(what[c] for c in changes)})"
 
 
+SEAL = "attrs_sha256"
+
+
+def seal_attrs(node) -> None:
+    """Record a sha256 of a node's attrs (all but ``complete``) so a changed byte in them is caught."""
+    a = {k: v for k, v in dict(node.attrs).items() if k not in (SEAL, "complete")}
+    node.attrs[SEAL] = _sha(a)
+
+
+def check_attrs(node, what: str) -> dict:
+    """A node's attrs after checking them against their seal (:class:`ChecksumError` naming ``what``)."""
+    attrs = dict(node.attrs)
+    seal = attrs.get(SEAL)
+    if seal is not None and _sha({k: v for k, v in attrs.items() if k not in (SEAL, "complete")}) != seal:
+        raise ChecksumError(f"{what}: its attributes (zarr.json) changed since they were written (e.g. mpp, tile "
+                            "size or path): re-tile the slide into a new store, or restore the store from a backup")
+    return attrs
+
+
 def check_slide_file(root: zarr.Group, slide_id: str) -> dict:
-    """The slide's attrs, after checking its file is the one it was tiled from (:class:`StaleError` if not)."""
-    attrs = dict(root[Key.slide(slide_id)].attrs)
+    """The slide's attrs, after checking them and that its file is the one it was tiled from
+    (:class:`ChecksumError` / :class:`StaleError` if not)."""
+    attrs = check_attrs(root[Key.slide(slide_id)], f"slide {slide_id!r}")
     change = identity_change(attrs.get("file_identity"), attrs.get("path", ""))
     if change:
         raise StaleError(f"slide {slide_id!r}: {change}; its tiles would be read at the old coordinates. Re-tile "

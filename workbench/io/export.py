@@ -150,6 +150,7 @@ def import_coords_h5(store_path, slide_id: str, h5_path, *, overwrite: bool = Fa
         st.write_array(g, "coords", coords.astype(np.int32))
         st.write_array(g, "tissue", np.full(len(coords), np.nan, np.float32))
         g.attrs.update({"n_tiles": int(len(coords)), "coords_source": str(h5_path)})
+        st.seal_attrs(g)
         st.mark_complete(g)
     return int(len(coords))
 
