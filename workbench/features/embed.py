@@ -331,7 +331,7 @@ def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", 
             for s in todo:
                 try:
                     jobs.append(slide_job(root, s, enc))
-                except (KeyError, ValueError, st.StaleError) as exc:
+                except (KeyError, ValueError, st.StoreError) as exc:  # stale file, changed attrs: per slide
                     if on_error == "raise":
                         raise
                     rows.append(_row(s, "error", 0, error=f"{type(exc).__name__}: {exc}"))
