@@ -17,13 +17,25 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from reliability_helpers import (
+    ROOT,
+    he_image,
+    make_slides,
+    run_and_kill,
+    time_child,
+    write_slide_tiff,
+)
 
 import workbench
 from workbench import store as st
-from workbench.errors import (ChecksumError, LayoutVersionError, MissingChunkError, RunExistsError, StaleError,
-                              StaleIndexError)
-
-from reliability_helpers import ROOT, make_slides, run_and_kill, time_child, write_slide_tiff, he_image
+from workbench.errors import (
+    ChecksumError,
+    LayoutVersionError,
+    MissingChunkError,
+    RunExistsError,
+    StaleError,
+    StaleIndexError,
+)
 
 ENC = "stain-texture"
 TREE = dict(levels=[6, 2], backend="torch", device="cpu", random_state=0)
@@ -182,7 +194,11 @@ def test_features_rewritten_in_place_make_index_and_tree_stale(base, tmp_path):
 
 def test_corrupted_index_file_is_refused(base, tmp_path):
     from workbench.errors import ChecksumError
-    from workbench.search.retrieval import build_store_index, index_path, load_store_index
+    from workbench.search.retrieval import (
+        build_store_index,
+        index_path,
+        load_store_index,
+    )
 
     store = copy_store(base, tmp_path)
     build_store_index(store, ENC, "flat")

@@ -827,7 +827,7 @@ def run_names(root: zarr.Group, parent: str) -> list[str]:
     for name, _ in root[parent].groups():
         if name.startswith(RUN_TMP):
             continue
-        names.add(name[len(RUN_OLD):] if name.startswith(RUN_OLD) else name)
+        names.add(name.removeprefix(RUN_OLD))
     return sorted(names)
 
 
