@@ -117,7 +117,9 @@ def test_bad_slide_is_recorded_and_others_go_on(tiled_store, tmp_path):
     ids = st.slide_ids(root)
     bad = tmp_path / "broken.tiff"
     bad.write_bytes(b"II*\x00 not a slide")
-    root[st.Key.slide(ids[1])].attrs["path"] = str(bad)
+    g = root[st.Key.slide(ids[1])]
+    g.attrs.update({"path": str(bad), "file_identity": None})  # as if tiled from a path that now holds junk
+    st.seal_attrs(g)  # (an unsealed edit of the attrs is refused as a ChecksumError: tests/test_integrity.py)
     summary = E.embed_slides(path, ENC, num_workers=1, progress=False).set_index("slide_id")
     assert summary.loc[ids[1], "status"] == "error" and "broken.tiff" in summary.loc[ids[1], "error"]
     assert (summary.drop(ids[1]).status == "embedded").all()

@@ -17,13 +17,25 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from reliability_helpers import (
+    ROOT,
+    he_image,
+    make_slides,
+    run_and_kill,
+    time_child,
+    write_slide_tiff,
+)
 
 import workbench
 from workbench import store as st
-from workbench.errors import (ChecksumError, LayoutVersionError, MissingChunkError, RunExistsError, StaleError,
-                              StaleIndexError)
-
-from reliability_helpers import ROOT, make_slides, run_and_kill, time_child, write_slide_tiff, he_image
+from workbench.errors import (
+    ChecksumError,
+    LayoutVersionError,
+    MissingChunkError,
+    RunExistsError,
+    StaleError,
+    StaleIndexError,
+)
 
 ENC = "stain-texture"
 TREE = dict(levels=[6, 2], backend="torch", device="cpu", random_state=0)
@@ -122,6 +134,21 @@ def test_bit_flip_in_coords_is_refused_too(base, tmp_path):
         workbench.open_dataset(store).coords("r0")
 
 
+def test_changed_slide_attributes_are_refused(base, tmp_path):
+    """A flipped digit in a slide's zarr.json (its mpp, tile footprint or path) would read other pixels."""
+    store = copy_store(base, tmp_path)
+    meta_path = store / st.Key.slide("r1") / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["size0"] += 2
+    meta_path.write_text(json.dumps(meta))
+    ds = workbench.open_dataset(store)
+    with pytest.raises(ChecksumError, match="slide 'r1': its attributes"):
+        ds.slide("r1")
+    with pytest.raises(ChecksumError, match="slide 'r1'"):
+        ds.open_slide("r1")
+    assert (faults(store).check == "attributes").any()
+
+
 def test_deleted_chunk_is_an_error_not_zeros(base, tmp_path):
     from workbench.curate.cluster import fit_store
 
@@ -167,7 +194,11 @@ def test_features_rewritten_in_place_make_index_and_tree_stale(base, tmp_path):
 
 def test_corrupted_index_file_is_refused(base, tmp_path):
     from workbench.errors import ChecksumError
-    from workbench.search.retrieval import build_store_index, index_path, load_store_index
+    from workbench.search.retrieval import (
+        build_store_index,
+        index_path,
+        load_store_index,
+    )
 
     store = copy_store(base, tmp_path)
     build_store_index(store, ENC, "flat")
@@ -262,6 +293,7 @@ def test_manifest_with_a_new_file_for_an_old_slide_id_is_refused(base, tmp_path)
     man.loc[man.slide_id == "r2", "path"] = str(moved)
     out = tile_slides(man, store, progress=False)
     assert (out.status == "skipped").all()
+    assert workbench.open_dataset(store).slide("r2")["path"] == str(moved)
 
 
 def test_slide_file_replaced_after_tiling_embedding_refuses(base, tmp_path):

@@ -18,17 +18,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
 from workbench import store as st
-from workbench.errors import IntegrityError, StoreError, WorkbenchError
+from workbench.errors import IntegrityError, WorkbenchError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Dataset", "open_dataset", "as_dataset", "verify", "run_column"]
+__all__ = ["Dataset", "as_dataset", "open_dataset", "run_column", "verify"]
 
 
 class Dataset:
@@ -57,7 +56,7 @@ class Dataset:
             raise AttributeError(name)
         return getattr(self.root, name)  # attrs, store, groups(), arrays(), ...
 
-    def reload(self) -> "Dataset":
+    def reload(self) -> Dataset:
         """Re-open the store (after another process wrote to it)."""
         self.root = st.open_store(self.path, mode=self.mode)
         return self
@@ -429,7 +428,11 @@ def verify(store, *, values: bool = True):
                 rows.append({"node": key, "check": "complete", "status": "FAULT",
                              "detail": f"slide {s!r} is incomplete: re-run tile_slides"})
             continue
-        a = dict(root[key].attrs)
+        try:
+            a = st.check_attrs(root[key], f"slide {s!r}")
+        except IntegrityError as exc:
+            rows.append({"node": key, "check": "attributes", "status": "FAULT", "detail": str(exc)})
+            a = dict(root[key].attrs)
         for name in ("coords", "tissue"):
             if name not in root[key]:
                 rows.append({"node": f"{key}/{name}", "check": "present", "status": "FAULT",

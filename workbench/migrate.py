@@ -88,6 +88,7 @@ def _add_lineage(path: Path) -> None:
         p = g.attrs.get("path")
         if p and Path(p).exists() and "file_identity" not in g.attrs:
             g.attrs["file_identity"] = st.file_identity(p)
+        st.seal_attrs(g)
         coords_digest = st.array_digest_of(root[st.Key.coords(s)])
         if "features" in g:
             for _, arr in g["features"].arrays():

@@ -1,24 +1,30 @@
-"""The dataset store: one Zarr v3 store per dataset, laid out as in DESIGN.md §6.
+"""The dataset store: one Zarr v3 store per dataset, layout version 2 (README: "The Dataset handle").
 
 ```
 <dataset>.zarr/
-  attrs: layout_version, workbench_version, manifest (records), tiling (parameters)
-  slides/<slide_id>/        attrs: path, mpp, width, height, tile_px, tile_mpp, read_level, complete
+  attrs: layout_version (2), workbench_version, manifest (records, store order), tiling (parameters)
+  slides/<slide_id>/        attrs: path, manifest_path, file_identity, mpp, width, height, tile_px, tile_mpp, complete
       coords   (n, 2) int32   level-0 x, y of each tile's top-left corner
       tissue   (n,)   float32 tissue fraction of each tile
-      features/<encoder>      (n, d) float16, attrs: encoder, weights_digest, complete
+      mask                    the tissue mask at mask_downsample
+      features/<encoder>      (n, d) float16, attrs: encoder, weights_digest, coords_digest, complete
       prefilter/<name>        (n,) float32 scores, attrs: threshold, complete
       pixel_qc/<metric>       (n,) float32 blur / background / pen_colour per tile (workbench.features.tile_qc)
       qc/labels               (n,) int8 QC labels written by the napari widget
-  tree/<run>/               level_1 ... level_L (N,) int32; centroids/level_l (k_l, d) float32
-  samples/<run>/            indices (m,) int64 global tile ids, attrs: parameters
+  tree/<run>/               level_l (N,) int32; centroids/, parents/, distance; attrs: parameters, lineage, identity
+  samples/<run>/            indices (m,) int64 global tile ids + stable keys slide (m,) / xy (m, 2); lineage, identity
   errors.jsonl              error table: one JSON line per failure or clearance (append-only)
+<dataset>.zarr.indexes/     saved retrieval indexes (+ .sha256.json checksums)
 ```
 
-Every name in the store is built by :class:`Key`, so notebooks, napari and indexes agree. A
-slide's (or a features array's) ``complete`` attribute is written last, after its arrays: a
-reader trusts only complete entries, and a re-run redoes incomplete ones. One run at a time
-holds the store's write lock (:func:`write_lock`); a second writer is refused, never interleaved.
+Every name in the store is built by :class:`Key`. Every array is written by :func:`write_array`:
+zstd + crc32c chunks, every chunk written, then attrs with the chunk count, per-chunk sha256 of the
+values and crc32c of the stored bytes, and a values ``digest``; every read goes through
+:class:`CheckedStore`, which raises :class:`ChecksumError` / :class:`MissingChunkError` naming slide and
+array. Lineage digests (:func:`tiling_digest`, :func:`features_digest`, :func:`node_digest`) let trees,
+samples and indexes refuse inputs that changed (:class:`StaleError`). Named runs are written beside the
+old one and swapped in atomically (:func:`write_run`). A slide's (or a features array's) ``complete``
+attribute is written last; one run at a time holds the store's write lock (:func:`write_lock`).
 """
 from __future__ import annotations
 
@@ -223,6 +229,13 @@ def as_path(store) -> Path:
     return Path(os.fspath(store))
 
 
+def as_root(store):
+    """An open store group from a group, a :class:`~workbench.dataset.Dataset` (group-like) or a path."""
+    if isinstance(store, zarr.Group) or hasattr(store, "root") and hasattr(store, "__fspath__"):
+        return store
+    return open_store(store)
+
+
 def open_store(path, mode: str = "r") -> zarr.Group:
     """Open an existing dataset store (a path or a Dataset). ``mode`` is ``"r"`` or ``"a"``.
 
@@ -273,6 +286,10 @@ def _merge_manifest(path: Path, old: list[dict], new: list[dict], root: zarr.Gro
         now = file_identity(rec["path"]) if Path(str(rec["path"])).exists() else None
         if stored and now and same_file(stored, now):
             log.info("slide %r moved from %s to %s (same file): path updated", sid, was, rec["path"])
+            attrs.update({"path": str(Path(str(rec["path"]))), "manifest_path": str(rec["path"]),
+                          "file_identity": now})
+            if SEAL in attrs:
+                seal_attrs(root[key])
             continue
         raise StaleError(
             f"slide {sid!r} was tiled from {was}; the manifest now gives {rec['path']}, "
@@ -363,6 +380,7 @@ def write_lock(path: str | os.PathLike, *, wait: float = 0.0):
 
 def slide_ids(root: zarr.Group, *, complete_only: bool = True) -> list[str]:
     """Slide ids in manifest order (the order that defines global tile ids)."""
+    root = as_root(root)
     ids = [rec["slide_id"] for rec in root.attrs.get("manifest", [])]
     if not complete_only:
         return ids
@@ -480,21 +498,24 @@ def check_fresh(arr, what: str | None = None) -> None:
 
 def read_slide(root: zarr.Group, slide_id: str) -> dict:
     """A complete slide's attrs and arrays, or a clear error naming the slide."""
+    root = as_root(root)
     key = Key.slide(slide_id)
     if not is_complete(root, key):
         raise StoreError(f"slide {slide_id!r} is not tiled in {store_path(root)}: run tiling first")
     g = root[key]
-    return {**dict(g.attrs), "coords": g["coords"][:], "tissue": g["tissue"][:]}
+    return {**check_attrs(g, f"slide {slide_id!r}"), "coords": g["coords"][:], "tissue": g["tissue"][:]}
 
 
 def tile_counts(root: zarr.Group, ids: list[str] | None = None) -> np.ndarray:
     """Number of tiles of each complete slide, in manifest order."""
+    root = as_root(root)
     ids = slide_ids(root) if ids is None else ids
     return np.array([root[Key.coords(s)].shape[0] for s in ids], dtype=np.int64)
 
 
 def tile_index(root: zarr.Group, ids: list[str] | None = None):
     """Table of all tiles: global tile id → (slide_id, position in slide, x, y), as pandas."""
+    root = as_root(root)
     import pandas as pd
 
     ids = slide_ids(root) if ids is None else ids
@@ -516,6 +537,7 @@ def features_array(root: zarr.Group, encoder: str, ids: list[str] | None = None)
 
     Raises naming the first slide whose features are missing or incomplete.
     """
+    root = as_root(root)
     import dask.array as da
 
     ids = slide_ids(root) if ids is None else ids
@@ -642,6 +664,7 @@ def failed_slides(root, stage: str, **context) -> dict:
 
 def error_table(root: zarr.Group):
     """The store's error table as a DataFrame (slide_id, stage, error, time, error_class)."""
+    root = as_root(root)
     import pandas as pd
 
     records = [{c: r.get(c) for c in ERROR_COLUMNS} for r in _error_records(root).values()]
@@ -758,9 +781,29 @@ def identity_change(stored: dict | None, path) -> str | None:
     return f"the file {path} changed since tiling ({', '.join(what[c] for c in changes)})"
 
 
+SEAL = "attrs_sha256"
+
+
+def seal_attrs(node) -> None:
+    """Record a sha256 of a node's attrs (all but ``complete``) so a changed byte in them is caught."""
+    a = {k: v for k, v in dict(node.attrs).items() if k not in (SEAL, "complete")}
+    node.attrs[SEAL] = _sha(a)
+
+
+def check_attrs(node, what: str) -> dict:
+    """A node's attrs after checking them against their seal (:class:`ChecksumError` naming ``what``)."""
+    attrs = dict(node.attrs)
+    seal = attrs.get(SEAL)
+    if seal is not None and _sha({k: v for k, v in attrs.items() if k not in (SEAL, "complete")}) != seal:
+        raise ChecksumError(f"{what}: its attributes (zarr.json) changed since they were written (e.g. mpp, tile "
+                            "size or path): re-tile the slide into a new store, or restore the store from a backup")
+    return attrs
+
+
 def check_slide_file(root: zarr.Group, slide_id: str) -> dict:
-    """The slide's attrs, after checking its file is the one it was tiled from (:class:`StaleError` if not)."""
-    attrs = dict(root[Key.slide(slide_id)].attrs)
+    """The slide's attrs, after checking them and that its file is the one it was tiled from
+    (:class:`ChecksumError` / :class:`StaleError` if not)."""
+    attrs = check_attrs(root[Key.slide(slide_id)], f"slide {slide_id!r}")
     change = identity_change(attrs.get("file_identity"), attrs.get("path", ""))
     if change:
         raise StaleError(f"slide {slide_id!r}: {change}; its tiles would be read at the old coordinates. Re-tile "
@@ -777,6 +820,7 @@ def _sha(obj) -> str:
 
 def tiling_digest(root: zarr.Group, ids: list[str] | None = None) -> str:
     """Digest of what global tile ids mean: the slides in order and each slide's coords values."""
+    root = as_root(root)
     ids = slide_ids(root) if ids is None else ids
     parts = []
     for s in ids:
@@ -797,6 +841,7 @@ def features_digest(root: zarr.Group, encoder: str, ids: list[str] | None = None
     With ``check`` (default) every features array is first checked against the chunks on disk
     (:func:`check_fresh`, a 4-byte read per chunk), so features rewritten in place are refused as stale.
     """
+    root = as_root(root)
     ids = slide_ids(root) if ids is None else ids
     parts = []
     for s in ids:
@@ -913,7 +958,7 @@ def run_names(root: zarr.Group, parent: str) -> list[str]:
     for name, _ in root[parent].groups():
         if name.startswith(RUN_TMP):
             continue
-        names.add(name[len(RUN_OLD):] if name.startswith(RUN_OLD) else name)
+        names.add(name.removeprefix(RUN_OLD))
     return sorted(names)
 
 

@@ -316,6 +316,7 @@ def tile_images(root, table: pd.DataFrame, *, tile_px: int = 128) -> np.ndarray:
     out = np.zeros((len(table), tile_px, tile_px, 3), np.uint8)
     for s, rows in table.groupby("slide_id", sort=False):
         g = root[st.Key.slide(s)]
+        st.check_slide_file(root, s)  # never read pixels of another file at these coordinates
         coords = g["coords"][:][rows["tile"].to_numpy()]
         px_mpp = float(g.attrs["tile_mpp"]) * int(g.attrs["tile_px"]) / tile_px
         with open_slide(g.attrs["path"], slide_id=s, mpp=g.attrs.get("mpp")) as slide, \

@@ -65,6 +65,7 @@ def compute_store(store_path, *, batch: int = 256, progress: bool = True, retry_
                 continue
             try:
                 info = st.read_slide(root, sid)
+                st.check_slide_file(root, sid)  # never measure pixels of another file at these coordinates
                 coords = info["coords"]
                 cols = {m: np.zeros(len(coords), np.float32) for m in METRICS}
                 with deadline(time_limit, sid), open_slide(info["path"], slide_id=sid, mpp=info["mpp"]) as slide, \

@@ -149,6 +149,7 @@ def import_coords_h5(store_path, slide_id: str, h5_path, *, overwrite: bool = Fa
         st.write_array(g, "coords", coords.astype(np.int32))
         st.write_array(g, "tissue", np.full(len(coords), np.nan, np.float32))
         g.attrs.update({"n_tiles": int(len(coords)), "coords_source": str(h5_path)})
+        st.seal_attrs(g)
         st.mark_complete(g)
     return int(len(coords))
 
@@ -184,6 +185,7 @@ def export_tile_pngs(store_path, out_dir, *, slide_ids: list[str] | None = None,
     rows = []
     for sid in slide_ids or st.slide_ids(root):
         info = st.read_slide(root, sid)
+        st.check_slide_file(root, sid)  # never export pixels of another file at these coordinates
         folder = out_dir / sid
         folder.mkdir(parents=True, exist_ok=True)
         coords = info["coords"]

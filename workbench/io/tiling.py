@@ -309,6 +309,7 @@ def _write_slide(root: zarr.Group, slide_id: str, result: dict) -> None:
     st.write_array(g, "tissue", result["tissue"])
     st.write_array(g, "mask", result["mask"], chunk_rows=4096)
     g.attrs.update(result["attrs"])
+    st.seal_attrs(g)  # a changed byte in mpp, size0 or path is caught on read
     st.mark_complete(g)
 
 

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-__all__ = ["TARGET_RECALL", "clustered_vectors", "single_query_ms", "recall_at", "run_size", "best_approx"]
+__all__ = ["TARGET_RECALL", "best_approx", "clustered_vectors", "recall_at", "run_size", "single_query_ms"]
 
 TARGET_RECALL = 0.95
 

@@ -276,6 +276,7 @@ class QCWidget(Container):
         self.edit_count_ = saved["edit_count"]
 
         v, s = self.viewer, float(self.size0_)
+        st.check_slide_file(self.root, slide_id)  # never show another file under these tiles
         self._slide = open_slide(info["path"], slide_id=slide_id, mpp=info.get("mpp"))
         levels, _ = _data.slide_pyramid(self._slide, fast=self.fast, min_side=256)
         if len(levels) > 1:
