@@ -364,7 +364,7 @@ def _check_array(arr, rows: list, values: bool) -> None:
         rows.append({"node": path, "check": "checksum", "status": "FAULT",
                      "detail": f"{what}: written without checksums or digests (outside the workbench, or layout 1)"})
         return
-    keys = st._chunk_keys(arr)
+    keys = st.chunk_keys(arr)
     if a.get(st.WRITTEN) != len(keys):
         rows.append({"node": path, "check": "chunks", "status": "FAULT",
                      "detail": f"{what}: {len(keys)} chunks for a shape that was written with {a.get(st.WRITTEN)}"})

@@ -54,7 +54,7 @@ def _fsync_tree(path: Path) -> None:
                 os.close(fd)
             except OSError:
                 pass
-        st._fsync_dir(Path(dirpath))
+        st.fsync_dir(Path(dirpath))
 
 
 def _copy(src: zarr.Group, dst: zarr.Group) -> None:
@@ -160,12 +160,12 @@ def migrate(path, *, _after_copy=None) -> str:
         if _after_copy is not None:
             _after_copy()
         _fsync_tree(tmp)
-        if st._renameat2_exchange(tmp, path):
+        if st.renameat2_exchange(tmp, path):
             shutil.rmtree(tmp, ignore_errors=True)  # now the old v1 store
         else:
             old = _side(path, OLD)
             os.rename(path, old)
             os.rename(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
-        st._fsync_dir(path.parent)
+        st.fsync_dir(path.parent)
     return f"store {path} migrated from layout version 1 to {st.LAYOUT_VERSION} (indexes next to it must be rebuilt)"

@@ -400,7 +400,7 @@ def mark_complete(node) -> None:
     node.attrs["complete"] = True
 
 
-def _chunk_keys(arr) -> list[str]:
+def chunk_keys(arr) -> list[str]:
     """Chunk keys (``c/i/j``) of an array, in C order."""
     import itertools
 
@@ -422,7 +422,7 @@ def stored_crcs(arr) -> list[int | None]:
     """The crc32c tail (last 4 bytes) of each stored chunk file of an array; None for a missing file."""
     base = _chunk_dir(arr)
     out = []
-    for key in _chunk_keys(arr):
+    for key in chunk_keys(arr):
         try:
             with open(base / key, "rb") as fh:
                 fh.seek(-4, os.SEEK_END)
@@ -463,7 +463,7 @@ def write_array(group: zarr.Group, name: str, data: np.ndarray, *, chunk_rows: i
     if data.size:
         arr[...] = data
     hashes = _value_hashes(data, rows) if data.size else []
-    lineage = {WRITTEN: len(_chunk_keys(arr)), "wb_sha256": hashes, "wb_crc32c": stored_crcs(arr),
+    lineage = {WRITTEN: len(chunk_keys(arr)), "wb_sha256": hashes, "wb_crc32c": stored_crcs(arr),
                "digest": values_digest(hashes, data.shape, data.dtype)}
     arr.attrs.update({**(attrs or {}), **lineage})
     return arr
@@ -485,7 +485,7 @@ def check_fresh(arr, what: str | None = None) -> None:
         return
     want = a.get("wb_crc32c", [])
     now = stored_crcs(arr)
-    for key, w, c in zip(_chunk_keys(arr), want, now):
+    for key, w, c in zip(chunk_keys(arr), want, now):
         if c is None:
             raise MissingChunkError(f"{what or describe_key(arr.path)}: chunk {key} is missing from store "
                                     f"{store_path_of(arr)} (it was written)")
@@ -698,10 +698,11 @@ def atomic_path(path: str | os.PathLike):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder so that a rename inside it is durable (errors ignored: not every filesystem allows it)."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -749,7 +750,7 @@ def file_identity(path) -> dict:
         files = sorted(p for p in path.rglob("*") if p.is_file())
         listing = [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
         return {"size": int(sum(x[1] for x in listing)), "mtime_ns": int(max([x[2] for x in listing], default=0)),
-                "sha256_sampled": _sha(listing)}
+                "sha256_sampled": sha_digest(listing)}
     size = st_.st_size
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -787,14 +788,14 @@ SEAL = "attrs_sha256"
 def seal_attrs(node) -> None:
     """Record a sha256 of a node's attrs (all but ``complete``) so a changed byte in them is caught."""
     a = {k: v for k, v in dict(node.attrs).items() if k not in (SEAL, "complete")}
-    node.attrs[SEAL] = _sha(a)
+    node.attrs[SEAL] = sha_digest(a)
 
 
 def check_attrs(node, what: str) -> dict:
     """A node's attrs after checking them against their seal (:class:`ChecksumError` naming ``what``)."""
     attrs = dict(node.attrs)
     seal = attrs.get(SEAL)
-    if seal is not None and _sha({k: v for k, v in attrs.items() if k not in (SEAL, "complete")}) != seal:
+    if seal is not None and sha_digest({k: v for k, v in attrs.items() if k not in (SEAL, "complete")}) != seal:
         raise ChecksumError(f"{what}: its attributes (zarr.json) changed since they were written (e.g. mpp, tile "
                             "size or path): re-tile the slide into a new store, or restore the store from a backup")
     return attrs
@@ -814,7 +815,7 @@ def check_slide_file(root: zarr.Group, slide_id: str) -> dict:
 # --------------------------------------------------------------------------- lineage digests
 
 
-def _sha(obj) -> str:
+def sha_digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
 
 
@@ -826,7 +827,7 @@ def tiling_digest(root: zarr.Group, ids: list[str] | None = None) -> str:
     for s in ids:
         arr = root[Key.coords(s)]
         parts.append([s, list(arr.shape), array_digest_of(arr) or _legacy_digest(arr)])
-    return _sha(parts)
+    return sha_digest(parts)
 
 
 def _legacy_digest(arr) -> str:
@@ -852,7 +853,7 @@ def features_digest(root: zarr.Group, encoder: str, ids: list[str] | None = None
         if check:
             check_fresh(arr, f"slide {s!r}, features {encoder!r}")
         parts.append([s, list(arr.shape), arr.attrs.get("weights_digest"), array_digest_of(arr) or _legacy_digest(arr)])
-    return _sha([encoder, parts])
+    return sha_digest([encoder, parts])
 
 
 def node_digest(group: zarr.Group) -> str:
@@ -862,7 +863,7 @@ def node_digest(group: zarr.Group) -> str:
         parts.append([name, array_digest_of(arr) or _legacy_digest(arr)])
     for name, sub in sorted(group.groups()):
         parts.append([name, node_digest(sub)])
-    return _sha([dict(group.attrs.get("parameters", {})), parts])
+    return sha_digest([dict(group.attrs.get("parameters", {})), parts])
 
 
 # --------------------------------------------------------------------------- named runs, swapped atomically
@@ -870,7 +871,7 @@ def node_digest(group: zarr.Group) -> str:
 RUN_TMP, RUN_OLD = "_tmp-", "_old-"
 
 
-def _renameat2_exchange(a: Path, b: Path) -> bool:
+def renameat2_exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
     import ctypes
 
@@ -889,28 +890,15 @@ def _renameat2_exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def swap_in(tmp: Path, final: Path) -> None:
     """Make directory ``tmp`` (complete) the new ``final``: at every instant ``final`` (or, on filesystems
     without an atomic exchange, ``_old-<name>`` beside it) holds a complete old or new version."""
     import shutil
 
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if not final.exists():
         os.rename(tmp, final)
-    elif _renameat2_exchange(tmp, final):
+    elif renameat2_exchange(tmp, final):
         shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old version
     else:
         old = final.with_name(RUN_OLD + final.name)
@@ -918,7 +906,7 @@ def swap_in(tmp: Path, final: Path) -> None:
         os.rename(final, old)   # readers fall back to _old-<name> until the next rename
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def recover_runs(path) -> None:

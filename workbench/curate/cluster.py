@@ -421,7 +421,7 @@ def _prefilter_digest(root, ids) -> str:
                 a = dict(arr.attrs)
                 if a.get("drop", False) and a.get("complete", False):
                     parts.append([s, name, a.get("threshold"), st.array_digest_of(arr)])
-    return st._sha(parts)
+    return st.sha_digest(parts)
 
 
 def tree_lineage(root, encoder: str) -> dict:
@@ -437,7 +437,7 @@ def tree_run_name(encoder: str, params: dict) -> str:
     """The run name derived from the parameters: ``hkm-<encoder>-<hash>``."""
     from workbench import store as st
 
-    return f"hkm-{st.encoder_key(encoder)}-{st._sha(params)[:10]}"
+    return f"hkm-{st.encoder_key(encoder)}-{st.sha_digest(params)[:10]}"
 
 
 def fit_store(store_path, encoder: str, run: str | None = None, *, overwrite: bool = False, client=None,

@@ -397,7 +397,7 @@ def sample_store(store_path, tree_run: str, run: str | None, n: int, *, strategy
     tree = load_tree(store_path, tree_run)  # refuses a stale tree
     params = {"tree_run": tree_run, "n": int(n), "strategy": strategy, "level": level,
               "random_state": random_state}
-    run = f"{tree_run}-n{int(n)}-{st._sha(params)[:8]}" if run is None else run
+    run = f"{tree_run}-n{int(n)}-{st.sha_digest(params)[:8]}" if run is None else run
     key = st.Key.sample(run)
     root = st.open_store(store_path, mode="r")
     ids = st.slide_ids(root)
