@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--n", type=int, default=10**7)
     ap.add_argument("--d", type=int, default=384)
     ap.add_argument("--nq", type=int, default=500)
-    ap.add_argument("--pq-m", type=int, default=64)
+    ap.add_argument("--pq-m", type=int, default=None, help="bytes per row (default d/16: 24 at 384-d)")
     ap.add_argument("--nprobe", default="16,32")
     ap.add_argument("--rerank", default="128,256,512")
     ap.add_argument("--path", default=DEFAULT_PATH)
