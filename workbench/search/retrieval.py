@@ -249,9 +249,12 @@ class IVFPQKind(IndexKind):
     def new(self, ti, d, n):
         faiss = _faiss()
         index = faiss.index_factory(d, self.factory_string(ti, d, n), _metric_type(ti))
-        pq = getattr(self._ivf(index), "pq", None)
+        ivf = self._ivf(index)
+        pq = getattr(ivf, "pq", None)
         if pq is not None:  # 64 points per code word and 15 iterations train the codebooks well enough
             pq.cp.max_points_per_centroid, pq.cp.niter = 64, 15
+        if hasattr(ivf, "do_polysemous_training"):
+            ivf.do_polysemous_training = False  # minutes of annealing, only for Hamming filtering we never use
         return index
 
     @staticmethod
