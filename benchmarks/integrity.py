@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
     from zarr.codecs import ZstdCodec
 
     from workbench import store as st
-    from workbench.dataset import _check_array
+    from workbench.dataset import check_array
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.n, args.dim)).astype(np.float16)
@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
         fresh = time.perf_counter() - t0
         t0 = time.perf_counter()
         rows: list = []
-        _check_array(arr, rows, values=True)
+        check_array(arr, rows, values=True)
         verify_s = time.perf_counter() - t0
         assert rows and rows[-1]["status"] == "ok", rows
         size = sum(p.stat().st_size for p in (tmp / "checked.zarr").rglob("*") if p.is_file())

@@ -247,9 +247,9 @@ class Dataset:
             meta = json.loads(sidecar.read_text())
             status = "ok"
             try:
-                from workbench.search.retrieval import _open_for_index, features_digest
+                from workbench.search.retrieval import open_for_index, features_digest
 
-                _, table = _open_for_index(self.path, enc)
+                _, table = open_for_index(self.path, enc)
                 if features_digest(self.root, enc, list(table["slide_id"])) != meta.get("digest"):
                     status = "stale"
             except WorkbenchError as exc:
@@ -356,7 +356,7 @@ def run_column(root, name: str):
 # --------------------------------------------------------------------------- verify
 
 
-def _check_array(arr, rows: list, values: bool) -> None:
+def check_array(arr, rows: list, values: bool) -> None:
     path = arr.path
     what = st.describe_key(path)
     a = arr.attrs
@@ -397,7 +397,7 @@ def _check_array(arr, rows: list, values: bool) -> None:
 def _walk(group, rows, values):
     for name, arr in sorted(group.arrays(), key=lambda x: x[0]):
         if not name.startswith(st.RUN_TMP):
-            _check_array(arr, rows, values)
+            check_array(arr, rows, values)
     for name, sub in sorted(group.groups(), key=lambda x: x[0]):
         if name.startswith(st.RUN_TMP):
             continue

@@ -79,7 +79,7 @@ def _add_lineage(path: Path) -> None:
     """Lineage for a freshly copied store: slide file identities, features' coords digests, and the trees'
     and samples' inputs as they are now (a v1 store refused a tree over another slide set; that check is
     redone first)."""
-    from workbench.curate.cluster import _digest, tree_lineage
+    from workbench.curate.cluster import lineage_digest, tree_lineage
 
     root = st.open_root(path, "a")
     ids = st.slide_ids(root)
@@ -97,7 +97,7 @@ def _add_lineage(path: Path) -> None:
         g = root[st.Key.tree(run)]
         params = dict(g.attrs.get("parameters", {}))
         enc = params.get("encoder")
-        if params.get("slide_ids_digest") not in (None, _digest(ids)) or not enc:
+        if params.get("slide_ids_digest") not in (None, lineage_digest(ids)) or not enc:
             log.warning("tree %r was fitted on another slide set: left without lineage (load_tree refuses it)", run)
             g.attrs["lineage"] = {"encoder": enc or "?", "tiling_digest": "unknown (v1)", "features_digest": "?",
                                   "prefilter_digest": "?"}

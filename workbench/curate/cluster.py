@@ -55,8 +55,8 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.curate.kmeans import (BACKENDS, INITS, STRATEGIES, _as_tensor, _finite_rows, _iter_chunks, _l2_normalize, _n_rows,
-                     _torch_device, assign_torch, kmeans, kmeans_plusplus, lloyd_torch, resample_indices,
+from workbench.curate.kmeans import (BACKENDS, INITS, STRATEGIES, as_tensor, finite_rows, iter_chunks, l2_normalize, n_rows,
+                     torch_device, assign_torch, kmeans, kmeans_plusplus, lloyd_torch, resample_indices,
                      resolve_backend)
 from workbench.curate.kmeans import assign_chunks, lloyd_chunks
 
@@ -121,18 +121,18 @@ def compose_labels(level1: np.ndarray, parents: list) -> np.ndarray:
 
 def _assign_stream(X, C, *, normalize, chunk_rows, device, progress, desc="assign"):
     """Stream X in chunks and assign every row to C → (N,) int32 labels (-1 non-finite), (N,) float32 sqdist."""
-    n = _n_rows(X)
+    n = n_rows(X)
     labels = np.full(n, -1, dtype=np.int32)
     dist = np.full(n, np.nan, dtype=np.float32)
-    dev = _torch_device(device)
-    Ct = _as_tensor(C, dev)
+    dev = torch_device(device)
+    Ct = as_tensor(C, dev)
     n_bad = 0
-    for a, block in _iter_chunks(X, chunk_rows, progress=progress, desc=desc):
-        ok = _finite_rows(block)
+    for a, block in iter_chunks(X, chunk_rows, progress=progress, desc=desc):
+        ok = finite_rows(block)
         n_bad += int((~ok).sum())
         x = block[ok]
         if normalize:
-            x = _l2_normalize(x)
+            x = l2_normalize(x)
         lab, d = assign_torch(x, Ct, device=dev)
         pos = a + np.nonzero(ok)[0]
         labels[pos] = lab.cpu().numpy()
@@ -275,7 +275,7 @@ class HierarchicalKMeans:
         levels, steps, sizes, backend = self._validate()
         t0 = time.perf_counter()
         rng = np.random.default_rng(self.random_state)
-        n = _n_rows(X)
+        n = n_rows(X)
         chunk = int(self.chunk_size)
         k1 = levels[0]
         s = self.fit_sample_per_cluster
@@ -340,12 +340,12 @@ class HierarchicalKMeans:
             out = np.asarray(X[pick], np.float32)
         else:
             parts = []
-            for a, block in _iter_chunks(X, chunk, progress=self.progress, desc="read sample"):
+            for a, block in iter_chunks(X, chunk, progress=self.progress, desc="read sample"):
                 sel = pick[(pick >= a) & (pick < a + len(block))] - a
                 parts.append(block[sel])
             out = np.concatenate(parts) if parts else np.empty((0, X.shape[1]), np.float32)
-        out = out[_finite_rows(out)]
-        return _l2_normalize(out) if self.normalize else out
+        out = out[finite_rows(out)]
+        return l2_normalize(out) if self.normalize else out
 
     def _load(self, X, chunk: int):
         """All finite rows in memory (float32) and the (N,) finite mask."""
@@ -353,11 +353,11 @@ class HierarchicalKMeans:
             Xm = np.asarray(X, np.float32)
         else:
             Xm = np.empty(X.shape, np.float32)
-            for a, block in _iter_chunks(X, chunk, progress=self.progress, desc="load"):
+            for a, block in iter_chunks(X, chunk, progress=self.progress, desc="load"):
                 Xm[a:a + len(block)] = block
-        ok = _finite_rows(Xm)
+        ok = finite_rows(Xm)
         Xm = Xm[ok] if not ok.all() else Xm
-        return (_l2_normalize(Xm) if self.normalize else Xm), ok
+        return (l2_normalize(Xm) if self.normalize else Xm), ok
 
     # ------------------------------------------------------------------ results
 
@@ -485,7 +485,7 @@ def fit_store(store_path, encoder: str, run: str | None = None, *, overwrite: bo
     tree = hk.tree_
     tree = Tree(compose_labels(level1, tree.parents), tree.centroids, tree.parents, dist,
                 {**tree.attrs, "encoder": encoder, "n_tiles": n, "n_dropped_prefilter": int((~keep).sum()),
-                 "slide_ids_digest": _digest(ids), "run": run})
+                 "slide_ids_digest": lineage_digest(ids), "run": run})
 
     def build(g):
         for l in range(tree.n_levels):
@@ -509,7 +509,7 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, sort_keys=True, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def _digest(ids) -> str:
+def lineage_digest(ids) -> str:
     import hashlib
 
     return hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
@@ -521,7 +521,7 @@ def check_tree_lineage(root, run: str, attrs: dict) -> None:
 
     lineage = attrs.get("lineage")
     if not lineage:
-        if attrs.get("parameters", {}).get("slide_ids_digest") not in (None, _digest(st.slide_ids(root))):
+        if attrs.get("parameters", {}).get("slide_ids_digest") not in (None, lineage_digest(st.slide_ids(root))):
             raise st.StaleError(f"tree {run!r} was fitted on another set of slides than {st.store_path(root)} now "
                                 f"holds; refit it (fit_store(..., {run!r}, overwrite=True))")
         return

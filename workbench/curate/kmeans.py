@@ -34,7 +34,7 @@ INITS = ("k-means||", "k-means++", "random")  # k-means|| (default): Bahmani et 
 # =========================================================================== chunk I/O
 
 
-def _n_rows(X) -> int:
+def n_rows(X) -> int:
     return int(X.shape[0])
 
 
@@ -46,11 +46,11 @@ def _read_rows(X, start: int, stop: int) -> np.ndarray:
     return np.asarray(part, dtype=np.float32)
 
 
-def _iter_chunks(X, chunk_rows: int, *, progress: bool = False, desc: str = "rows"):
+def iter_chunks(X, chunk_rows: int, *, progress: bool = False, desc: str = "rows"):
     """Yield ``(start, float32 block)`` over the rows of X, reading the next block in a thread."""
     from concurrent.futures import ThreadPoolExecutor
 
-    n = _n_rows(X)
+    n = n_rows(X)
     starts = list(range(0, n, chunk_rows))
     bar = None
     if progress:
@@ -71,11 +71,11 @@ def _iter_chunks(X, chunk_rows: int, *, progress: bool = False, desc: str = "row
         bar.close()
 
 
-def _finite_rows(block: np.ndarray) -> np.ndarray:
+def finite_rows(block: np.ndarray) -> np.ndarray:
     return np.isfinite(block).all(axis=1)
 
 
-def _l2_normalize(block: np.ndarray) -> np.ndarray:
+def l2_normalize(block: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(block, axis=1, keepdims=True)
     return block / np.maximum(norms, 1e-12)
 
@@ -83,7 +83,7 @@ def _l2_normalize(block: np.ndarray) -> np.ndarray:
 # =========================================================================== torch core
 
 
-def _torch_device(device):
+def torch_device(device):
     import torch
 
     if device is None:
@@ -91,7 +91,7 @@ def _torch_device(device):
     return torch.device(device)
 
 
-def _as_tensor(X, device):
+def as_tensor(X, device):
     import torch
 
     if isinstance(X, torch.Tensor):
@@ -120,8 +120,8 @@ def assign_torch(X, C, *, chunk_size: int | None = None, device=None):
     """
     import torch
 
-    device = _torch_device(device)
-    X, C = _as_tensor(X, device), _as_tensor(C, device)
+    device = torch_device(device)
+    X, C = as_tensor(X, device), as_tensor(C, device)
     n, k = X.shape[0], C.shape[0]
     chunk = chunk_size or _default_chunk(k, device)
     c_sq = (C * C).sum(1).unsqueeze(0)  # (1, k), precomputed once
@@ -155,8 +155,8 @@ def kmeans_plusplus(X, k: int, rng: np.random.Generator, *, n_local_trials: int 
     """
     import torch
 
-    device = _torch_device(device)
-    X = _as_tensor(X, device)
+    device = torch_device(device)
+    X = as_tensor(X, device)
     n = X.shape[0]
     if n < k:
         raise ValueError(f"k-means++ needs at least k={k} points, got {n}")
@@ -222,8 +222,8 @@ def kmeans_parallel(X, k: int, rng: np.random.Generator, *, oversampling: float 
     """
     import torch
 
-    device = _torch_device(device)
-    X = _as_tensor(X, device)
+    device = torch_device(device)
+    X = as_tensor(X, device)
     n = X.shape[0]
     if n < k:
         raise ValueError(f"k-means|| needs at least k={k} points, got {n}")
@@ -282,11 +282,11 @@ def _init_centroids(X, k, rng, init, device):
     if init == "k-means++":
         return kmeans_plusplus(X, k, rng, device=device)
     if init == "random":
-        X = _as_tensor(X, device)
+        X = as_tensor(X, device)
         idx = torch.as_tensor(np.sort(rng.choice(X.shape[0], k, replace=False)), device=X.device)
         return X[idx].clone()
     if isinstance(init, np.ndarray) or hasattr(init, "shape"):
-        return _as_tensor(init, device).clone()
+        return as_tensor(init, device).clone()
     raise ValueError(f"init must be one of {INITS} or a (k, d) array, got {init!r}")
 
 
@@ -364,9 +364,9 @@ def lloyd_torch(X, C0, *, n_iter: int = 50, chunk_size: int | None = None, devic
     """
     import torch
 
-    device = _torch_device(device)
-    X = _as_tensor(X, device)
-    C = _as_tensor(C0, device).clone()
+    device = torch_device(device)
+    X = as_tensor(X, device)
+    C = as_tensor(C0, device).clone()
     n = X.shape[0]
     x_sq = (X * X).sum(1)  # row norms once, not once per iteration
     prev = None
@@ -491,7 +491,7 @@ def kmeans(X, k: int, *, rng: np.random.Generator, init="k-means||", n_iter: int
     -------
     C : (k, d) float32 numpy, labels : (n,) int64 numpy, sqdist : (n,) float32 numpy, n_iter : int.
     """
-    dev = _torch_device(device)
+    dev = torch_device(device)
     X = np.ascontiguousarray(X, dtype=np.float32)
     if len(X) < k:
         raise ValueError(f"k-means with k={k} needs at least {k} valid rows, got {len(X)}")
@@ -565,16 +565,16 @@ def block_partials(block, C, normalize: bool = False, *, device=None) -> dict:
     x = np.asarray(block, dtype=np.float32)
     C = np.asarray(C, dtype=np.float32)
     k, d = C.shape
-    ok = _finite_rows(x)
+    ok = finite_rows(x)
     xs = x[ok] if not ok.all() else x
     if normalize:
-        xs = _l2_normalize(xs)
-    dev = _torch_device(device)  # CUDA on a dask-cuda worker, else CPU
+        xs = l2_normalize(xs)
+    dev = torch_device(device)  # CUDA on a dask-cuda worker, else CPU
     lab, dist = assign_torch(xs, C, device=dev)
     labels = np.full(len(x), -1, np.int32)
     sq = np.full(len(x), np.nan, np.float32)
     labels[ok], sq[ok] = lab.cpu().numpy(), dist.cpu().numpy()
-    xt = _as_tensor(xs, dev)
+    xt = as_tensor(xs, dev)
     sums = torch.zeros((k, d), dtype=torch.float64, device=dev)
     for a in range(0, len(xs), 16384):  # float32 partial sums of ≤ 16k rows, totals in float64
         sums += _segment_sums(xt[a:a + 16384], lab[a:a + 16384], k)
@@ -600,7 +600,7 @@ def _stats_only(p: dict) -> dict:
 
 def _chunk_bounds(X, chunk_rows: int | None) -> list[tuple[int, int]]:
     """Row ranges of X's chunks: its own (Zarr/Dask) row chunks, or ``chunk_rows`` blocks."""
-    n = _n_rows(X)
+    n = n_rows(X)
     if chunk_rows is None:
         if hasattr(X, "chunks") and isinstance(X.chunks, tuple) and X.chunks and isinstance(X.chunks[0], tuple):
             sizes = X.chunks[0]  # Dask: ((rows...), (d,))
@@ -644,7 +644,7 @@ def assign_chunks(X, C, *, client=None, normalize: bool = False, chunk_rows: int
     """
     C = np.ascontiguousarray(C, dtype=np.float32)
     bounds = _chunk_bounds(X, chunk_rows)
-    n = _n_rows(X)
+    n = n_rows(X)
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -1143,7 +1143,7 @@ class StoreIndex:
         return out
 
 
-def _open_for_index(store, encoder):
+def open_for_index(store, encoder):
     from workbench.store import open_store
 
     root = open_store(store)
@@ -1163,7 +1163,7 @@ def build_store_index(store: str | os.PathLike, encoder: str, kind: str = "flat"
     from workbench.store import features_array
 
     store = Path(store)
-    root, table = _open_for_index(store, encoder)
+    root, table = open_for_index(store, encoder)
     ids = list(table["slide_id"])
     feats = features_array(root, encoder, ids)
     groups = np.repeat(table["group"].to_numpy(), table["n_tiles"].to_numpy())
@@ -1216,7 +1216,7 @@ def load_store_index(store: str | os.PathLike, encoder: str, kind: str = "flat",
                      exclude: str | None = "patient") -> StoreIndex:
     """Load the saved ``kind`` index of a store; raises :class:`StaleIndexError` if the features changed."""
     store = Path(store)
-    root, table = _open_for_index(store, encoder)
+    root, table = open_for_index(store, encoder)
     try:
         digest = features_digest(root, encoder, list(table["slide_id"]))
     except StaleError as exc:
