@@ -254,13 +254,16 @@ def test_pixel_qc_failure_costs_one_slide(tiled_store, tmp_path):
     broken = tmp_path / "gone.tiff"
     broken.write_bytes(b"II*\x00 not a slide any more")
     root[st.Key.slide(ids[2])].attrs["path"] = str(broken)
+    st.seal_attrs(root[st.Key.slide(ids[2])])  # a sealed edit: the file it names is what fails
     done = compute_store(path, progress=False)
     assert set(done) == set(ids) - {ids[2]} and all(n > 0 for n in done.values())
     err = _errors(path)
-    assert list(err[err.stage == "qc"].index) == [ids[2]] and err.loc[ids[2], "error_class"] == "SlideError"
+    # the file it names is not the file that was tiled: refused before any pixel is measured
+    assert list(err[err.stage == "qc"].index) == [ids[2]] and err.loc[ids[2], "error_class"] == "StaleError"
     assert "gone.tiff" in err.loc[ids[2], "error"]
     assert compute_store(path, progress=False) == {}  # the re-run skips the recorded failure
     root[st.Key.slide(ids[2])].attrs["path"] = str(Path(tiled_store).parent.parent / "x")  # still bad
+    st.seal_attrs(root[st.Key.slide(ids[2])])
     assert compute_store(path, progress=False, retry_failed=True) == {}
     assert not st.is_complete(st.open_store(path), st.Key.pixel_qc(ids[2], METRICS[-1]))
 

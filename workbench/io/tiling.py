@@ -154,7 +154,8 @@ def tile_grid(mask: np.ndarray, downsample: float, slide_size: tuple[int, int], 
     width, height = slide_size
     check_int("size0", size0, 1)
     stride0 = check_int("stride0", int(stride0 or size0), 1)
-    check_float("downsample", downsample, 0, lo_open=True)
+    for d in (downsample if isinstance(downsample, (tuple, list)) else (downsample,)):
+        check_float("downsample", d, 0, lo_open=True)  # one factor, or (x, y)
     if mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"mask must be a non-empty 2-D array, got shape {mask.shape}")
     if width < size0 or height < size0:
