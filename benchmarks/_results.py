@@ -25,6 +25,7 @@ runs every ``benchmarks/*.py`` not starting with ``_`` (or the NAMEs given) in i
 output, takes its last JSON line, adds ``benchmark``/``mode``/``machine`` when the script did not, and writes
 the result file. Exits non-zero if any script failed or printed no JSON line.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,10 +60,15 @@ def machine() -> dict:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         load = None
-    return {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "load_avg_1_5_15": load,
-            "platform": platform.platform(), "python": platform.python_version(),
-            "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "load_avg_1_5_15": load,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+    }
 
 
 def result_path(name: str, full: bool | None = None) -> Path:
@@ -116,8 +122,9 @@ def run_all(names: list[str] | None = None) -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     for script in scripts:
         print(f"== {script.relative_to(HERE.parent)} ({'full' if full_mode() else 'quick'})", flush=True)
-        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=None, text=True,
-                                env=env, cwd=root)
+        proc = subprocess.Popen(
+            [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=None, text=True, env=env, cwd=root
+        )
         lines = []
         for line in proc.stdout:  # stream the script's output through
             sys.stdout.write(line)

@@ -13,6 +13,7 @@ centroids, same code on both sides; only the number of workers differs. ``identi
 ``--check-rows`` rows. Rows/s per core and the time 350 M tiles would take on N such workers (assignment at
 this k scales with k·d per row) are in the JSON. The machine is shared: other jobs depress the speedup.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale_data import DEFAULT_PATH, mixture_store  # noqa: E402
+from scale_data import DEFAULT_PATH, mixture_store
 
 log = logging.getLogger("benchmarks.assign_scale")
 RESULTS = Path(__file__).resolve().parent / "results" / "assign_scale.json"
@@ -49,8 +50,10 @@ def run(X, C, workers: int) -> tuple[dict, float]:
     from workbench.curate.kmeans import assign_chunks
 
     t0 = time.perf_counter()
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
-            Client(cl) as client:
+    with (
+        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cl,
+        Client(cl) as client,
+    ):
         out = assign_chunks(X, C, client=client)
     return out, time.perf_counter() - t0
 
@@ -64,37 +67,54 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from workbench.curate.kmeans import assign_chunks
-
     import zarr
+
+    from workbench.curate.kmeans import assign_chunks
 
     try:  # reuse the search_scale array (any complete mixture array with enough rows)
         arr = zarr.open_array(args.path, mode="r")
         if not arr.attrs.get("complete") or arr.shape[0] < args.rows:
             raise FileNotFoundError
-    except Exception:  # noqa: BLE001
+    except Exception:
         arr = mixture_store(args.path, args.rows)
     X = Head(arr, args.rows)
     rng = np.random.default_rng(0)
-    C = np.asarray(arr[: 50_000], np.float32)[rng.choice(50_000, args.k, replace=False)]
+    C = np.asarray(arr[:50_000], np.float32)[rng.choice(50_000, args.k, replace=False)]
     one, t1 = run(X, C, 1)
     log.info("1 worker: %.1f s", t1)
     two, t2 = run(X, C, 2)
     log.info("2 workers: %.1f s", t2)
     local = assign_chunks(Head(arr, args.check_rows), C)
-    same = bool(np.array_equal(one["labels"], two["labels"]) and np.array_equal(one["counts"], two["counts"])
-                and np.array_equal(one["sums"], two["sums"])
-                and np.array_equal(one["labels"][: args.check_rows], local["labels"]))
+    same = bool(
+        np.array_equal(one["labels"], two["labels"])
+        and np.array_equal(one["counts"], two["counts"])
+        and np.array_equal(one["sums"], two["sums"])
+        and np.array_equal(one["labels"][: args.check_rows], local["labels"])
+    )
     r1, r2 = args.rows / t1, args.rows / t2
     per_core = r2 / 2
-    out = {"rows": args.rows, "d": int(arr.shape[1]), "k": args.k, "rows_per_s_1_worker": round(r1),
-           "rows_per_s_2_workers": round(r2), "speedup": round(t1 / t2, 3), "identical": same,
-           "seconds_1_worker": round(t1, 1), "seconds_2_workers": round(t2, 1),
-           "rows_per_s_per_core": round(per_core),
-           "hours_350M_tiles": {str(n): round(350e6 / (per_core * n) / 3600, 2) for n in (1, 8, 32, 128)},
-           "settings": {"cluster": "LocalCluster(processes=True, threads_per_worker=1)", "chunk_rows": 50_000,
-                        "store": "zarr float16, uncompressed, on disk", "includes": "cluster start + assign + gather"},
-           "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 1), "machine": "shared"}
+    out = {
+        "rows": args.rows,
+        "d": int(arr.shape[1]),
+        "k": args.k,
+        "rows_per_s_1_worker": round(r1),
+        "rows_per_s_2_workers": round(r2),
+        "speedup": round(t1 / t2, 3),
+        "identical": same,
+        "seconds_1_worker": round(t1, 1),
+        "seconds_2_workers": round(t2, 1),
+        "rows_per_s_per_core": round(per_core),
+        "hours_350M_tiles": {str(n): round(350e6 / (per_core * n) / 3600, 2) for n in (1, 8, 32, 128)},
+        "settings": {
+            "cluster": "LocalCluster(processes=True, threads_per_worker=1)",
+            "chunk_rows": 50_000,
+            "store": "zarr float16, uncompressed, on disk",
+            "includes": "cluster start + assign + gather",
+        },
+        "cpu_count": os.cpu_count(),
+        "load_avg_1min": round(os.getloadavg()[0], 1),
+        "machine": "shared",
+    }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")

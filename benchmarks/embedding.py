@@ -13,6 +13,7 @@ so it is clear which side limits. Networks use random weights unless ``--weights
 e.g. ``--encoder timm:vit_large_patch16_224`` (ViT-L/16) or ``--encoder h-optimus-0`` (ViT-g/14).
 Last line: JSON with loader_tiles_per_s, model_tiles_per_s, end_to_end_tiles_per_s, encoder, device.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 log = logging.getLogger("benchmarks.embedding")
@@ -31,8 +31,8 @@ log = logging.getLogger("benchmarks.embedding")
 def main(argv=None) -> dict:
     import torch
 
-    from workbench.features import embed as E
     from workbench import store as st
+    from workbench.features import embed as E
     from workbench.io.synthetic import make_slide
     from workbench.io.tiling import tile_slides
 
@@ -51,8 +51,7 @@ def main(argv=None) -> dict:
 
     device = E.pick_device(args.device)
     weights = None if args.weights in ("none", "") else args.weights
-    enc, model = E._prepared(args.encoder, weights if not args.encoder == "stain-texture" else None, device,
-                             args.compile)
+    enc, model = E._prepared(args.encoder, weights if args.encoder != "stain-texture" else None, device, args.compile)
     bs = args.batch_size or E.auto_batch_size(enc, device)
     nw = E._default_workers(device) if args.num_workers is None else args.num_workers
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,18 +59,27 @@ def main(argv=None) -> dict:
         make_slide(tmp / "bench.tiff", width=args.size, height=args.size, mpp=0.25, seed=7, n_pieces=3)
         store = tmp / "bench.zarr"
         ids = [f"bench{i}" for i in range(args.copies)]
-        tile_slides(pd.DataFrame({"slide_id": ids, "path": [str(tmp / "bench.tiff")] * len(ids)}), store,
-                    progress=False)
+        tile_slides(
+            pd.DataFrame({"slide_id": ids, "path": [str(tmp / "bench.tiff")] * len(ids)}), store, progress=False
+        )
         root = st.open_store(store)
         jobs = [E.slide_job(root, s, enc) for s in ids]
         n = sum(len(j["coords"]) for j in jobs)
-        log.info("%d tiles, encoder %s (%s), device %s, batch %d, %d loader workers", n, enc.name,
-                 enc.architecture, device, bs, nw)
+        log.info(
+            "%d tiles, encoder %s (%s), device %s, batch %d, %d loader workers",
+            n,
+            enc.name,
+            enc.architecture,
+            device,
+            bs,
+            nw,
+        )
 
         # 1. loader only
         ds = E.TileBatches(jobs, bs)
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw, pin_memory=device != "cpu",
-                                             prefetch_factor=4 if nw else None)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=None, num_workers=nw, pin_memory=device != "cpu", prefetch_factor=4 if nw else None
+        )
         t0 = time.perf_counter()
         got = sum(len(t) for _, _, t, _ in loader)
         loader_rate = got / (time.perf_counter() - t0)
@@ -98,14 +106,30 @@ def main(argv=None) -> dict:
 
         # 3. end to end into the store
         t0 = time.perf_counter()
-        summary = E.embed_slides(store, args.encoder, weights=weights if not enc.checkpoint_free else None,
-                                 device=device, batch_size=bs, num_workers=nw, compile=args.compile, progress=False)
+        summary = E.embed_slides(
+            store,
+            args.encoder,
+            weights=weights if not enc.checkpoint_free else None,
+            device=device,
+            batch_size=bs,
+            num_workers=nw,
+            compile=args.compile,
+            progress=False,
+        )
         e2e_rate = int(summary.n_tiles.sum()) / (time.perf_counter() - t0)
-    result = {"loader_tiles_per_s": round(loader_rate, 1), "model_tiles_per_s": round(model_rate, 1),
-              "end_to_end_tiles_per_s": round(e2e_rate, 1), "encoder": args.encoder, "device": device,
-              "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-              "precision": enc.precision if amp else "fp32", "batch_size": bs, "num_workers": nw, "n_tiles": n,
-              "limited_by": "loader" if loader_rate < model_rate else "model"}
+    result = {
+        "loader_tiles_per_s": round(loader_rate, 1),
+        "model_tiles_per_s": round(model_rate, 1),
+        "end_to_end_tiles_per_s": round(e2e_rate, 1),
+        "encoder": args.encoder,
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "precision": enc.precision if amp else "fp32",
+        "batch_size": bs,
+        "num_workers": nw,
+        "n_tiles": n,
+        "limited_by": "loader" if loader_rate < model_rate else "model",
+    }
     print(f"loader only   : {loader_rate:10.1f} tiles/s")
     print(f"model only    : {model_rate:10.1f} tiles/s ({result['precision']})")
     print(f"end to end    : {e2e_rate:10.1f} tiles/s")

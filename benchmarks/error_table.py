@@ -8,6 +8,7 @@ folder, single process, and read the table back once at the end (the whole job).
 appends around row 10 and around row N for the new side (constant cost per row).
 Last line: JSON with rewrite_seconds, append_seconds, speedup, append_ms_at_row_10, append_ms_at_row_N.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-import zarr  # noqa: E402
+import numpy as np
+import zarr
 
-from workbench import store as st  # noqa: E402
+from workbench import store as st
 
 
 def _fresh(path: Path):
@@ -64,14 +65,28 @@ def main(argv=None) -> int:
         append = time.perf_counter() - t0
     assert old_n == new_n == n
     early, late = per[:110][10:].mean() * 1e3, per[-100:].mean() * 1e3
-    print(f"{n} rows: rewrite {rewrite:.2f} s, append {append:.2f} s; append at row 10 {early:.3f} ms, "
-          f"at row {n} {late:.3f} ms")
-    print(json.dumps({"rows": n, "rewrite_seconds": round(rewrite, 3), "append_seconds": round(append, 3),
-                      "speedup": round(rewrite / append, 1), "append_ms_at_row_10": round(early, 4),
-                      f"append_ms_at_row_{n}": round(late, 4),
-                      "settings": {"rewrite": "zarr group attrs list rewritten per row (before issue 14)",
-                                   "append": "errors.jsonl, O_APPEND + flock per row, no fsync",
-                                   "processes": 1, "read_back": "once at the end, both sides"}}))
+    print(
+        f"{n} rows: rewrite {rewrite:.2f} s, append {append:.2f} s; append at row 10 {early:.3f} ms, "
+        f"at row {n} {late:.3f} ms"
+    )
+    print(
+        json.dumps(
+            {
+                "rows": n,
+                "rewrite_seconds": round(rewrite, 3),
+                "append_seconds": round(append, 3),
+                "speedup": round(rewrite / append, 1),
+                "append_ms_at_row_10": round(early, 4),
+                f"append_ms_at_row_{n}": round(late, 4),
+                "settings": {
+                    "rewrite": "zarr group attrs list rewritten per row (before issue 14)",
+                    "append": "errors.jsonl, O_APPEND + flock per row, no fsync",
+                    "processes": 1,
+                    "read_back": "once at the end, both sides",
+                },
+            }
+        )
+    )
     return 0
 
 

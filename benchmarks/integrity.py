@@ -10,6 +10,7 @@ staleness check (:func:`workbench.store.check_fresh`, 4 bytes per chunk) and a f
     python benchmarks/integrity.py                 # 2,000,000 x 384 float16 (1.5 GB), ~1-2 min
     python benchmarks/integrity.py --n 200000      # quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ def main(argv=None) -> dict:
     try:
         t0 = time.perf_counter()
         g = zarr.open_group(str(tmp / "plain.zarr"), mode="w")
-        a = g.create_array("f", shape=x.shape, dtype=x.dtype, chunks=(args.chunk_rows, args.dim),
-                           compressors=[ZstdCodec(level=3)])
+        a = g.create_array(
+            "f", shape=x.shape, dtype=x.dtype, chunks=(args.chunk_rows, args.dim), compressors=[ZstdCodec(level=3)]
+        )
         a[...] = x
         plain_write = time.perf_counter() - t0
 
@@ -75,14 +77,26 @@ def main(argv=None) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     mb = x.nbytes / 2**20
-    out = {"n": args.n, "dim": args.dim, "dtype": "float16", "chunk_rows": args.chunk_rows, "threads": 1,
-           "zstd_level": 3, "n_chunks": int(-(-args.n // args.chunk_rows)),
-           "plain_write_s": round(plain_write, 3), "checked_write_s": round(checked_write, 3),
-           "write_overhead": round(checked_write / plain_write, 3),
-           "plain_read_s": round(plain_read, 3), "checked_read_s": round(checked_read, 3),
-           "read_overhead": round(checked_read / plain_read, 3),
-           "checked_read_mb_s": round(mb / checked_read, 1), "staleness_check_s": round(fresh, 4),
-           "verify_array_s": round(verify_s, 3), "bytes_plain": psize, "bytes_checked": size}
+    out = {
+        "n": args.n,
+        "dim": args.dim,
+        "dtype": "float16",
+        "chunk_rows": args.chunk_rows,
+        "threads": 1,
+        "zstd_level": 3,
+        "n_chunks": int(-(-args.n // args.chunk_rows)),
+        "plain_write_s": round(plain_write, 3),
+        "checked_write_s": round(checked_write, 3),
+        "write_overhead": round(checked_write / plain_write, 3),
+        "plain_read_s": round(plain_read, 3),
+        "checked_read_s": round(checked_read, 3),
+        "read_overhead": round(checked_read / plain_read, 3),
+        "checked_read_mb_s": round(mb / checked_read, 1),
+        "staleness_check_s": round(fresh, 4),
+        "verify_array_s": round(verify_s, 3),
+        "bytes_plain": psize,
+        "bytes_checked": size,
+    }
     print(json.dumps(out))
     return out
 

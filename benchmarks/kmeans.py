@@ -27,6 +27,7 @@ Keys: ``ratio`` = worst over k of ours / faiss whole-fit seconds (goal <= 1.2); 
 over k of ours / ours_kmeanspp final inertia (goal <= 1.02); ``inertia_ratio_vs_faiss``; ``init``;
 per-k details under ``per_k``; each side's ``threads`` and threadpoolctl view under ``sides``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import emit, finish, full_mode, write  # noqa: E402
+from _results import emit, finish, full_mode, write
 
 
 def mixture(n: int, dim: int, k: int, seed: int = 0) -> np.ndarray:
@@ -54,8 +55,12 @@ def mixture(n: int, dim: int, k: int, seed: int = 0) -> np.ndarray:
 def _blas_view() -> list[dict]:
     from threadpoolctl import threadpool_info
 
-    return [{k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
-            | {"lib": Path(i.get("filepath", "")).name} for i in threadpool_info() if i.get("user_api") == "blas"]
+    return [
+        {k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+        | {"lib": Path(i.get("filepath", "")).name}
+        for i in threadpool_info()
+        if i.get("user_api") == "blas"
+    ]
 
 
 def run_side(side: str, n: int, dim: int, k: int, iters: int, threads: int, seed: int) -> dict:
@@ -72,33 +77,52 @@ def run_side(side: str, n: int, dim: int, k: int, iters: int, threads: int, seed
         init = "k-means++" if side == "ours_kmeanspp" else "k-means||"
         with threadpool_limits(threads):
             t0 = time.perf_counter()
-            C, labels, dist, it = kmeans(X, k, rng=np.random.default_rng(seed), init=init, n_iter=iters,
-                                         backend="torch", device="cpu")
+            C, labels, dist, it = kmeans(
+                X, k, rng=np.random.default_rng(seed), init=init, n_iter=iters, backend="torch", device="cpu"
+            )
             dt = time.perf_counter() - t0
         inertia = float(np.sum(dist, dtype=np.float64))
-        return {"side": side, "seconds": dt, "inertia": inertia, "init": init, "iters": it,
-                "threads": torch.get_num_threads(), "blas": f"torch {torch.__version__} "
-                + ("MKL" if torch.backends.mkl.is_available() else "own"), "blas_seen": _blas_view()}
+        return {
+            "side": side,
+            "seconds": dt,
+            "inertia": inertia,
+            "init": init,
+            "iters": it,
+            "threads": torch.get_num_threads(),
+            "blas": f"torch {torch.__version__} " + ("MKL" if torch.backends.mkl.is_available() else "own"),
+            "blas_seen": _blas_view(),
+        }
     import faiss
 
     faiss.omp_set_num_threads(threads)
     with threadpool_limits(threads):
         t0 = time.perf_counter()
-        km = faiss.Kmeans(dim, k, niter=iters, seed=seed + 1, verbose=False, max_points_per_centroid=n,
-                          min_points_per_centroid=1)
+        km = faiss.Kmeans(
+            dim, k, niter=iters, seed=seed + 1, verbose=False, max_points_per_centroid=n, min_points_per_centroid=1
+        )
         km.train(X)
         D, labels = km.index.search(X, 1)
         dt = time.perf_counter() - t0
-    return {"side": side, "seconds": dt, "inertia": float(np.sum(D, dtype=np.float64)), "init": "random",
-            "iters": iters, "threads": faiss.omp_get_max_threads(), "faiss": faiss.__version__,
-            "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"), "blas_seen": _blas_view()}
+    return {
+        "side": side,
+        "seconds": dt,
+        "inertia": float(np.sum(D, dtype=np.float64)),
+        "init": "random",
+        "iters": iters,
+        "threads": faiss.omp_get_max_threads(),
+        "faiss": faiss.__version__,
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+        "blas_seen": _blas_view(),
+    }
 
 
 def _faiss_coretype() -> str | None:
     """OPENBLAS_CORETYPE for faiss's CPU-matched run: keep the environment's unless faiss's OpenBLAS is generic."""
-    code = ("import faiss, json; from threadpoolctl import threadpool_info; "
-            "print(json.dumps([i.get('architecture') for i in threadpool_info() "
-            "if i.get('user_api') == 'blas' and 'faiss' in i.get('filepath', '')]))")
+    code = (
+        "import faiss, json; from threadpoolctl import threadpool_info; "
+        "print(json.dumps([i.get('architecture') for i in threadpool_info() "
+        "if i.get('user_api') == 'blas' and 'faiss' in i.get('filepath', '')]))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
     try:
         arch = json.loads(out.stdout.strip().splitlines()[-1])
@@ -118,14 +142,33 @@ def spawn(side: str, args, k: int, coretype: str | None) -> dict:
             env.pop("OPENBLAS_CORETYPE", None)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    cmd = [sys.executable, __file__, "--side", side, "--n", str(args.n), "--dim", str(args.dim), "--ks", str(k),
-           "--iters", str(args.iters), "--threads", str(args.threads), "--seed", str(args.seed)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--side",
+        side,
+        "--n",
+        str(args.n),
+        "--dim",
+        str(args.dim),
+        "--ks",
+        str(k),
+        "--iters",
+        str(args.iters),
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{side} k={k} failed:\n{out.stderr[-3000:]}")
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"  k={k} {side:<14} {res['seconds']:8.1f} s  inertia {res['inertia']:.6e}  "
-          f"blas {[b.get('architecture') for b in res['blas_seen']]}", flush=True)
+    print(
+        f"  k={k} {side:<14} {res['seconds']:8.1f} s  inertia {res['inertia']:.6e}  "
+        f"blas {[b.get('architecture') for b in res['blas_seen']]}",
+        flush=True,
+    )
     return res
 
 
@@ -138,8 +181,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--generic-ks", type=int, nargs="*", default=None,
-                    help="ks for the faiss run on the generic Prescott kernel (default: the first k)")
+    ap.add_argument(
+        "--generic-ks",
+        type=int,
+        nargs="*",
+        default=None,
+        help="ks for the faiss run on the generic Prescott kernel (default: the first k)",
+    )
     ap.add_argument("--no-reference", action="store_true", help="skip the full k-means++ reference fit")
     ap.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
     args = ap.parse_args(argv)
@@ -149,19 +197,25 @@ def main(argv=None) -> dict:
 
     coretype = _faiss_coretype()
     generic = args.ks[:1] if args.generic_ks is None else args.generic_ks
-    print(f"kmeans benchmark: n={args.n} dim={args.dim} ks={args.ks} iters={args.iters} threads={args.threads}; "
-          f"faiss CPU-matched run with OPENBLAS_CORETYPE={coretype!r} (environment: "
-          f"{os.environ.get('OPENBLAS_CORETYPE')!r})", flush=True)
+    print(
+        f"kmeans benchmark: n={args.n} dim={args.dim} ks={args.ks} iters={args.iters} threads={args.threads}; "
+        f"faiss CPU-matched run with OPENBLAS_CORETYPE={coretype!r} (environment: "
+        f"{os.environ.get('OPENBLAS_CORETYPE')!r})",
+        flush=True,
+    )
     per_k, sides, runs = {}, {}, {}
 
     def summary() -> dict:
         for k, r in runs.items():
-            d = {**{f"{s}_s": round(v["seconds"], 2) for s, v in r.items()},
-                 **{f"{s}_inertia": v["inertia"] for s, v in r.items()},
-                 "ratio": round(r["ours"]["seconds"] / r["faiss"]["seconds"], 3),
-                 "inertia_ratio": (round(r["ours"]["inertia"] / r["ours_kmeanspp"]["inertia"], 4)
-                                   if "ours_kmeanspp" in r else None),
-                 "inertia_ratio_vs_faiss": round(r["ours"]["inertia"] / r["faiss"]["inertia"], 4)}
+            d = {
+                **{f"{s}_s": round(v["seconds"], 2) for s, v in r.items()},
+                **{f"{s}_inertia": v["inertia"] for s, v in r.items()},
+                "ratio": round(r["ours"]["seconds"] / r["faiss"]["seconds"], 3),
+                "inertia_ratio": (
+                    round(r["ours"]["inertia"] / r["ours_kmeanspp"]["inertia"], 4) if "ours_kmeanspp" in r else None
+                ),
+                "inertia_ratio_vs_faiss": round(r["ours"]["inertia"] / r["faiss"]["inertia"], 4),
+            }
             if "faiss_generic" in r:
                 d["ratio_vs_faiss_generic"] = round(r["ours"]["seconds"] / r["faiss_generic"]["seconds"], 3)
                 d["faiss_generic_vs_faiss"] = round(r["faiss_generic"]["seconds"] / r["faiss"]["seconds"], 3)
@@ -172,12 +226,19 @@ def main(argv=None) -> dict:
                 sides.setdefault(s, {key: v[key] for key in v if key not in ("seconds", "inertia", "side", "iters")})
         ir = [v["inertia_ratio"] for v in per_k.values() if v["inertia_ratio"] is not None]
         return {
-            "n": args.n, "dim": args.dim, "ks": args.ks, "iters": args.iters, "threads": args.threads,
-            "init": "k-means||", "ratio": max(v["ratio"] for v in per_k.values()),
+            "n": args.n,
+            "dim": args.dim,
+            "ks": args.ks,
+            "iters": args.iters,
+            "threads": args.threads,
+            "init": "k-means||",
+            "ratio": max(v["ratio"] for v in per_k.values()),
             "inertia_ratio": max(ir) if ir else None,
             "inertia_ratio_vs_faiss": max(v["inertia_ratio_vs_faiss"] for v in per_k.values()),
             "goal": "ratio <= 1.2 (whole fits, faiss on its CPU-matched kernel); inertia_ratio <= 1.02 vs full k-means++",
-            "faiss_coretype_matched": coretype, "per_k": per_k, "sides": sides,
+            "faiss_coretype_matched": coretype,
+            "per_k": per_k,
+            "sides": sides,
             "note": "each side in a fresh process; timings include initialisation and the final labels",
         }
 

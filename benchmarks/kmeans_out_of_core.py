@@ -12,6 +12,7 @@
    phase alone), NaN rows found, purity of level 1 against the mixture components, and an
    extrapolation of the fit to 10 M rows. Last line: JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,8 @@ def write_store(path: Path, n: int, dim: int, k: int, chunk: int, seed: int = 0)
         x = centres[comp] + rng.normal(size=(m, dim)).astype(np.float32) * 0.25
         if a == 0:
             x[:3] = np.nan  # a few broken rows: must come out as -1
-        arr[a:a + m] = x.astype(np.float16)
-        truth[a:a + m] = comp
+        arr[a : a + m] = x.astype(np.float16)
+        truth[a : a + m] = comp
     return arr, truth
 
 
@@ -107,9 +108,17 @@ def main(argv=None) -> int:
 
     X = zarr.open_array(str(path), mode="r")  # fresh handle: nothing cached from writing
     levels = [args.k, max(2, args.k // 16), max(2, args.k // 256)]
-    hk = HierarchicalKMeans(levels=levels, resampling_steps=[0, 10, 10], n_iter=args.n_iter, backend="torch",
-                            device="cpu", chunk_size=args.chunk, fit_sample_per_cluster=args.sample_per_cluster,
-                            progress=True, random_state=0)
+    hk = HierarchicalKMeans(
+        levels=levels,
+        resampling_steps=[0, 10, 10],
+        n_iter=args.n_iter,
+        backend="torch",
+        device="cpu",
+        chunk_size=args.chunk,
+        fit_sample_per_cluster=args.sample_per_cluster,
+        progress=True,
+        random_state=0,
+    )
     with PeakRSS() as mem:
         t1 = time.perf_counter()
         hk.fit(X)
@@ -117,12 +126,19 @@ def main(argv=None) -> int:
     phases = dict(getattr(hk, "timings_", {}))
     lab = hk.labels_[0]
     out = {
-        "n": args.n, "dim": args.dim, "k": args.k, "sample_per_cluster": args.sample_per_cluster,
-        "levels": levels, "n_iter": args.n_iter, "write_s": round(t_write, 1), "fit_s": round(t_fit, 1),
+        "n": args.n,
+        "dim": args.dim,
+        "k": args.k,
+        "sample_per_cluster": args.sample_per_cluster,
+        "levels": levels,
+        "n_iter": args.n_iter,
+        "write_s": round(t_write, 1),
+        "fit_s": round(t_fit, 1),
         **{f"{k}_s": round(v, 1) for k, v in phases.items()},
         "fit_peak_rss_gb": round(mem.peak / 1e9, 2),
         "process_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2),
-        "n_invalid": hk.n_invalid_, "purity_level_1": round(purity(lab, truth), 4),
+        "n_invalid": hk.n_invalid_,
+        "purity_level_1": round(purity(lab, truth), 4),
         "n_iter_level_1": hk.n_iter_[0],
     }
     if "assign_s" in out and "sample_fit_s" in out:
@@ -130,7 +146,9 @@ def main(argv=None) -> int:
         scale = 10_000_000 / args.n
         out["extrapolated_10M_fit_min"] = round(
             (out["sample_fit_s"] + scale * (out.get("read_sample_s", 0) + out["assign_s"]) + out.get("upper_s", 0))
-            / 60, 1)
+            / 60,
+            1,
+        )
     if not args.keep:
         shutil.rmtree(path, ignore_errors=True)
     print(json.dumps(out))

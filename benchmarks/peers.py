@@ -28,6 +28,7 @@ checkout when it has them: ``pip install -e '.[bench]'``). The last line is JSON
 
     python benchmarks/peers.py [--big-size 40000] [--threads 2] [--before-src DIR]
 """
+
 import argparse
 import json
 import os
@@ -46,8 +47,10 @@ TILE, MPP = 224, 0.5
 
 
 def _real_slide():
-    for cand in (ROOT.parent / "shared" / "data" / "CMU-1-Small-Region.svs",
-                 Path("/work/shared/data/CMU-1-Small-Region.svs")):
+    for cand in (
+        ROOT.parent / "shared" / "data" / "CMU-1-Small-Region.svs",
+        Path("/work/shared/data/CMU-1-Small-Region.svs"),
+    ):
         if cand.exists():
             return cand
     return None
@@ -75,13 +78,18 @@ def side_ours(path, threads):
     size0 = int(res["attrs"]["size0"])
     t_mask = time.perf_counter() - t0
     n = 0
-    with open_slide(path) as slide:
-        with TileReader(slide, tile_px=TILE, tile_mpp=MPP, workers=threads) as reader:
-            for i in range(0, len(coords), 256):
-                batch = reader.read(coords[i:i + 256])
-                n += len(batch)
-    return dict(tiles=n, coords=coords.tolist(), size0=size0, mask_grid_s=t_mask,
-                end_to_end_s=time.perf_counter() - t0, import_rss_bytes=import_rss)
+    with open_slide(path) as slide, TileReader(slide, tile_px=TILE, tile_mpp=MPP, workers=threads) as reader:
+        for i in range(0, len(coords), 256):
+            batch = reader.read(coords[i : i + 256])
+            n += len(batch)
+    return dict(
+        tiles=n,
+        coords=coords.tolist(),
+        size0=size0,
+        mask_grid_s=t_mask,
+        end_to_end_s=time.perf_counter() - t0,
+        import_rss_bytes=import_rss,
+    )
 
 
 def _shrink(tile):
@@ -107,8 +115,14 @@ def side_histoprep(path, threads):
     n = 0
     for tile, _xywh in reader.yield_regions(coords, num_workers=threads, transform=_shrink):
         n += 1
-    return dict(tiles=n, coords=[(int(x), int(y)) for x, y, *_ in coords.coordinates], size0=size0,
-                mask_grid_s=t_mask, end_to_end_s=time.perf_counter() - t0, import_rss_bytes=import_rss)
+    return dict(
+        tiles=n,
+        coords=[(int(x), int(y)) for x, y, *_ in coords.coordinates],
+        size0=size0,
+        mask_grid_s=t_mask,
+        end_to_end_s=time.perf_counter() - t0,
+        import_rss_bytes=import_rss,
+    )
 
 
 def side_tiatoolbox(path, threads):
@@ -124,16 +138,29 @@ def side_tiatoolbox(path, threads):
     mpp = _mpp(path)
     scale = mpp / MPP if abs(MPP / mpp - 1) > 0.02 else 1.0  # baseline units: 1.0 = level 0
     mask = wsi.tissue_mask()
-    ext = get_patch_extractor("SlidingWindow", input_img=wsi, input_mask=mask, patch_size=(TILE, TILE),
-                              stride=(TILE, TILE), resolution=scale, units="baseline")
+    ext = get_patch_extractor(
+        "SlidingWindow",
+        input_img=wsi,
+        input_mask=mask,
+        patch_size=(TILE, TILE),
+        stride=(TILE, TILE),
+        resolution=scale,
+        units="baseline",
+    )
     coords = [(int(round(x / scale)), int(round(y / scale))) for x, y in np.asarray(ext.coordinate_list)[:, :2]]
     t_mask = time.perf_counter() - t0
     n = 0
     for patch in ext:
         assert patch.shape[:2] == (TILE, TILE)
         n += 1
-    return dict(tiles=n, coords=coords, size0=int(round(TILE / scale)), mask_grid_s=t_mask,
-                end_to_end_s=time.perf_counter() - t0, import_rss_bytes=import_rss)
+    return dict(
+        tiles=n,
+        coords=coords,
+        size0=int(round(TILE / scale)),
+        mask_grid_s=t_mask,
+        end_to_end_s=time.perf_counter() - t0,
+        import_rss_bytes=import_rss,
+    )
 
 
 def side_lazyslide(path, threads):
@@ -151,8 +178,14 @@ def side_lazyslide(path, threads):
     n = 0
     for _ in wsi.iter.tile_images("tiles"):
         n += 1
-    return dict(tiles=n, coords=coords, size0=int(round(TILE * MPP / _mpp(path))), mask_grid_s=t_mask,
-                end_to_end_s=time.perf_counter() - t0, import_rss_bytes=import_rss)
+    return dict(
+        tiles=n,
+        coords=coords,
+        size0=int(round(TILE * MPP / _mpp(path))),
+        mask_grid_s=t_mask,
+        end_to_end_s=time.perf_counter() - t0,
+        import_rss_bytes=import_rss,
+    )
 
 
 def _mpp(path) -> float:
@@ -169,8 +202,13 @@ def _mpp(path) -> float:
         return 1e4 / (res[0] / res[1])  # pixels per centimetre → µm per pixel
 
 
-SIDES = {"ours": side_ours, "ours_before": side_ours, "histoprep": side_histoprep, "tiatoolbox": side_tiatoolbox,
-         "lazyslide": side_lazyslide}
+SIDES = {
+    "ours": side_ours,
+    "ours_before": side_ours,
+    "histoprep": side_histoprep,
+    "tiatoolbox": side_tiatoolbox,
+    "lazyslide": side_lazyslide,
+}
 
 
 def child(args):
@@ -186,8 +224,18 @@ def run_side(side, python, slide, threads, env_extra=None, timeout=1200):
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "r.json"
         env = dict(os.environ, **(env_extra or {}))
-        cmd = [python, str(Path(__file__).resolve()), "--child", side, "--slide", str(slide), "--result", str(result),
-               "--threads", str(threads)]
+        cmd = [
+            python,
+            str(Path(__file__).resolve()),
+            "--child",
+            side,
+            "--slide",
+            str(slide),
+            "--result",
+            str(result),
+            "--threads",
+            str(threads),
+        ]
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -274,15 +322,23 @@ def main():
     for key, slide in slides.items():
         res = {"ours": run_side("ours", sys.executable, slide, args.threads, ours_env, args.side_timeout)}
         if args.before_src:
-            res["ours_before"] = run_side("ours_before", sys.executable, slide, args.threads,
-                                          {"PYTHONPATH": str(Path(args.before_src).resolve())}, args.side_timeout)
+            res["ours_before"] = run_side(
+                "ours_before",
+                sys.executable,
+                slide,
+                args.threads,
+                {"PYTHONPATH": str(Path(args.before_src).resolve())},
+                args.side_timeout,
+            )
         for peer in [p for p in args.peers.split(",") if p]:
             env = _torchvision_stand_in(peer_python) if peer == "tiatoolbox" else None
             res[peer] = run_side(peer, peer_python, slide, args.threads, env, args.side_timeout)
             if env:
-                res[peer]["note"] = ("torchvision did not import in the peer environment; an empty stand-in module "
-                                     "satisfied TIAToolbox's import of its registration tool (patch extraction "
-                                     "does not use torchvision)")
+                res[peer]["note"] = (
+                    "torchvision did not import in the peer environment; an empty stand-in module "
+                    "satisfied TIAToolbox's import of its registration tool (patch extraction "
+                    "does not use torchvision)"
+                )
         ours = res["ours"]
         ours_pos = set(map(tuple, ours.get("coords", [])))
         ours_area = _area_cells(ours_pos, ours.get("size0", TILE)) if "coords" in ours else set()
@@ -296,10 +352,13 @@ def main():
             r["tiles_per_s"] = round(r["tiles"] / r["end_to_end_s"], 1)
             r["mask_grid_s"] = round(r["mask_grid_s"], 3)
             r["end_to_end_s"] = round(r["end_to_end_s"], 3)
-            print(f"{key:5s} {side:12s} tiles {r['tiles']:6d}  mask+grid {r['mask_grid_s']:7.3f} s  "
-                  f"end-to-end {r['end_to_end_s']:8.2f} s  {r['tiles_per_s']:7.1f} tiles/s  "
-                  f"peak RSS {r['peak_rss_bytes'] / 2**20:7.0f} MiB  J(pos) {r['jaccard_positions']:.2f}  "
-                  f"J(area) {r['jaccard_area']:.2f}", flush=True)
+            print(
+                f"{key:5s} {side:12s} tiles {r['tiles']:6d}  mask+grid {r['mask_grid_s']:7.3f} s  "
+                f"end-to-end {r['end_to_end_s']:8.2f} s  {r['tiles_per_s']:7.1f} tiles/s  "
+                f"peak RSS {r['peak_rss_bytes'] / 2**20:7.0f} MiB  J(pos) {r['jaccard_positions']:.2f}  "
+                f"J(area) {r['jaccard_area']:.2f}",
+                flush=True,
+            )
         peers_ok = {p: r for p, r in res.items() if p not in ("ours", "ours_before") and "tiles" in r}
         summary = {}
         if peers_ok and "tiles" in ours:
@@ -315,8 +374,14 @@ def main():
                 summary["peak_rss_before_bytes"] = res["ours_before"]["peak_rss_bytes"]
                 summary["peak_rss_after_bytes"] = ours["peak_rss_bytes"]
         results[key] = {"slide": Path(slide).name, "sides": res, **summary}
-    out = {"tile_px": TILE, "tile_mpp": MPP, "threads": args.threads, "big_size": args.big_size, "slides": results,
-           "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "shared_with_other_jobs": True}}
+    out = {
+        "tile_px": TILE,
+        "tile_mpp": MPP,
+        "threads": args.threads,
+        "big_size": args.big_size,
+        "slides": results,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "shared_with_other_jobs": True},
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out))

@@ -21,23 +21,22 @@ recall@10 >= 0.95, else the IVF setting with the highest recall.
     python benchmarks/retrieval.py                  # quick: hard data, n = 50,000
     BENCH_FULL=1 python benchmarks/retrieval.py     # full: n = 200,000 (committed figures)
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import time
 
 import numpy as np
 
-from workbench.search.speed import (TARGET_RECALL, clustered_vectors, recall_at,  # noqa: F401
-                                    run_size, single_query_ms)
+from workbench.search.speed import TARGET_RECALL, clustered_vectors, recall_at, run_size, single_query_ms  # noqa: F401
 
 log = logging.getLogger("benchmarks.retrieval")
 
 
-def hard_mixture(n: int, dim: int = 384, *, k: int = 2000, rank: int = 16, noise: float = 0.6,
-                 ambient: float = 0.05, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def hard_mixture(
+    n: int, dim: int = 384, *, k: int = 2000, rank: int = 16, noise: float = 0.6, ambient: float = 0.05, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """(n, dim) float32 unit vectors and their (n,) component: the ``hard`` data of the module docstring."""
     rng = np.random.default_rng(seed)
     basis = np.linalg.qr(rng.standard_normal((dim, rank)))[0].T.astype(np.float32)  # (rank, dim)
@@ -45,15 +44,24 @@ def hard_mixture(n: int, dim: int = 384, *, k: int = 2000, rank: int = 16, noise
     comp = rng.integers(k, size=n)
     x = np.empty((n, dim), np.float32)
     for a in range(0, n, 65536):  # by blocks: bounded memory
-        c = comp[a:a + 65536]
+        c = comp[a : a + 65536]
         z = centres[c] + noise * rng.standard_normal((len(c), rank), dtype=np.float32)
-        x[a:a + 65536] = z @ basis + ambient * rng.standard_normal((len(c), dim), dtype=np.float32)
+        x[a : a + 65536] = z @ basis + ambient * rng.standard_normal((len(c), dim), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x, comp
 
 
-def curve(x: np.ndarray, q: np.ndarray, *, label: str, comp_x=None, comp_q=None, hnsw: bool = True,
-          nprobes=(1, 2, 4, 8, 16, 32, 64, 128), efs=(16, 32, 64, 128, 256)) -> tuple[list[dict], dict]:
+def curve(
+    x: np.ndarray,
+    q: np.ndarray,
+    *,
+    label: str,
+    comp_x=None,
+    comp_q=None,
+    hnsw: bool = True,
+    nprobes=(1, 2, 4, 8, 16, 32, 64, 128),
+    efs=(16, 32, 64, 128, 256),
+) -> tuple[list[dict], dict]:
     """Recall–latency rows for flat / IVF over nprobe / HNSW over efSearch, and facts about the data."""
     from workbench.search.retrieval import TileIndex
 
@@ -63,8 +71,18 @@ def curve(x: np.ndarray, q: np.ndarray, *, label: str, comp_x=None, comp_q=None,
     facts = {"n": n, "n_queries": len(q)}
     if comp_x is not None:
         facts["cross_cluster_share"] = round(float((comp_x[truth] != comp_q[:, None]).mean()), 4)
-    rows = [{"data": label, "n": n, "index": "flat", "params": "", "nprobe": None, "build_s": exact.build_seconds_,
-             "query_ms": single_query_ms(exact.index_, q[:50]), "recall_at_10": 1.0}]
+    rows = [
+        {
+            "data": label,
+            "n": n,
+            "index": "flat",
+            "params": "",
+            "nprobe": None,
+            "build_s": exact.build_seconds_,
+            "query_ms": single_query_ms(exact.index_, q[:50]),
+            "recall_at_10": 1.0,
+        }
+    ]
     del exact
     nlist = int(min(1024, max(8, 4 * np.sqrt(n))))
     ivf = TileIndex("ivf", nlist=nlist, nprobe=1).fit(x, digest="bench")
@@ -73,18 +91,36 @@ def curve(x: np.ndarray, q: np.ndarray, *, label: str, comp_x=None, comp_q=None,
             break
         ivf.index_.nprobe = nprobe
         _, ids = ivf.index_.search(q, 10)
-        rows.append({"data": label, "n": n, "index": "ivf", "params": f"nlist={nlist},nprobe={nprobe}", "nprobe": nprobe,
-                     "build_s": ivf.build_seconds_, "query_ms": single_query_ms(ivf.index_, q),
-                     "recall_at_10": recall_at(ids, truth)})
+        rows.append(
+            {
+                "data": label,
+                "n": n,
+                "index": "ivf",
+                "params": f"nlist={nlist},nprobe={nprobe}",
+                "nprobe": nprobe,
+                "build_s": ivf.build_seconds_,
+                "query_ms": single_query_ms(ivf.index_, q),
+                "recall_at_10": recall_at(ids, truth),
+            }
+        )
     del ivf
     if hnsw:
         h = TileIndex("hnsw", M=32, ef_construction=40).fit(x, digest="bench")
         for ef in efs:
             h.index_.hnsw.efSearch = ef
             _, ids = h.index_.search(q, 10)
-            rows.append({"data": label, "n": n, "index": "hnsw", "params": f"M=32,efSearch={ef}", "nprobe": None,
-                         "build_s": h.build_seconds_, "query_ms": single_query_ms(h.index_, q),
-                         "recall_at_10": recall_at(ids, truth)})
+            rows.append(
+                {
+                    "data": label,
+                    "n": n,
+                    "index": "hnsw",
+                    "params": f"M=32,efSearch={ef}",
+                    "nprobe": None,
+                    "build_s": h.build_seconds_,
+                    "query_ms": single_query_ms(h.index_, q),
+                    "recall_at_10": recall_at(ids, truth),
+                }
+            )
     return rows, facts
 
 
@@ -98,7 +134,7 @@ def demo_embeddings(path) -> np.ndarray | None:
 
     try:
         return np.asarray(features_array(open_store(path), "stain-texture").compute(), dtype=np.float32)
-    except Exception as err:  # noqa: BLE001  (a partial store: report, don't fail the benchmark)
+    except Exception as err:
         log.warning("demo store %s unusable: %s", path, err)
         return None
 
@@ -122,8 +158,10 @@ def format_table(rows: list[dict]) -> str:
     head = f"{'data':<5} {'n':>9} {'index':<6} {'params':<22} {'build s':>8} {'query ms':>9} {'recall@10':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.get('data', ''):<5} {r['n']:>9} {r['index']:<6} {r['params']:<22} {r['build_s']:>8.2f} "
-                     f"{r['query_ms']:>9.3f} {r['recall_at_10']:>9.3f}")
+        lines.append(
+            f"{r.get('data', ''):<5} {r['n']:>9} {r['index']:<6} {r['params']:<22} {r['build_s']:>8.2f} "
+            f"{r['query_ms']:>9.3f} {r['recall_at_10']:>9.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -148,13 +186,19 @@ def main(argv=None) -> dict:
 
     log.info("faiss %s, %d threads, dim %d, n %d", faiss.__version__, faiss.omp_get_max_threads(), args.dim, args.n)
     x, comp = hard_mixture(args.n + args.queries, args.dim)
-    rows, facts = curve(x[:args.n], x[args.n:], label="hard", comp_x=comp[:args.n], comp_q=comp[args.n:],
-                        hnsw=not args.no_hnsw)
-    data = {"hard": {**facts, "definition": "2000 components, centres N(0, I_16) in a random 16-dim subspace of "
-                     "R^384, noise N(0, 0.6^2 I_16) in it + N(0, 0.05^2 I_384), L2-normalised"}}
+    rows, facts = curve(
+        x[: args.n], x[args.n :], label="hard", comp_x=comp[: args.n], comp_q=comp[args.n :], hnsw=not args.no_hnsw
+    )
+    data = {
+        "hard": {
+            **facts,
+            "definition": "2000 components, centres N(0, I_16) in a random 16-dim subspace of "
+            "R^384, noise N(0, 0.6^2 I_16) in it + N(0, 0.05^2 I_384), L2-normalised",
+        }
+    }
     if args.easy:
         xe = clustered_vectors(args.n + args.queries, args.dim)
-        r, f = curve(xe[:args.n], xe[args.n:], label="easy", hnsw=False)
+        r, f = curve(xe[: args.n], xe[args.n :], label="easy", hnsw=False)
         rows += r
         data["easy"] = f
     demo = demo_embeddings(args.demo_store)
@@ -171,14 +215,26 @@ def main(argv=None) -> dict:
     h = headline(rows, "hard")
     hd = headline(rows, "demo")
     flat_ms = next(r["query_ms"] for r in rows if r["data"] == "hard" and r["index"] == "flat")
-    out = {"n": args.n, "dim": args.dim, "index": "ivf", "nlist": int(min(1024, max(8, 4 * np.sqrt(args.n)))),
-           "nprobe": h["nprobe"], "recall_at_10": round(h["recall_at_10"], 4), "query_ms": round(h["query_ms"], 3),
-           "flat_query_ms": round(flat_ms, 3), "threads": faiss.omp_get_max_threads(),
-           "recall_target": TARGET_RECALL,
-           "demo": hd and {"nprobe": hd["nprobe"], "recall_at_10": round(hd["recall_at_10"], 4),
-                           "query_ms": round(hd["query_ms"], 3)},
-           "data": data,
-           "curve": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]}
+    out = {
+        "n": args.n,
+        "dim": args.dim,
+        "index": "ivf",
+        "nlist": int(min(1024, max(8, 4 * np.sqrt(args.n)))),
+        "nprobe": h["nprobe"],
+        "recall_at_10": round(h["recall_at_10"], 4),
+        "query_ms": round(h["query_ms"], 3),
+        "flat_query_ms": round(flat_ms, 3),
+        "threads": faiss.omp_get_max_threads(),
+        "recall_target": TARGET_RECALL,
+        "demo": hd
+        and {
+            "nprobe": hd["nprobe"],
+            "recall_at_10": round(hd["recall_at_10"], 4),
+            "query_ms": round(hd["query_ms"], 3),
+        },
+        "data": data,
+        "curve": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+    }
     return emit("retrieval", out)
 
 

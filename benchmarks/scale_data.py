@@ -11,6 +11,7 @@ over prefixes of the array in one chunked pass (ground truth for several databas
 
     python benchmarks/scale_data.py --n 10000000      # write the array (~7.7 GB at 10^7 x 384), ~3-6 min
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,16 @@ def draw(rng: np.random.Generator, centres: np.ndarray, m: int, noise: float) ->
     return x, comp
 
 
-def mixture_store(path=DEFAULT_PATH, n: int = 10**7, d: int = 384, *, components: int = 2000, noise: float = 0.6,
-                  seed: int = 0, chunk: int = CHUNK):
+def mixture_store(
+    path=DEFAULT_PATH,
+    n: int = 10**7,
+    d: int = 384,
+    *,
+    components: int = 2000,
+    noise: float = 0.6,
+    seed: int = 0,
+    chunk: int = CHUNK,
+):
     """The (n, d) float16 Zarr array at ``path`` (written chunk by chunk unless already there)."""
     import zarr
     from tqdm.auto import tqdm
@@ -56,17 +65,18 @@ def mixture_store(path=DEFAULT_PATH, n: int = 10**7, d: int = 384, *, components
             if arr.attrs.get("spec") == spec and arr.attrs.get("complete"):
                 log.info("reusing %s", path)
                 return arr
-        except Exception:  # noqa: BLE001  (a half-written array: rewrite it)
+        except Exception:
             pass
     t0 = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = zarr.create_array(str(path), shape=(n, d), chunks=(chunk, d), dtype="float16", compressors=None,
-                            overwrite=True)
+    arr = zarr.create_array(
+        str(path), shape=(n, d), chunks=(chunk, d), dtype="float16", compressors=None, overwrite=True
+    )
     centres = _centres(d, components, seed)
     for i, a in enumerate(tqdm(range(0, n, chunk), desc="write mixture", unit="chunk")):
         m = min(chunk, n - a)
         x, _ = draw(np.random.default_rng([seed, 1, i]), centres, m, noise)
-        arr[a:a + m] = x.astype(np.float16)
+        arr[a : a + m] = x.astype(np.float16)
     arr.attrs.update({"spec": spec, "complete": True})
     log.info("wrote %s (%d x %d float16) in %.0f s", path, n, d, time.perf_counter() - t0)
     return arr

@@ -18,6 +18,7 @@ Index memory is the size of the serialised faiss index (codes, ids, coarse quant
 Each size reports its fastest setting with recall@10 >= 0.9; the last line (JSON) gives the largest size's
 figures (``n``, ``d``, ``index_bytes``, ``query_ms``, ``recall_at_10``) and the whole ``curve``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale_data import CHUNK, DEFAULT_PATH, exact_topk, mixture_store, queries  # noqa: E402
+from scale_data import CHUNK, DEFAULT_PATH, exact_topk, mixture_store, queries
 
 log = logging.getLogger("benchmarks.search_scale")
 TARGET_RECALL = 0.9
@@ -67,7 +68,7 @@ def single_query_ms(index, q: np.ndarray, k: int = 10) -> float:
     times = []
     for i in range(len(q)):
         t0 = time.perf_counter()
-        index.search(q[i:i + 1], k)
+        index.search(q[i : i + 1], k)
         times.append(time.perf_counter() - t0)
     return 1e3 * float(np.median(times))
 
@@ -85,8 +86,9 @@ def run_size(arr, n: int, q: np.ndarray, truth: np.ndarray, *, nlist: int, pq_m:
     from workbench.search.retrieval import TileIndex
 
     t0 = time.perf_counter()
-    idx = TileIndex("ivfpq", nlist=nlist, pq_m=pq_m, nprobe=nprobes[0], rerank=reranks[0], progress=True,
-                    batch_rows=CHUNK).fit(Prefix(arr, n), digest=f"bench-{n}")
+    idx = TileIndex(
+        "ivfpq", nlist=nlist, pq_m=pq_m, nprobe=nprobes[0], rerank=reranks[0], progress=True, batch_rows=CHUNK
+    ).fit(Prefix(arr, n), digest=f"bench-{n}")
     idx.attach_features(Prefix(arr, n).rows)
     build_s = time.perf_counter() - t0
     size = index_bytes(idx.index_)
@@ -98,13 +100,24 @@ def run_size(arr, n: int, q: np.ndarray, truth: np.ndarray, *, nlist: int, pq_m:
             _, ids = idx.search(q, 10)
             rec = recall_at(ids, truth)
             ms = single_query_ms(idx, q[:200])
-            settings.append({"nprobe": nprobe, "rerank": rerank, "query_ms": round(ms, 3), "recall_at_10": round(rec, 4)})
-            log.info("n=%d nlist=%d nprobe=%d rerank=%d: %.2f ms/query, recall@10 %.3f", n, nlist, nprobe, rerank,
-                     ms, rec)
+            settings.append(
+                {"nprobe": nprobe, "rerank": rerank, "query_ms": round(ms, 3), "recall_at_10": round(rec, 4)}
+            )
+            log.info(
+                "n=%d nlist=%d nprobe=%d rerank=%d: %.2f ms/query, recall@10 %.3f", n, nlist, nprobe, rerank, ms, rec
+            )
     ok = [s for s in settings if s["recall_at_10"] >= TARGET_RECALL]
     best = min(ok, key=lambda s: s["query_ms"]) if ok else max(settings, key=lambda s: s["recall_at_10"])
-    return {"n": n, "nlist": nlist, "pq_m": pq_m, "factory": idx.spec.factory_string(idx, arr.shape[1], n),
-            "index_bytes": size, "build_s": round(build_s, 1), **best, "settings": settings}
+    return {
+        "n": n,
+        "nlist": nlist,
+        "pq_m": pq_m,
+        "factory": idx.spec.factory_string(idx, arr.shape[1], n),
+        "index_bytes": size,
+        "build_s": round(build_s, 1),
+        **best,
+        "settings": settings,
+    }
 
 
 def main(argv=None) -> dict:
@@ -129,7 +142,7 @@ def main(argv=None) -> dict:
         arr = zarr.open_array(args.path, mode="r")
         if not arr.attrs.get("complete") or arr.shape[0] < args.n or arr.shape[1] != args.d:
             raise FileNotFoundError
-    except Exception:  # noqa: BLE001
+    except Exception:
         arr = mixture_store(args.path, args.n, args.d)
     sizes = [s for s in (10**5, 10**6, 10**7) if s < args.n] + [args.n]
     q = queries(args.nq, args.d)
@@ -140,21 +153,40 @@ def main(argv=None) -> dict:
     curve = []
     for n in sizes:
         nlist = int(min(4096, 2 ** round(np.log2(max(16.0, 1.3 * np.sqrt(n))))))
-        row = run_size(arr, n, q, truth[n], nlist=nlist, pq_m=args.pq_m,
-                       nprobes=[int(v) for v in args.nprobe.split(",")], reranks=[int(v) for v in args.rerank.split(",")])
+        row = run_size(
+            arr,
+            n,
+            q,
+            truth[n],
+            nlist=nlist,
+            pq_m=args.pq_m,
+            nprobes=[int(v) for v in args.nprobe.split(",")],
+            reranks=[int(v) for v in args.rerank.split(",")],
+        )
         curve.append(row)
         log.info("n=%d: %s", n, {k: v for k, v in row.items() if k != "settings"})
     top = curve[-1]
-    out = {"n": args.n, "d": args.d, "index_bytes": top["index_bytes"], "query_ms": top["query_ms"],
-           "recall_at_10": top["recall_at_10"], "nprobe": top["nprobe"], "rerank": top["rerank"],
-           "factory": top["factory"], "build_s": top["build_s"], "n_queries": args.nq,
-           "data": {"components": 2000, "noise": 0.6, "dtype": "float16", "store": "zarr, uncompressed, on disk"},
-           "latency": "median of single-vector queries (nq=1), re-rank included",
-           "faiss_threads": faiss.omp_get_max_threads(), "cpu_count": os.cpu_count(),
-           "exact_truth_s": round(truth_s, 1), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-           "total_s": round(time.perf_counter() - t0, 1),
-           "bars_met": bool(top["index_bytes"] < 2 * 2**30 and top["query_ms"] < 5 and top["recall_at_10"] >= 0.9),
-           "curve": [{k: v for k, v in r.items() if k != "settings"} | {"settings": r["settings"]} for r in curve]}
+    out = {
+        "n": args.n,
+        "d": args.d,
+        "index_bytes": top["index_bytes"],
+        "query_ms": top["query_ms"],
+        "recall_at_10": top["recall_at_10"],
+        "nprobe": top["nprobe"],
+        "rerank": top["rerank"],
+        "factory": top["factory"],
+        "build_s": top["build_s"],
+        "n_queries": args.nq,
+        "data": {"components": 2000, "noise": 0.6, "dtype": "float16", "store": "zarr, uncompressed, on disk"},
+        "latency": "median of single-vector queries (nq=1), re-rank included",
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "cpu_count": os.cpu_count(),
+        "exact_truth_s": round(truth_s, 1),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "total_s": round(time.perf_counter() - t0, 1),
+        "bars_met": bool(top["index_bytes"] < 2 * 2**30 and top["query_ms"] < 5 and top["recall_at_10"] >= 0.9),
+        "curve": [{k: v for k, v in r.items() if k != "settings"} | {"settings": r["settings"]} for r in curve],
+    }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")

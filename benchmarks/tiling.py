@@ -17,6 +17,7 @@ written to ``benchmarks/results/tiling.json``.
 
     python benchmarks/tiling.py [--size 12288] [--threads 2]
 """
+
 import argparse
 import json
 import os
@@ -38,9 +39,9 @@ for cand in (REAL, Path("/work/shared/data/CMU-1-Small-Region.svs")):
 TILE = 224
 PIXEL_WORK = {
     "openslide": "openslide.read_region per tile (RGBA, libjpeg decode of the stored tiles it touches, "
-                 "OpenSlide's tile cache) + cv2.cvtColor RGBA->RGB (no alpha compositing)",
+    "OpenSlide's tile cache) + cv2.cvtColor RGBA->RGB (no alpha compositing)",
     "ours": "decode each stored tile a batch touches once (imagecodecs, straight from the file) + copy the "
-            "224x224 RGB tile out of the decoded blocks",
+    "224x224 RGB tile out of the decoded blocks",
 }
 
 
@@ -62,7 +63,7 @@ def openslide_job(path, coords, batch, threads):
     out = np.empty((len(coords), TILE, TILE, 3), np.uint8)
     with ThreadPoolExecutor(threads) as pool:
         for i in range(0, len(coords), batch):
-            out[i:i + batch] = list(pool.map(one, coords[i:i + batch]))
+            out[i : i + batch] = list(pool.map(one, coords[i : i + batch]))
     osr.close()
     return time.perf_counter() - t0, out
 
@@ -77,7 +78,7 @@ def ours_job(path, coords, batch, threads):
         assert reader.backend == "tiff-direct" and reader.read_px == TILE, (reader.backend, reader.read_px)
         out = np.empty((len(coords), TILE, TILE, 3), np.uint8)
         for i in range(0, len(coords), batch):
-            out[i:i + batch] = reader.read(coords[i:i + batch])
+            out[i : i + batch] = reader.read(coords[i : i + batch])
         reader.close()
     return time.perf_counter() - t0, out
 
@@ -92,11 +93,18 @@ def compare(path, coords, args):
     identical = bool(np.array_equal(outs["openslide"], outs["ours"]))
     assert identical, f"{path}: outputs differ in {(outs['openslide'] != outs['ours']).sum()} values"
     n = len(coords)
-    res = {"n_tiles": n, "openslide_tiles_per_s": round(n / best["openslide"], 1),
-           "ours_tiles_per_s": round(n / best["ours"], 1), "ratio": round(best["openslide"] / best["ours"], 2),
-           "identical": identical}
-    print(f"{Path(path).name}: {n} tiles  openslide {res['openslide_tiles_per_s']:.0f}/s  "
-          f"ours {res['ours_tiles_per_s']:.0f}/s  ratio {res['ratio']:.2f}x  identical={identical}", flush=True)
+    res = {
+        "n_tiles": n,
+        "openslide_tiles_per_s": round(n / best["openslide"], 1),
+        "ours_tiles_per_s": round(n / best["ours"], 1),
+        "ratio": round(best["openslide"] / best["ours"], 2),
+        "identical": identical,
+    }
+    print(
+        f"{Path(path).name}: {n} tiles  openslide {res['openslide_tiles_per_s']:.0f}/s  "
+        f"ours {res['ours_tiles_per_s']:.0f}/s  ratio {res['ratio']:.2f}x  identical={identical}",
+        flush=True,
+    )
     return res
 
 
@@ -122,16 +130,27 @@ def main():
 
         w, h = openslide.OpenSlide(str(REAL)).dimensions
         real = compare(REAL, grid(w, h, args.n), args)
-        result.update({"real_slide": REAL.name, "real_n_tiles": real["n_tiles"],
-                       "real_openslide_tiles_per_s": real["openslide_tiles_per_s"],
-                       "real_ours_tiles_per_s": real["ours_tiles_per_s"], "real_ratio": real["ratio"],
-                       "real_identical": real["identical"]})
-    result.update({
-        "tile_px": TILE, "batch": args.batch, "repeats": args.repeats, "timing": "whole job: open + reader + read all, best of repeats",
-        "openslide": {"threads": args.threads, "pixel_work": PIXEL_WORK["openslide"]},
-        "ours": {"threads": args.threads, "pixel_work": PIXEL_WORK["ours"]},
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "shared_with_other_jobs": True},
-    })
+        result.update(
+            {
+                "real_slide": REAL.name,
+                "real_n_tiles": real["n_tiles"],
+                "real_openslide_tiles_per_s": real["openslide_tiles_per_s"],
+                "real_ours_tiles_per_s": real["ours_tiles_per_s"],
+                "real_ratio": real["ratio"],
+                "real_identical": real["identical"],
+            }
+        )
+    result.update(
+        {
+            "tile_px": TILE,
+            "batch": args.batch,
+            "repeats": args.repeats,
+            "timing": "whole job: open + reader + read all, best of repeats",
+            "openslide": {"threads": args.threads, "pixel_work": PIXEL_WORK["openslide"]},
+            "ours": {"threads": args.threads, "pixel_work": PIXEL_WORK["ours"]},
+            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "shared_with_other_jobs": True},
+        }
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))

@@ -2,6 +2,7 @@
 
 Real slides from ../shared/data are used only by tests marked ``realdata``, which skip when it is absent.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,8 +61,17 @@ def slide_dir(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("slides")
     for i, (sid, dominant, pen, _) in enumerate(SMALL_SET):
-        make_slide(out / f"{sid}.tiff", width=3072, height=3072, mpp=0.25, seed=100 + i, dominant=dominant,
-                   n_pieces=1 + i % 2, pen=pen, blur=(i % 3 == 0))
+        make_slide(
+            out / f"{sid}.tiff",
+            width=3072,
+            height=3072,
+            mpp=0.25,
+            seed=100 + i,
+            dominant=dominant,
+            n_pieces=1 + i % 2,
+            pen=pen,
+            blur=(i % 3 == 0),
+        )
     return out
 
 

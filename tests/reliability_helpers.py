@@ -4,6 +4,7 @@ The slides are written here (not by ``workbench.io.synthetic``) so that each bad
 exactly what is in the file: an all-white slide, an all-pen slide, a slide smaller than one tile,
 a pyramid whose stored level-0 tiles are overwritten with garbage.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,8 +56,16 @@ def write_slide_tiff(path, rgb: np.ndarray, mpp: float | None = 0.5, *, tile: in
             if mpp is not None:
                 ds = rgb.shape[1] / lv.shape[1]
                 kw = {"resolution": (1e4 / (mpp * ds), 1e4 / (mpp * ds)), "resolutionunit": "CENTIMETER"}
-            tw.write(lv, tile=(tile, tile), compression="jpeg", compressionargs={"level": 90}, photometric="rgb",
-                     subfiletype=0 if i == 0 else 1, metadata=None, **kw)
+            tw.write(
+                lv,
+                tile=(tile, tile),
+                compression="jpeg",
+                compressionargs={"level": 90},
+                photometric="rgb",
+                subfiletype=0 if i == 0 else 1,
+                metadata=None,
+                **kw,
+            )
     return path
 
 
@@ -111,8 +120,9 @@ def run_and_kill(script: str, delay: float, *, ready: str = "READY", timeout: fl
     Returns the exit code when the script finished before the kill, else None.
     """
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([PYTHON, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            cwd=str(ROOT), text=True)
+    proc = subprocess.Popen(
+        [PYTHON, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(ROOT), text=True
+    )
     t_end = time.monotonic() + timeout
     line = proc.stdout.readline()  # blocks until the child is set up (imports done)
     if ready not in line:
@@ -135,8 +145,9 @@ def run_and_kill(script: str, delay: float, *, ready: str = "READY", timeout: fl
 def time_child(script: str, *, ready: str = "READY", timeout: float = 300.0) -> float:
     """Seconds from the child's ``ready`` line to its successful exit (to aim kills inside the real work)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([PYTHON, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            cwd=str(ROOT), text=True)
+    proc = subprocess.Popen(
+        [PYTHON, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(ROOT), text=True
+    )
     line = proc.stdout.readline()
     t0 = time.monotonic()
     _, err = proc.communicate(timeout=timeout)

@@ -7,6 +7,7 @@ figure), moving the gallery's page slider, the threshold slider and the cluster 
 shows an error or a stderr box. Debian's ``chromium`` and ``chromium-driver`` are used (``make browser-deps``);
 nothing is downloaded. Screenshots of the galleries go to runs/test-artifacts/ (and ``$WORKBENCH_SCREENSHOTS``).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,7 @@ def _wait(fn, timeout: float, what: str, interval: float = 0.5):
     while time.monotonic() < end:
         try:
             last = fn()
-        except Exception as exc:  # noqa: BLE001 - page still loading
+        except Exception as exc:
             last = exc
         if last and not isinstance(last, Exception):
             return last
@@ -89,25 +90,59 @@ def lab(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("lab")
     make_test_store(folder)  # folder/ds.zarr: tiles, prefilter scores, a tree level, a sample
-    prepare_notebook(folder, {"manifest": None, "store": "ds.zarr", "run_dir": "run", "slide_id": None,
-                              "column": None, "threshold": 0.75, "use_napari": False, "gallery_tiles": 16})
+    prepare_notebook(
+        folder,
+        {
+            "manifest": None,
+            "store": "ds.zarr",
+            "run_dir": "run",
+            "slide_id": None,
+            "column": None,
+            "threshold": 0.75,
+            "use_napari": False,
+            "gallery_tiles": 16,
+        },
+    )
     home = tmp_path_factory.mktemp("lab-home")
     settings = home / "settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
-    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
-           "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
-           "IPYTHONDIR": str(home / "ipython"), "XDG_CONFIG_HOME": str(home / "xdg")}
+    (settings / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False})
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "JUPYTER_CONFIG_DIR": str(home / "config"),
+        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+        "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
+        "IPYTHONDIR": str(home / "ipython"),
+        "XDG_CONFIG_HOME": str(home / "xdg"),
+    }
     for k in [k for k in env if k.startswith("PAPERMILL_")] + ["MPLBACKEND"]:
         env.pop(k, None)
     port, token = _free_port(), "workbench-test-token"
     log = (home / "lab.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-         f"--ServerApp.token={token}", f"--ServerApp.root_dir={folder}", "--ServerApp.allow_root=True",
-         "--LabApp.expose_app_in_browser=True", "--ServerApp.port_retries=0"],
-        cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "jupyter",
+            "lab",
+            "--no-browser",
+            f"--port={port}",
+            "--ip=127.0.0.1",
+            f"--ServerApp.token={token}",
+            f"--ServerApp.root_dir={folder}",
+            "--ServerApp.allow_root=True",
+            "--LabApp.expose_app_in_browser=True",
+            "--ServerApp.port_retries=0",
+        ],
+        cwd=folder,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         import urllib.request
 
@@ -139,8 +174,14 @@ def browser():
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1400,1000", "--force-device-scale-factor=1"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1000",
+        "--force-device-scale-factor=1",
+    ):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(driver_path), options=opts)
     driver.set_script_timeout(60)
@@ -168,7 +209,9 @@ return nb.widgets.map((c, i) => ({index: i, type: c.model.type, source: c.model.
 def _cell_node(driver, index: int):
     return driver.execute_script(
         "const c = window.jupyterapp.shell.currentWidget.content.widgets[arguments[0]];"
-        "c.node.scrollIntoView({block: 'start'}); return c.node;", index)
+        "c.node.scrollIntoView({block: 'start'}); return c.node;",
+        index,
+    )
 
 
 _IMAGE_BYTES = """
@@ -197,8 +240,10 @@ def _screenshot(driver, index: int, name: str) -> Path:
 def _views(outputs: list) -> dict:
     """How many widget views and how many top-level images a cell's outputs hold."""
     data = [o.get("data", {}) for o in outputs if o.get("output_type") in ("display_data", "execute_result")]
-    return {"widgets": sum(WIDGET_MIME in d for d in data),
-            "images": sum("image/png" in d and WIDGET_MIME not in d for d in data)}
+    return {
+        "widgets": sum(WIDGET_MIME in d for d in data),
+        "images": sum("image/png" in d and WIDGET_MIME not in d for d in data),
+    }
 
 
 def test_notebook_06_widgets_are_live_in_jupyterlab(lab, browser):
@@ -223,10 +268,19 @@ def test_notebook_06_widgets_are_live_in_jupyterlab(lab, browser):
     run_s = time.monotonic() - t0
 
     # no cell shows an error, and nothing reaches stderr (no INFO records, no loader noise)
-    errors = [(c["index"], o.get("ename"), o.get("evalue")) for c in cells for o in c["outputs"] if o["output_type"] == "error"]
+    errors = [
+        (c["index"], o.get("ename"), o.get("evalue"))
+        for c in cells
+        for o in c["outputs"]
+        if o["output_type"] == "error"
+    ]
     assert not errors, errors
-    stderr = [(c["index"], o.get("text", "")[:300]) for c in cells for o in c["outputs"]
-              if o["output_type"] == "stream" and o.get("name") == "stderr"]
+    stderr = [
+        (c["index"], o.get("text", "")[:300])
+        for c in cells
+        for o in c["outputs"]
+        if o["output_type"] == "stream" and o.get("name") == "stderr"
+    ]
     assert not stderr, stderr
 
     # each widget cell shows exactly one view, and it is a live widget (not a static figure, not text)
@@ -248,8 +302,11 @@ def test_notebook_06_widgets_are_live_in_jupyterlab(lab, browser):
     assert node.find_elements("css selector", ".widget-slider") and "Loading widget" not in node.text
     handle = node.find_element("css selector", ".widget-slider .noUi-handle")
     ActionChains(d).click(handle).send_keys(Keys.ARROW_RIGHT).perform()
-    second = _wait(lambda: (f := _figure(d, node)) and f["hash"] != first["hash"] and f, 60,
-                   "the gallery to redraw after the slider moved")
+    second = _wait(
+        lambda: (f := _figure(d, node)) and f["hash"] != first["hash"] and f,
+        60,
+        "the gallery to redraw after the slider moved",
+    )
     assert second["whole"] and second["bytes"] > 20_000
     readout = node.find_element("css selector", ".widget-readout").text.strip()
     assert readout == "1", readout  # page 1: the next 16 tiles by score
@@ -261,8 +318,9 @@ def test_notebook_06_widgets_are_live_in_jupyterlab(lab, browser):
     menu = Select(node.find_element("css selector", ".widget-dropdown select"))
     assert len(menu.options) == 7  # tree/t1/level_1 has clusters 0..6
     menu.select_by_index(2)
-    after = _wait(lambda: (f := _figure(d, node)) and f["hash"] != before["hash"] and f, 60,
-                  "the cluster gallery to redraw")
+    after = _wait(
+        lambda: (f := _figure(d, node)) and f["hash"] != before["hash"] and f, 60, "the cluster gallery to redraw"
+    )
     assert after["whole"] and after["bytes"] > 20_000
     _screenshot(d, cluster_cell["index"], "cluster_gallery.png")
     # the threshold slider redraws its histogram
@@ -273,10 +331,12 @@ def test_notebook_06_widgets_are_live_in_jupyterlab(lab, browser):
     ActionChains(d).click(handle).send_keys(Keys.ARROW_LEFT * 10).perform()  # ten quick redraws
     _wait(lambda: float(node.find_element("css selector", ".widget-readout").text) < value, 30, "the slider to move")
     time.sleep(3)
-    after = _wait(lambda: (f := _figure(d, node)) and f["hash"] != before["hash"] and f, 60,
-                  "the histogram to redraw after the slider moved")
+    after = _wait(
+        lambda: (f := _figure(d, node)) and f["hash"] != before["hash"] and f,
+        60,
+        "the histogram to redraw after the slider moved",
+    )
     assert after["whole"], after  # the last of many quick redraws arrives whole
-
 
     # the notebook's own results: labels written into the store next to the notebook
     metrics = json.loads((lab["folder"] / "run" / "06_metrics.json").read_text())

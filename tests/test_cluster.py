@@ -1,4 +1,5 @@
 """Hierarchical k-means: our torch k-means against scikit-learn and faiss, the tree, out-of-core, store glue."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,8 +37,12 @@ def test_kmeans_plusplus_is_deterministic_and_spread(blobs):
     C2 = hc.kmeans_plusplus(X, 12, np.random.default_rng(0), device="cpu").numpy()
     np.testing.assert_array_equal(C1, C2)
     # greedy k-means++ seeds one centre in (almost) every well-separated blob
-    lab, _ = hc.assign_torch(C1, make_blobs(4000, n_features=16, centers=12, cluster_std=1.0,
-                                            random_state=3, return_centers=True)[2].astype(np.float32))
+    lab, _ = hc.assign_torch(
+        C1,
+        make_blobs(4000, n_features=16, centers=12, cluster_std=1.0, random_state=3, return_centers=True)[2].astype(
+            np.float32
+        ),
+    )
     assert len(np.unique(lab.numpy())) >= 11
 
 
@@ -59,8 +64,10 @@ def test_flat_kmeans_matches_sklearn(blobs, backend):
 def test_torch_and_faiss_agree_from_same_seed():
     X, _ = make_blobs(3000, n_features=32, centers=20, cluster_std=2.0, random_state=1)
     X = X.astype(np.float32)
-    out = {b: hc.kmeans(X, 20, rng=np.random.default_rng(5), backend=b, n_iter=50, device="cpu")
-           for b in ("torch", "faiss")}
+    out = {
+        b: hc.kmeans(X, 20, rng=np.random.default_rng(5), backend=b, n_iter=50, device="cpu")
+        for b in ("torch", "faiss")
+    }
     i_t = out["torch"][2].sum()
     i_f = out["faiss"][2].sum()
     assert abs(i_t - i_f) / i_f < 0.01
@@ -79,8 +86,9 @@ def test_lloyd_centroids_are_exact_means_and_empty_clusters_are_moved():
     for j in range(3):
         np.testing.assert_allclose(C[j], X[labels == j].astype(np.float64).mean(0), rtol=1e-5, atol=1e-5)
     # the two real groups are separated
-    assert len(set(labels[:300])) <= 2 and not set(labels[:300]) & set(labels[300:]) or \
-        adjusted_rand_score(np.r_[np.zeros(300), np.ones(300)], labels) > 0.5
+    assert (len(set(labels[:300])) <= 2 and not set(labels[:300]) & set(labels[300:])) or adjusted_rand_score(
+        np.r_[np.zeros(300), np.ones(300)], labels
+    ) > 0.5
 
 
 def test_resample_indices_closest_and_random():
@@ -94,8 +102,7 @@ def test_resample_indices_closest_and_random():
 
 def test_hierarchy_recovers_nested_truth_and_predict():
     X, ysup, ysub = nested_blobs()
-    hk = hc.HierarchicalKMeans(levels=[16, 4], resampling_steps=2, backend="torch", device="cpu",
-                               random_state=0).fit(X)
+    hk = hc.HierarchicalKMeans(levels=[16, 4], resampling_steps=2, backend="torch", device="cpu", random_state=0).fit(X)
     P = hk.point_labels_
     assert P.shape == (len(X), 2) and P.dtype == np.int32
     assert adjusted_rand_score(ysub, P[:, 0]) > 0.95
@@ -110,8 +117,12 @@ def test_hierarchy_recovers_nested_truth_and_predict():
 
 def test_backends_give_the_same_tree():
     X, ysup, ysub = nested_blobs(seed=2)
-    trees = {b: hc.HierarchicalKMeans(levels=[16, 4], resampling_steps=1, backend=b, device="cpu",
-                                      random_state=0).fit(X).point_labels_ for b in ("torch", "faiss")}
+    trees = {
+        b: hc.HierarchicalKMeans(levels=[16, 4], resampling_steps=1, backend=b, device="cpu", random_state=0)
+        .fit(X)
+        .point_labels_
+        for b in ("torch", "faiss")
+    }
     assert adjusted_rand_score(trees["torch"][:, 0], trees["faiss"][:, 0]) > 0.95
     assert adjusted_rand_score(trees["torch"][:, 1], trees["faiss"][:, 1]) > 0.99
 
@@ -125,8 +136,9 @@ def test_resampling_moves_centroids_from_dense_mode_to_rare_ones():
     is_dense = np.r_[np.ones(9000, bool), np.zeros(1000, bool)]
 
     def n_dense_clusters(steps):
-        hk = hc.HierarchicalKMeans(levels=[40], resampling_steps=steps, sample_per_cluster=10, backend="torch",
-                                   device="cpu", random_state=0).fit(X)
+        hk = hc.HierarchicalKMeans(
+            levels=[40], resampling_steps=steps, sample_per_cluster=10, backend="torch", device="cpu", random_state=0
+        ).fit(X)
         lab = hk.labels_[0]
         return len(np.unique(lab[is_dense]))
 
@@ -143,8 +155,9 @@ def test_out_of_core_zarr_with_nan_rows(tmp_path):
     X[900, 3] = np.inf
     arr = zarr.create_array(str(tmp_path / "x.zarr"), shape=X.shape, chunks=(500, X.shape[1]), dtype="float16")
     arr[:] = X.astype(np.float16)
-    hk = hc.HierarchicalKMeans(levels=[16, 4], backend="torch", device="cpu", chunk_size=700,
-                               fit_sample_per_cluster=60, random_state=0).fit(arr)
+    hk = hc.HierarchicalKMeans(
+        levels=[16, 4], backend="torch", device="cpu", chunk_size=700, fit_sample_per_cluster=60, random_state=0
+    ).fit(arr)
     assert "sample_fit" in hk.timings_  # took the sample-then-stream path
     lab = hk.point_labels_
     assert hk.n_invalid_ == 3
@@ -157,8 +170,9 @@ def test_out_of_core_zarr_with_nan_rows(tmp_path):
     # a dask array gives the same tree
     import dask.array as da
 
-    hk2 = hc.HierarchicalKMeans(levels=[16, 4], backend="torch", device="cpu", chunk_size=700,
-                                fit_sample_per_cluster=60, random_state=0).fit(da.from_zarr(arr))
+    hk2 = hc.HierarchicalKMeans(
+        levels=[16, 4], backend="torch", device="cpu", chunk_size=700, fit_sample_per_cluster=60, random_state=0
+    ).fit(da.from_zarr(arr))
     np.testing.assert_array_equal(hk2.point_labels_, lab)
 
 
@@ -189,14 +203,19 @@ def make_store(path, n_slides=3, per=200, dim=8, seed=0, drop_slide=None):
         coords = np.stack([np.arange(per) * 448, np.full(per, i * 448)], 1).astype(np.int32)
         st.write_array(g, "coords", coords)
         st.write_array(g, "tissue", np.ones(per, np.float32))
-        f = st.write_array(root, st.Key.features(f"s{i}", "toy"), X[i * per:(i + 1) * per].astype(np.float16),
-                           attrs={"encoder": "toy"})
+        f = st.write_array(
+            root,
+            st.Key.features(f"s{i}", "toy"),
+            X[i * per : (i + 1) * per].astype(np.float16),
+            attrs={"encoder": "toy"},
+        )
         st.mark_complete(f)
         if drop_slide == i:
             scores = np.zeros(per, np.float32)
             scores[:10] = 0.9
-            pf = st.write_array(root, st.Key.prefilter(f"s{i}", "marker"), scores,
-                                attrs={"threshold": 0.75, "drop": True})
+            pf = st.write_array(
+                root, st.Key.prefilter(f"s{i}", "marker"), scores, attrs={"threshold": 0.75, "drop": True}
+            )
             st.mark_complete(pf)
         st.mark_complete(g)
     return X, ysup

@@ -1,13 +1,14 @@
 """Embedding into the store: equality with a direct reference, resume after a kill, second encoder,
 non-finite rows reported, bad slides recorded, dask scale-out, Mussel/CLAM export and import."""
+
 import shutil
 
 import numpy as np
 import pytest
 
+from workbench import store as st
 from workbench.features import embed as E
 from workbench.features import encoders
-from workbench import store as st
 from workbench.io.slides import TileReader, open_slide
 
 ENC = "stain-texture"
@@ -28,8 +29,16 @@ def _reference(root, slide_id, enc):
 
 
 # a tiny registered network whose output is non-finite for very dark tiles, to test reporting
-@encoders.register("test-mean-colour", architecture="test: mean colour", input_px=32, mpp=None, dim=3,
-                   mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), precision="fp32")
+@encoders.register(
+    "test-mean-colour",
+    architecture="test: mean colour",
+    input_px=32,
+    mpp=None,
+    dim=3,
+    mean=(0.0, 0.0, 0.0),
+    std=(1.0, 1.0, 1.0),
+    precision="fp32",
+)
 def _mean_colour(**kw):
     import torch
 
@@ -137,8 +146,10 @@ def test_dask_client_gives_the_same_features(tiled_store, tmp_path):
     local = _copy(tiled_store, tmp_path, "local.zarr")
     E.embed_slides(local, ENC, num_workers=0, progress=False)
     path = _copy(tiled_store, tmp_path)
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         summary = E.embed_slides(path, ENC, client=client, num_workers=0, progress=False)
     assert (summary.status == "embedded").all()
     a, b = st.open_store(path), st.open_store(local)

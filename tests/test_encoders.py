@@ -1,4 +1,5 @@
 """Encoder registry, weights loading (strict, safe) and the hand-crafted stain-texture descriptor."""
+
 import os
 import pickle
 
@@ -77,8 +78,9 @@ def test_uni_roundtrip_torch_file_and_normalisation(tmp_path):
 SMALL_SWIN = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2))
 
 
-@pytest.mark.parametrize("kwargs", [pytest.param(SMALL_SWIN, id="small"),
-                                    pytest.param(None, id="full", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "kwargs", [pytest.param(SMALL_SWIN, id="small"), pytest.param(None, id="full", marks=pytest.mark.slow)]
+)
 def test_ctranspath_architecture_and_original_key_names(tmp_path, kwargs):
     """Swin-T + ConvStem; a checkpoint in the original (timm 0.5) naming loads to equal outputs."""
     torch.manual_seed(0)
@@ -239,7 +241,7 @@ def test_stain_texture_matches_rgb2hed_means():
     hed = rgb2hed(tiles[:, ::2, ::2].reshape(-1, 56, 3)).reshape(4, -1, 3)
     expected = np.maximum(hed, 0).mean(1) / np.array(D.STAIN_RANGES)
     n_hist = sum(D._BLOCKS)
-    np.testing.assert_allclose(f[:, n_hist:n_hist + 3], expected, atol=0.02)
+    np.testing.assert_allclose(f[:, n_hist : n_hist + 3], expected, atol=0.02)
 
 
 def test_stain_texture_speed():

@@ -1,14 +1,14 @@
 """Retrieval metrics against hand-computed examples and SISH's own loop, and the store-level evaluation."""
+
 import math
 from collections import Counter
 
 import numpy as np
 import pytest
+from test_retrieval import make_feature_store
 
 from workbench.search import evaluate as E
 from workbench.search import retrieval as R
-
-from test_retrieval import make_feature_store
 
 # query labels and their ranked results (None = fewer results than k)
 Q = ["A", "B", "C", "C"]
@@ -28,8 +28,9 @@ def test_metrics_worked_example():
     # AP@5 = sum over relevant ranks of precision@i, / 5:
     #   row 0: ranks 1, 3, 5 -> (1 + 2/3 + 3/5) / 5;  row 1: ranks 2, 3 -> (1/2 + 2/3) / 5
     #   row 2: ranks 1, 2 -> 2 / 5;  row 3: ranks 1, 2, 3 -> 3 / 5
-    np.testing.assert_allclose(E.average_precision_at_k(q, r, 5),
-                               [(1 + 2 / 3 + 3 / 5) / 5, (1 / 2 + 2 / 3) / 5, 2 / 5, 3 / 5])
+    np.testing.assert_allclose(
+        E.average_precision_at_k(q, r, 5), [(1 + 2 / 3 + 3 / 5) / 5, (1 / 2 + 2 / 3) / 5, 2 / 5, 3 / 5]
+    )
     # majority vote@5: A (3 votes) right; A-B tie at 2 -> A, ranked first, wrong; C with 2 of 2 results
     # but 2 < ceil(5/2) = 3 -> wrong; C with 3 of 3 results -> right
     np.testing.assert_array_equal(E.majority_vote_at_k(q, r, 5), [True, False, False, True])
@@ -86,8 +87,9 @@ def test_store_evaluation_beats_chance(tmp_path):
     assert table.loc["macro", "mv@5"] > 0.9 and table.loc["macro", "precision@10"] > 0.8
     assert query_ms > 0
     for ranking in ("sish", "mean"):
-        stable, per_query, slide_ms = E.evaluate_slides(si, ks=(1, 5), ranking=ranking, by="features",
-                                                        white_filter=False)  # the toy store has no pixels
+        stable, per_query, slide_ms = E.evaluate_slides(
+            si, ks=(1, 5), ranking=ranking, by="features", white_filter=False
+        )  # the toy store has no pixels
         assert len(per_query) == 18
         # leave-one-patient-out: never the query's own slide or its patient's other slide
         for sid, got in zip(per_query["slide_id"], per_query["retrieved_slides"]):
@@ -109,7 +111,9 @@ def test_demo_chain_beats_chance(tmp_path):
     ranking of the other patients' slides (:func:`chance_slide_metrics`). About 1.5 min on 2 cores; measured
     (16 slides of 4096 px): tile macro mv@5 0.80 (chance 0.20), slide mMV@1 0.69 (chance about 0.2)."""
     synthetic = pytest.importorskip("workbench.io.synthetic", reason="workbench.io.synthetic has not landed yet")
-    embed = pytest.importorskip("workbench.features.embed", reason="workbench.features.embed.embed_slides has not landed yet")
+    embed = pytest.importorskip(
+        "workbench.features.embed", reason="workbench.features.embed.embed_slides has not landed yet"
+    )
     from workbench.io.tiling import tile_slides
 
     manifest = synthetic.make_demo_set(tmp_path / "demo", n_slides=16, size=4096)

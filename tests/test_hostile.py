@@ -4,6 +4,7 @@ One test (or parametrised family) per finding of the issue, each asserting the e
 class and the slide or parameter it names, the rows that still completed, the marker file absent.
 Run with ``make reliability`` (marker ``reliability``).
 """
+
 from __future__ import annotations
 
 import base64
@@ -17,11 +18,10 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from reliability_helpers import ROOT, he_image, make_slides
 
-from reliability_helpers import ROOT, he_image, make_slides, write_slide_tiff
 from workbench import store as st
-from workbench.errors import (IntegrityError, ManifestError, ParameterError, SlideError, SweepError,
-                              WorkbenchError)
+from workbench.errors import IntegrityError, ManifestError, ParameterError, SlideError, SweepError, WorkbenchError
 from workbench.io.manifest import validate_manifest
 from workbench.io.tiling import tile_slides
 
@@ -53,8 +53,12 @@ def _payload(marker: Path) -> str:
 
 def _sweep(tmp_path, body: str) -> Path:
     p = tmp_path / "s.yml"
-    p.write_text('name: hostile\nnotebooks: ["01"]\nmanifest: ' + str(ROOT / "data_manifests" / "demo.csv")
-                 + "\nfixed:\n  show_slides: 1\n" + body)
+    p.write_text(
+        'name: hostile\nnotebooks: ["01"]\nmanifest: '
+        + str(ROOT / "data_manifests" / "demo.csv")
+        + "\nfixed:\n  show_slides: 1\n"
+        + body
+    )
     return p
 
 
@@ -84,14 +88,17 @@ def test_sweep_file_tags_refused_with_line_and_key(tmp_path, monkeypatch, route)
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("value, match", [
-    ("!!binary {b64}", "tag:yaml.org,2002:binary' is not allowed"),
-    ("!!python/object/apply:os.system ['touch {marker}']", "is not allowed"),
-    ("!!set {{a: null}}", "tag:yaml.org,2002:set' is not allowed"),
-    ("'0.5'", "parameter 'tile_mpp'.*'0.5' \\(str\\) is not of its declared type float\\|int"),
-    (".nan", "not a plain literal"),
-    ("[1, !!binary {b64}]", "is not allowed"),
-])
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        ("!!binary {b64}", "tag:yaml.org,2002:binary' is not allowed"),
+        ("!!python/object/apply:os.system ['touch {marker}']", "is not allowed"),
+        ("!!set {{a: null}}", "tag:yaml.org,2002:set' is not allowed"),
+        ("'0.5'", "parameter 'tile_mpp'.*'0.5' \\(str\\) is not of its declared type float\\|int"),
+        (".nan", "not a plain literal"),
+        ("[1, !!binary {b64}]", "is not allowed"),
+    ],
+)
 def test_set_override_refused_nothing_runs(tmp_path, monkeypatch, capsys, value, match):
     import papermill
 
@@ -103,8 +110,15 @@ def test_set_override_refused_nothing_runs(tmp_path, monkeypatch, capsys, value,
     marker = tmp_path / "MARK"
     b64 = base64.b64encode(_payload(marker).encode()).decode()
     key = "tile_mpp" if "0.5" in value or "nan" in value else "threshold"
-    rc = sweep.main([str(ROOT / "sweeps" / "demo.yml"), "--out", str(tmp_path / "out"),
-                     "--set", f"{key}=" + value.format(b64=b64, marker=marker)])
+    rc = sweep.main(
+        [
+            str(ROOT / "sweeps" / "demo.yml"),
+            "--out",
+            str(tmp_path / "out"),
+            "--set",
+            f"{key}=" + value.format(b64=b64, marker=marker),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     import re
@@ -128,17 +142,23 @@ def test_text_with_quotes_and_newlines_is_rendered_as_a_literal(tmp_path):
     nb = parameterize_notebook(load_notebook_node(str(nb_path)), {"encoder": text, "batch_size": 8})  # as papermill
     cell = next(c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", []))
     ns: dict = {}
-    exec(compile(cell.source, "injected-parameters", "exec"), {"__builtins__": {}}, ns)  # noqa: S102
+    exec(compile(cell.source, "injected-parameters", "exec"), {"__builtins__": {}}, ns)
     assert ns == {"encoder": text, "batch_size": 8}
     assert not marker.exists()
     with pytest.raises(ParameterError, match=r"'2020-01-01' \(str\) is not of its declared type 'otsu'\|float\|int"):
         check_parameters(ROOT / "notebooks" / "01_segmentation_and_tiling.ipynb", {"threshold": "2020-01-01"})
 
 
-@pytest.mark.parametrize("value, cls", [
-    (b"\"+__import__('os')+\"", "bytes"), ({1, 2}, "set"), (float("inf"), "float"),
-    (pd.Timestamp("2020-01-01"), "Timestamp"), ({"a": object()}, "dict"),
-])
+@pytest.mark.parametrize(
+    "value, cls",
+    [
+        (b"\"+__import__('os')+\"", "bytes"),
+        ({1, 2}, "set"),
+        (float("inf"), "float"),
+        (pd.Timestamp("2020-01-01"), "Timestamp"),
+        ({"a": object()}, "dict"),
+    ],
+)
 def test_run_notebook_refuses_non_literals_before_papermill(tmp_path, monkeypatch, value, cls):
     import papermill
 
@@ -154,11 +174,21 @@ def test_run_notebook_refuses_non_literals_before_papermill(tmp_path, monkeypatc
 # =========================================================================== 2. one row, one outcome
 
 
-@pytest.mark.parametrize("sid, reason", [
-    ("zarr.json", "Zarr reserves"), (".zattrs", "Zarr reserves"), ("__meta", "Zarr reserves"),
-    ("a/b", "path separator"), ("a\\b", "path separator"), ("a..b", "contains '..'"),
-    ("bell\x07", "control"), ("tab\tx", "control"), ("café", "non-ASCII"), ("zwsp\u200b", "control or invisible"),
-])
+@pytest.mark.parametrize(
+    "sid, reason",
+    [
+        ("zarr.json", "Zarr reserves"),
+        (".zattrs", "Zarr reserves"),
+        ("__meta", "Zarr reserves"),
+        ("a/b", "path separator"),
+        ("a\\b", "path separator"),
+        ("a..b", "contains '..'"),
+        ("bell\x07", "control"),
+        ("tab\tx", "control"),
+        ("café", "non-ASCII"),
+        ("zwsp\u200b", "control or invisible"),
+    ],
+)
 def test_unsafe_slide_ids_named_at_the_manifest(sid, reason):
     df = pd.DataFrame({"slide_id": ["ok1", sid], "path": ["/x/a.svs", "/x/b.svs"]})
     with pytest.raises(ManifestError) as exc:
@@ -175,8 +205,10 @@ def test_case_clash_slide_ids_named():
 
 def test_extreme_values_cost_one_row_each_and_rerun_skips(slides, tmp_path):
     """Manifest mpp 100 (→ a tile under one pixel) and tile_px 16 / tile_mpp 0.05 end per row, by name."""
-    df = pd.concat([slides.df.iloc[:2], pd.DataFrame({"slide_id": ["coarse"], "path": [slides.df.path[2]],
-                                                       "mpp": [100.0]})], ignore_index=True)
+    df = pd.concat(
+        [slides.df.iloc[:2], pd.DataFrame({"slide_id": ["coarse"], "path": [slides.df.path[2]], "mpp": [100.0]})],
+        ignore_index=True,
+    )
     path = tmp_path / "x.zarr"
     summary = tile_slides(df, path, progress=False)
     assert _statuses(summary) == {"r0": "tiled", "r1": "tiled", "coarse": "error"}
@@ -233,8 +265,9 @@ def test_embedding_model_failure_costs_one_slide(tiled_store, tmp_path, monkeypa
         return model(x)
 
     monkeypatch.setitem(E._ENCODERS, ("stain-texture", "None", "cpu", False), (enc, broken))
-    summary = E.embed_slides(path, "stain-texture", device="cpu", num_workers=0, batch_size=4096,
-                             progress=False).set_index("slide_id")
+    summary = E.embed_slides(
+        path, "stain-texture", device="cpu", num_workers=0, batch_size=4096, progress=False
+    ).set_index("slide_id")
     assert summary.loc[ids[1], "status"] == "error" and "illegal memory access" in summary.loc[ids[1], "error"]
     assert (summary.drop(ids[1]).status == "embedded").all()
     err = _errors(path)
@@ -275,8 +308,15 @@ def _tiff_with_tags(path, rgb, xres, yres, unit):
     import tifffile
 
     with tifffile.TiffWriter(path) as tw:
-        tw.write(rgb, tile=(256, 256), compression="jpeg", photometric="rgb", resolution=(xres, yres),
-                 resolutionunit=unit, metadata=None)
+        tw.write(
+            rgb,
+            tile=(256, 256),
+            compression="jpeg",
+            photometric="rgb",
+            resolution=(xres, yres),
+            resolutionunit=unit,
+            metadata=None,
+        )
     return path
 
 
@@ -284,8 +324,13 @@ def test_resolution_tags_refused_by_name_unless_manifest_mpp(slides, tmp_path):
     img = he_image(1024, 7)
     dpi = _tiff_with_tags(tmp_path / "scan300dpi.tiff", img, 300, 300, "INCH")
     aniso = _tiff_with_tags(tmp_path / "aniso.tiff", img, 1e4 / 0.5, 1e4 / 1.0, "CENTIMETER")
-    df = pd.DataFrame({"slide_id": ["r0", "dpi", "dpi_mpp", "aniso"],
-                       "path": [slides.df.path[0], dpi, dpi, aniso], "mpp": [None, None, 0.5, None]})
+    df = pd.DataFrame(
+        {
+            "slide_id": ["r0", "dpi", "dpi_mpp", "aniso"],
+            "path": [slides.df.path[0], dpi, dpi, aniso],
+            "mpp": [None, None, 0.5, None],
+        }
+    )
     df["path"] = df.path.astype(str)
     path = tmp_path / "res.zarr"
     summary = tile_slides(df, path, progress=False)
@@ -293,7 +338,9 @@ def test_resolution_tags_refused_by_name_unless_manifest_mpp(slides, tmp_path):
     err = _errors(path)
     assert "84.67 µm/px, which is not a microscope" in err.loc["dpi", "error"]
     assert "slide 'dpi'" in err.loc["dpi", "error"]
-    assert "anisotropic pixels" in err.loc["aniso", "error"] and "x 0.5 µm/px and y 1 µm/px" in err.loc["aniso", "error"]
+    assert (
+        "anisotropic pixels" in err.loc["aniso", "error"] and "x 0.5 µm/px and y 1 µm/px" in err.loc["aniso", "error"]
+    )
     assert set(err.error_class) == {"SlideError"}
     n_ok = summary.set_index("slide_id").n_tiles
     assert n_ok["dpi_mpp"] > 0 and n_ok["dpi_mpp"] < 30  # 1024² at 0.5 mpp: a handful of 224-px tiles
@@ -302,7 +349,9 @@ def test_resolution_tags_refused_by_name_unless_manifest_mpp(slides, tmp_path):
 def test_size_and_tile_count_limits_refuse_by_name(slides, tmp_path):
     s1 = tile_slides(slides.df.iloc[:2], tmp_path / "a.zarr", progress=False, max_pixels=1024 * 1024 - 1)
     assert set(s1.status) == {"error"}
-    assert _errors(tmp_path / "a.zarr").error.str.contains("beyond the sanity limit of 1,048,575 \\(max_pixels\\)").all()
+    assert (
+        _errors(tmp_path / "a.zarr").error.str.contains("beyond the sanity limit of 1,048,575 \\(max_pixels\\)").all()
+    )
     s2 = tile_slides(slides.df.iloc[:1], tmp_path / "b.zarr", progress=False, max_tiles=3)
     assert _statuses(s2) == {"r0": "error"}
     assert "16 tiles of 224 level-0 px" in _errors(tmp_path / "b.zarr").loc["r0", "error"]
@@ -351,8 +400,9 @@ def test_embedding_time_limit_records_timeout(tiled_store, tmp_path, monkeypatch
 
     monkeypatch.setattr(sl.TileReader, "read", slow)
     t0 = time.perf_counter()
-    summary = E.embed_slides(path, "stain-texture", device="cpu", num_workers=0, batch_size=4, time_limit=1.0,
-                             progress=False).set_index("slide_id")
+    summary = E.embed_slides(
+        path, "stain-texture", device="cpu", num_workers=0, batch_size=4, time_limit=1.0, progress=False
+    ).set_index("slide_id")
     assert time.perf_counter() - t0 < 60
     assert summary.loc[ids[0], "status"] == "error" and "time limit of 1 s" in summary.loc[ids[0], "error"]
     assert (summary.drop(ids[0]).status == "embedded").all()
@@ -375,9 +425,16 @@ def test_permission_denied_is_named(slides, tmp_path, monkeypatch):
 def test_same_file_under_two_patients_refused(slides, tmp_path):
     copy = tmp_path / "copy_of_r0.tiff"
     copy.write_bytes(Path(slides.df.path[0]).read_bytes())
-    df = pd.DataFrame({"slide_id": ["a", "b", "c"], "path": [slides.df.path[0], str(copy), slides.df.path[1]],
-                       "patient_id": ["p0", "p9", "p1"]})
-    with pytest.raises(ManifestError, match=r"row 1 \(slide_id 'b'\) path: is the same file as slide 'a'.*'p9' vs 'p0'"):
+    df = pd.DataFrame(
+        {
+            "slide_id": ["a", "b", "c"],
+            "path": [slides.df.path[0], str(copy), slides.df.path[1]],
+            "patient_id": ["p0", "p9", "p1"],
+        }
+    )
+    with pytest.raises(
+        ManifestError, match=r"row 1 \(slide_id 'b'\) path: is the same file as slide 'a'.*'p9' vs 'p0'"
+    ):
         validate_manifest(df)
     ok = validate_manifest(df, allow_duplicates=True)
     assert ok.duplicate_of.fillna("").tolist() == ["", "a", ""]
@@ -425,6 +482,7 @@ def test_index_rebuild_killed_mid_write_leaves_old_index_readable(tmp_path, monk
     want = old.search(x[:5], 3)[1]
     new = TileIndex("flat").fit(x[::-1].copy(), groups=np.arange(300) // 7, digest="d2")
     for target in ("savez", "save"):  # killed while writing the groups, then while writing the row ids
+
         def die(*a, **k):
             a[0].write(b"PK\x03\x04 half a zip")  # what a SIGKILL mid-write leaves behind
             raise KeyboardInterrupt("killed")

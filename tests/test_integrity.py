@@ -4,6 +4,7 @@ Each test plants one fault in a copy of a small real store (four JPEG-tiled TIFF
 embedded with the hand-crafted encoder) and checks what the workbench now does with it, and that
 ``python -m workbench verify`` finds it.
 """
+
 from __future__ import annotations
 
 import json
@@ -77,8 +78,14 @@ def faults(store) -> pd.DataFrame:
 
 def cli_verify(store) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "workbench", "verify", str(store)], capture_output=True, text=True,
-                          env=env, cwd=str(ROOT), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "workbench", "verify", str(store)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+        timeout=300,
+    )
 
 
 # --------------------------------------------------------------------------- checksums and missing chunks
@@ -221,8 +228,12 @@ def test_features_rewritten_through_the_store_api_make_the_index_stale(base, tmp
     attrs = dict(a.attrs)
     vals = a[:]
     vals[0] += 1
-    new = st.write_array(root[f"{st.Key.slide('r3')}/features"], a.basename, vals,
-                         attrs={k: v for k, v in attrs.items() if not k.startswith("wb_") and k != "digest"})
+    new = st.write_array(
+        root[f"{st.Key.slide('r3')}/features"],
+        a.basename,
+        vals,
+        attrs={k: v for k, v in attrs.items() if not k.startswith("wb_") and k != "digest"},
+    )
     assert new.attrs["digest"] != attrs["digest"]
     with pytest.raises(StaleIndexError, match="rebuild"):
         load_store_index(store, ENC, "flat")
@@ -421,15 +432,29 @@ def downgrade_to_v1(src: Path, dst: Path) -> None:
     s = zarr.open_group(str(src), mode="r")
     attrs = {**dict(s.attrs), "layout_version": 1}
     d = zarr.create_group(str(dst), zarr_format=3, attributes=attrs)
-    drop = {st.WRITTEN, "wb_sha256", "wb_crc32c", "digest", "coords_digest", "file_identity", "manifest_path",
-            "lineage", "identity"}
+    drop = {
+        st.WRITTEN,
+        "wb_sha256",
+        "wb_crc32c",
+        "digest",
+        "coords_digest",
+        "file_identity",
+        "manifest_path",
+        "lineage",
+        "identity",
+    }
 
     def copy(sg, dg):
         for name, arr in sg.arrays():
             data = arr[...]
             rows = max(1, min(65536, len(data)))
-            a = dg.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(rows,) + data.shape[1:],
-                                compressors=[ZstdCodec(level=0)])
+            a = dg.create_array(
+                name,
+                shape=data.shape,
+                dtype=data.dtype,
+                chunks=(rows,) + data.shape[1:],
+                compressors=[ZstdCodec(level=0)],
+            )
             if data.size:
                 a[...] = data
             a.attrs.update({k: v for k, v in arr.attrs.items() if k not in drop})
@@ -442,7 +467,10 @@ def downgrade_to_v1(src: Path, dst: Path) -> None:
 
     copy(s, d)
     meta = json.loads((dst / "zarr.json").read_text())
-    meta["attributes"] = {**meta["attributes"], "layout_version": 1}  # (zarr keeps and mutates the attrs dict it was given)
+    meta["attributes"] = {
+        **meta["attributes"],
+        "layout_version": 1,
+    }  # (zarr keeps and mutates the attrs dict it was given)
     (dst / "zarr.json").write_text(json.dumps(meta))
 
 
@@ -498,8 +526,14 @@ def test_v1_store_is_refused_by_name_and_migrate_survives_sigkill(base, tmp_path
             assert ds.root.attrs["layout_version"] == 2
             downgrade_to_v1(src, v1)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "workbench", "migrate", str(v1)], capture_output=True, text=True,
-                         env=env, cwd=str(ROOT), timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "workbench", "migrate", str(v1)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert not Path(str(v1) + ".migrating").exists()
     ds = workbench.open_dataset(v1)

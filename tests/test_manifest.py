@@ -21,17 +21,19 @@ def test_every_bad_row_listed(tmp_path):
     (tmp_path / "ok.svs").write_bytes(b"x")
     (tmp_path / "empty.svs").write_bytes(b"")
     (tmp_path / "dir.svs").mkdir()
-    text = ("slide_id,path,mpp\n"
-            "ok,ok.svs,0.25\n"
-            "dup,ok.svs,\n"
-            "dup,ok.svs,\n"
-            "gone,missing.svs,\n"
-            "folder,dir.svs,\n"
-            "zero,ok.svs,0\n"
-            "neg,ok.svs,-1\n"
-            "txt,ok.svs,abc\n"
-            "bad/id,ok.svs,\n"
-            "hollow,empty.svs,\n")
+    text = (
+        "slide_id,path,mpp\n"
+        "ok,ok.svs,0.25\n"
+        "dup,ok.svs,\n"
+        "dup,ok.svs,\n"
+        "gone,missing.svs,\n"
+        "folder,dir.svs,\n"
+        "zero,ok.svs,0\n"
+        "neg,ok.svs,-1\n"
+        "txt,ok.svs,abc\n"
+        "bad/id,ok.svs,\n"
+        "hollow,empty.svs,\n"
+    )
     with pytest.raises(ManifestError) as info:
         read_manifest(_write(tmp_path, text))
     msg = str(info.value)

@@ -3,16 +3,17 @@
 Runs a real napari viewer under Xvfb (pytest-xvfb starts it); skipped cleanly when napari, Qt or a
 display is missing. The Qt-free parts (lazy pyramid, rasters, columns, manifest) run everywhere.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_qc import TILE, H, W, make_test_store
-from workbench.ui import qc
+
 from workbench import store as st
+from workbench.ui import qc
 from workbench.ui.napari import _data
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "runs" / "test-artifacts"
@@ -332,9 +333,15 @@ def _check_docked_qc(viewer, dock, w, store, qtbot, *, picture: str | None = Non
     window = viewer.window._qt_window
     frac = dock.width() / window.width()
     assert frac <= 0.34, f"dock takes {frac:.0%} of a {window.width()} px window"
-    print(f"dock {dock.width()} px of a {window.width()} px window ({frac:.0%}); canvas {viewer.window._qt_viewer.canvas.native.width()} px")
+    print(
+        f"dock {dock.width()} px of a {window.width()} px window ({frac:.0%}); canvas {viewer.window._qt_viewer.canvas.native.width()} px"
+    )
     canvas_w = viewer.window._qt_viewer.canvas.native.width()
-    assert canvas_w >= 0.4 * window.width(), (canvas_w, dock.width(), window.width())  # napari's layer docks take the rest
+    assert canvas_w >= 0.4 * window.width(), (
+        canvas_w,
+        dock.width(),
+        window.width(),
+    )  # napari's layer docks take the rest
 
     # the whole slide is in view (camera), and the screenshot shows it with background on all sides
     y0, y1, x0, x1 = _visible_world(viewer)

@@ -1,4 +1,5 @@
 """Executed notebooks carry run-relative paths: a copy of a run folder, re-run where it lies, writes next to itself."""
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,8 @@ def _notebook(path: Path) -> Path:
         "import json, os, pathlib\n"
         "pathlib.Path(store).mkdir(exist_ok=True)\n"
         "(pathlib.Path(store) / 'written').write_text(pathlib.Path(data).read_text())\n"
-        "pathlib.Path(run_dir, 'out.json').write_text(json.dumps({'cwd': os.getcwd(), 'store': store}))")
+        "pathlib.Path(run_dir, 'out.json').write_text(json.dumps({'cwd': os.getcwd(), 'store': store}))"
+    )
     nb.cells = [params, body]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
@@ -53,8 +55,9 @@ def test_run_relative_then_copy_writes_next_to_itself(tmp_path):
     shutil.rmtree(copy / "s.zarr")
     import papermill as pm
 
-    pm.execute_notebook(str(copy / "nb.ipynb"), str(copy / "nb.ipynb"), cwd=str(copy), kernel_name="python3",
-                        progress_bar=False)
+    pm.execute_notebook(
+        str(copy / "nb.ipynb"), str(copy / "nb.ipynb"), cwd=str(copy), kernel_name="python3", progress_bar=False
+    )
     assert json.loads((copy / "out.json").read_text())["cwd"] == str(copy.resolve())
     assert (copy / "s.zarr" / "written").exists()
     assert json.loads((run / "out.json").read_text())["cwd"] == str(run.resolve())  # the original is untouched

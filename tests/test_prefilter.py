@@ -1,4 +1,5 @@
 """Marker prefilter: estimator, JSON round-trip, store scoring, AUC on held-out synthetic slides."""
+
 import json
 import shutil
 
@@ -6,8 +7,16 @@ import numpy as np
 import pytest
 
 from workbench import store as st
-from workbench.features.prefilter import (MarkerPrefilter, fit_from_store, flags, marker_metrics, qc_training_labels,
-                                 score_store, training_data, truth_labels)
+from workbench.features.prefilter import (
+    MarkerPrefilter,
+    fit_from_store,
+    flags,
+    marker_metrics,
+    qc_training_labels,
+    score_store,
+    training_data,
+    truth_labels,
+)
 
 
 def test_estimator_matches_sklearn_and_roundtrips_json(tmp_path):

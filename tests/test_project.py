@@ -1,9 +1,10 @@
 """The project's own promises: conda env agrees with pyproject, notebooks are stripped and parameterised."""
+
 import json
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,10 @@ def test_notebooks_stripped_and_parameterised():
         assert len(params) == 1, f"{nb_path.name}: needs one cell tagged 'parameters'"
         assert "run_dir" in "".join(params[0]["source"]), nb_path.name
         code = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
-        assert f'"{nb_path.name[:2]}"' in code and "write_metrics" in code or f"{nb_path.name[:2]}_metrics.json" in code, \
+        assert (
+            f'"{nb_path.name[:2]}"' in code and "write_metrics" in code
+        ) or f"{nb_path.name[:2]}_metrics.json" in code, (
             f"{nb_path.name}: must write run_dir/{nb_path.name[:2]}_metrics.json"
+        )
         for cell in nb["cells"]:
             assert not cell.get("outputs"), f"{nb_path.name} is committed with outputs"

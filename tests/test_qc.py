@@ -4,6 +4,7 @@
 with a pink tissue disc and a blue pen stroke, tiles it into a store and adds prefilter scores, a tree
 and a sample, so every per-tile column has known values.
 """
+
 from __future__ import annotations
 
 import threading
@@ -12,10 +13,10 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import hold_store_lock
-from workbench.ui import qc
+
 from workbench import store as st
+from workbench.ui import qc
 
 TILE = 224
 W, H = 3584, 2688  # 16 x 12 tile grid at 0.5 mpp
@@ -30,9 +31,15 @@ def write_pyramid_tiff(path, rgb: np.ndarray, mpp: float = 0.5, levels: int = 3)
     with tifffile.TiffWriter(path, bigtiff=False) as tif:
         img = rgb
         for level in range(levels):
-            tif.write(img, tile=(256, 256), compression="jpeg", photometric="rgb",
-                      resolution=(res / 2**level, res / 2**level), resolutionunit="CENTIMETER",
-                      subfiletype=0 if level == 0 else 1)
+            tif.write(
+                img,
+                tile=(256, 256),
+                compression="jpeg",
+                photometric="rgb",
+                resolution=(res / 2**level, res / 2**level),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if level == 0 else 1,
+            )
             img = cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_AREA)
 
 

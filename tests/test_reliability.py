@@ -8,6 +8,7 @@ store that a re-run completes, with outputs byte-identical to a clean run's. The
 Cases that need a stage that has not landed yet (``workbench.features.embed``, ``workbench.features.prefilter``,
 ``workbench.curate.sample``) skip with a reason that names the missing module.
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,9 +18,8 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import subprocess
-import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,7 +28,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
-
 from conftest import SHARED_DATA
 from reliability_helpers import (
     PYTHON,
@@ -41,6 +40,7 @@ from reliability_helpers import (
     time_child,
     write_slide_tiff,
 )
+
 from workbench import store as st
 from workbench.io.manifest import ManifestError, read_manifest
 from workbench.io.slides import SlideError, TileReader, open_slide
@@ -128,15 +128,18 @@ def test_manifest_that_is_a_directory(tmp_path):
         read_manifest(tmp_path / "m.csv")
 
 
-@pytest.mark.parametrize("content, match", [
-    (b"", "is empty"),
-    (b'slide_id,path\na,"a.svs\n', "not a readable CSV"),
-    ("slide_id;path\na;a.svs\n".encode(), r"lacks required column\(s\) \['slide_id', 'path'\]"),
-    ("slide_id,path\nsl\xeff,a.svs\n".encode("cp1252"), "not UTF-8"),
-    (b"slide_id,path,mpp\na,a.svs,inf\n", r"'a'\) mpp: in_range"),
-    (b"slide_id,path,mpp\na,a.svs,0.5um\n", "not a number: '0.5um'"),
-    (b"slide_id,path\na,a.svs\n a ,a.svs\n", r"'a'\) slide_id: field_uniqueness"),  # equal after stripping
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"", "is empty"),
+        (b'slide_id,path\na,"a.svs\n', "not a readable CSV"),
+        (b"slide_id;path\na;a.svs\n", r"lacks required column\(s\) \['slide_id', 'path'\]"),
+        ("slide_id,path\nsl\xeff,a.svs\n".encode("cp1252"), "not UTF-8"),
+        (b"slide_id,path,mpp\na,a.svs,inf\n", r"'a'\) mpp: in_range"),
+        (b"slide_id,path,mpp\na,a.svs,0.5um\n", "not a number: '0.5um'"),
+        (b"slide_id,path\na,a.svs\n a ,a.svs\n", r"'a'\) slide_id: field_uniqueness"),  # equal after stripping
+    ],
+)
 def test_bad_manifest_csv(tmp_path, content, match):
     (tmp_path / "a.svs").write_bytes(b"x")
     p = tmp_path / "m.csv"
@@ -153,12 +156,18 @@ def test_utf8_bom_manifest_reads(tmp_path):
     assert df.slide_id.tolist() == ["a"] and df.mpp[0] == 0.25
 
 
-@pytest.mark.parametrize("frame, match", [
-    (pd.DataFrame({"slide_id": ["a", "a"], "path": ["a.svs", "a.svs"]}), r"slide_id 'a'\) slide_id: field_uniqueness"),
-    (pd.DataFrame({"slide_id": ["a"], "file": ["a.svs"]}), r"lacks required column\(s\) \['path'\]"),
-    (pd.DataFrame({"slide_id": ["a"], "path": ["a.svs"], "mpp": ["fast"]}), "not a number: 'fast'"),
-    (pd.DataFrame({"slide_id": ["a"], "path": ["a.svs"], "mpp": [-0.25]}), r"'a'\) mpp: in_range"),
-])
+@pytest.mark.parametrize(
+    "frame, match",
+    [
+        (
+            pd.DataFrame({"slide_id": ["a", "a"], "path": ["a.svs", "a.svs"]}),
+            r"slide_id 'a'\) slide_id: field_uniqueness",
+        ),
+        (pd.DataFrame({"slide_id": ["a"], "file": ["a.svs"]}), r"lacks required column\(s\) \['path'\]"),
+        (pd.DataFrame({"slide_id": ["a"], "path": ["a.svs"], "mpp": ["fast"]}), "not a number: 'fast'"),
+        (pd.DataFrame({"slide_id": ["a"], "path": ["a.svs"], "mpp": [-0.25]}), r"'a'\) mpp: in_range"),
+    ],
+)
 def test_bad_parquet_manifest(tmp_path, frame, match):
     (tmp_path / "a.svs").write_bytes(b"x")
     frame.to_parquet(tmp_path / "m.parquet")
@@ -176,11 +185,24 @@ def test_tiling_refuses_bad_manifest_before_writing(rel_set, tmp_path):
     """Missing / empty / directory paths and a zero mpp are listed at once, by slide, and nothing is created."""
     (tmp_path / "zero.tiff").write_bytes(b"")
     (tmp_path / "folder.tiff").mkdir()
-    df = pd.concat([rel_set.df.iloc[:2], pd.DataFrame({
-        "slide_id": ["gone", "zero", "folder", "badmpp"],
-        "path": [str(tmp_path / "gone.tiff"), str(tmp_path / "zero.tiff"), str(tmp_path / "folder.tiff"),
-                 rel_set.df.path[0]],
-        "mpp": [None, None, None, 0.0]})], ignore_index=True)
+    df = pd.concat(
+        [
+            rel_set.df.iloc[:2],
+            pd.DataFrame(
+                {
+                    "slide_id": ["gone", "zero", "folder", "badmpp"],
+                    "path": [
+                        str(tmp_path / "gone.tiff"),
+                        str(tmp_path / "zero.tiff"),
+                        str(tmp_path / "folder.tiff"),
+                        rel_set.df.path[0],
+                    ],
+                    "mpp": [None, None, None, 0.0],
+                }
+            ),
+        ],
+        ignore_index=True,
+    )
     with pytest.raises(ManifestError) as info:
         tile_slides(df, tmp_path / "s.zarr", progress=False)
     msg = str(info.value)
@@ -205,25 +227,35 @@ def bad_batch(rel_set, tmp_path_factory):
         rows.append({"slide_id": sid, "path": str(path), "mpp": mpp})
 
     add("good0", rel_set.df.path[0])
-    (d / "half.tiff").write_bytes(good[: len(good) // 2]); add("half", d / "half.tiff")
-    (d / "ninety.tiff").write_bytes(good[: len(good) * 9 // 10]); add("ninety", d / "ninety.tiff")
-    (d / "text.svs").write_text("this is not an image\n" * 50); add("text", d / "text.svs")
+    (d / "half.tiff").write_bytes(good[: len(good) // 2])
+    add("half", d / "half.tiff")
+    (d / "ninety.tiff").write_bytes(good[: len(good) * 9 // 10])
+    add("ninety", d / "ninety.tiff")
+    (d / "text.svs").write_text("this is not an image\n" * 50)
+    add("text", d / "text.svs")
     (d / "noise.tiff").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
     add("noise", d / "noise.tiff")
-    cv2.imwrite(str(d / "plain.png"), he_image(1024, 2)[..., ::-1]); add("png", d / "plain.png")
-    cv2.imwrite(str(d / "plain.jpg"), he_image(1024, 2)[..., ::-1]); add("jpg", d / "plain.jpg", 0.5)
+    cv2.imwrite(str(d / "plain.png"), he_image(1024, 2)[..., ::-1])
+    add("png", d / "plain.png")
+    cv2.imwrite(str(d / "plain.jpg"), he_image(1024, 2)[..., ::-1])
+    add("jpg", d / "plain.jpg", 0.5)
     add("pngmpp", d / "plain.png", 0.5)
-    write_slide_tiff(d / "nompp.tiff", he_image(1024, 2), mpp=None); add("nompp", d / "nompp.tiff")
-    write_slide_tiff(d / "tiny.tiff", he_image(200, 1), tile=64); add("tiny", d / "tiny.tiff")
-    write_slide_tiff(d / "white.tiff", he_image(2048, 1, "white")); add("white", d / "white.tiff")
-    write_slide_tiff(d / "pen.tiff", he_image(2048, 1, "pen")); add("pen", d / "pen.tiff")
+    write_slide_tiff(d / "nompp.tiff", he_image(1024, 2), mpp=None)
+    add("nompp", d / "nompp.tiff")
+    write_slide_tiff(d / "tiny.tiff", he_image(200, 1), tile=64)
+    add("tiny", d / "tiny.tiff")
+    write_slide_tiff(d / "white.tiff", he_image(2048, 1, "white"))
+    add("white", d / "white.tiff")
+    write_slide_tiff(d / "pen.tiff", he_image(2048, 1, "pen"))
+    add("pen", d / "pen.tiff")
     add("good1", rel_set.df.path[1])
     df = pd.DataFrame(rows)
     path = d / "bad.zarr"
     summary = tile_slides(df, path, progress=False)
     root = st.open_store(path)
-    return SimpleNamespace(summary=summary.set_index("slide_id"), errors=st.error_table(root).set_index("slide_id"),
-                           root=root, path=path)
+    return SimpleNamespace(
+        summary=summary.set_index("slide_id"), errors=st.error_table(root).set_index("slide_id"), root=root, path=path
+    )
 
 
 UNREADABLE = "not a slide format OpenSlide can read"
@@ -261,15 +293,21 @@ def test_slide_without_tiles_is_complete_empty_and_recorded(bad_batch, sid):
 def test_good_slides_in_bad_batch_unaffected(bad_batch, clean):
     assert bad_batch.summary.loc["good0"].status == "tiled" and bad_batch.summary.loc["good1"].status == "tiled"
     for sid, ref in (("good0", "r0"), ("good1", "r1")):
-        np.testing.assert_array_equal(bad_batch.root[st.Key.coords(sid)][:],
-                                      np.frombuffer(clean.arrays[ref][0], np.int32).reshape(-1, 2))
+        np.testing.assert_array_equal(
+            bad_batch.root[st.Key.coords(sid)][:], np.frombuffer(clean.arrays[ref][0], np.int32).reshape(-1, 2)
+        )
     assert set(bad_batch.errors.index) == {s for s, _ in BAD_SLIDES} | {"tiny", "white"}
     assert st.slide_ids(bad_batch.root)[:1] == ["good0"]
 
 
 def test_bad_batch_on_error_raise_names_every_bad_slide(bad_batch, tmp_path):
-    df = pd.DataFrame({"slide_id": bad_batch.summary.index, "path": [str(p) for p in _manifest_paths(bad_batch)],
-                       "mpp": _manifest_mpps(bad_batch)})
+    df = pd.DataFrame(
+        {
+            "slide_id": bad_batch.summary.index,
+            "path": [str(p) for p in _manifest_paths(bad_batch)],
+            "mpp": _manifest_mpps(bad_batch),
+        }
+    )
     with pytest.raises(SlideError) as info:
         tile_slides(df, tmp_path / "raise.zarr", progress=False, on_error="raise")
     for sid, _ in BAD_SLIDES:
@@ -342,8 +380,12 @@ def test_real_broken_fixtures_recorded(tmp_path):
     fixtures = SHARED_DATA / "openslide-fixtures"
     if not fixtures.is_dir():
         pytest.skip(f"{fixtures} not found")
-    df = pd.DataFrame({"slide_id": ["unreadable", "unopenable", "small"],
-                       "path": [str(fixtures / n) for n in ("unreadable.svs", "unopenable.tiff", "small.svs")]})
+    df = pd.DataFrame(
+        {
+            "slide_id": ["unreadable", "unopenable", "small"],
+            "path": [str(fixtures / n) for n in ("unreadable.svs", "unopenable.tiff", "small.svs")],
+        }
+    )
     summary = tile_slides(df, tmp_path / "real.zarr", progress=False).set_index("slide_id")
     errors = st.error_table(st.open_store(tmp_path / "real.zarr")).set_index("slide_id")
     assert summary.loc["unreadable"].status == "error"
@@ -392,8 +434,7 @@ def test_folder_that_is_not_a_store_is_refused(rel_set, tmp_path):
     assert sorted(p.name for p in path.iterdir()) == [".lock", "notes.txt"]
 
 
-@pytest.mark.parametrize("damage", ["no-complete", "array-metadata-gone", "chunks-gone", "empty-group",
-                                    "root-only"])
+@pytest.mark.parametrize("damage", ["no-complete", "array-metadata-gone", "chunks-gone", "empty-group", "root-only"])
 def test_half_written_store_is_completed(clean, rel_set, tmp_path, damage):
     """The states a killed run can leave (attrs, arrays and chunks are each written atomically by zarr)."""
     path = tmp_path / "half.zarr"
@@ -427,8 +468,11 @@ def _store_set_failing(monkeypatch, store_dir: Path, key_part: str, value_part: 
     hits = []
 
     async def failing_set(self, key, value):
-        if Path(str(self.root)).resolve() == store_dir.resolve() and key_part in key and (
-                value_part is None or value_part in value.to_bytes()):
+        if (
+            Path(str(self.root)).resolve() == store_dir.resolve()
+            and key_part in key
+            and (value_part is None or value_part in value.to_bytes())
+        ):
             hits.append(key)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(store_dir / key))
         return await original(self, key, value)
@@ -437,11 +481,15 @@ def _store_set_failing(monkeypatch, store_dir: Path, key_part: str, value_part: 
     return hits
 
 
-@pytest.mark.parametrize("key_part, value_part", [
-    ("slides/r3/tissue/c", None),  # a chunk, mid-slide: coords written, tissue not
-    ("slides/r3/mask/zarr.json", None),  # an array's metadata
-    ("slides/r3/zarr.json", b'"complete": true'),  # the last write of the slide
-], ids=["tissue-chunk", "mask-metadata", "complete-attr"])
+@pytest.mark.parametrize(
+    "key_part, value_part",
+    [
+        ("slides/r3/tissue/c", None),  # a chunk, mid-slide: coords written, tissue not
+        ("slides/r3/mask/zarr.json", None),  # an array's metadata
+        ("slides/r3/zarr.json", b'"complete": true'),  # the last write of the slide
+    ],
+    ids=["tissue-chunk", "mask-metadata", "complete-attr"],
+)
 def test_full_disk_mid_slide(clean, rel_set, tmp_path, monkeypatch, key_part, value_part):
     path = tmp_path / "full.zarr"
     hits = _store_set_failing(monkeypatch, path, key_part, value_part)
@@ -459,8 +507,9 @@ def test_full_disk_mid_slide(clean, rel_set, tmp_path, monkeypatch, key_part, va
 
 def test_full_disk_on_error_table_raises(clean, rel_set, tmp_path, monkeypatch):
     """Recording a bad slide's error can itself hit the full disk: the run raises, slides stay right."""
-    df = pd.concat([rel_set.df.iloc[:2], pd.DataFrame({"slide_id": ["bad"], "path": [str(ROOT / "README.md")]})],
-                   ignore_index=True)
+    df = pd.concat(
+        [rel_set.df.iloc[:2], pd.DataFrame({"slide_id": ["bad"], "path": [str(ROOT / "README.md")]})], ignore_index=True
+    )
     path = tmp_path / "full.zarr"
 
     def full(root, record):  # the error table is an append-only file beside the Zarr nodes (issue 14)
@@ -507,14 +556,25 @@ def test_two_runs_at_once_second_refuses(clean, rel_set, tmp_path):
     """Two real processes on one store: the second is refused at once, naming the holder; no interleaving."""
     path = tmp_path / "shared.zarr"
     go = tmp_path / "go"
-    first = subprocess.Popen([PYTHON, "-c", _HELD_TILER.format(manifest=str(rel_set.manifest), store=str(path),
-                                                               go=str(go))],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=str(ROOT))
+    first = subprocess.Popen(
+        [PYTHON, "-c", _HELD_TILER.format(manifest=str(rel_set.manifest), store=str(path), go=str(go))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=str(ROOT),
+    )
     try:
         assert "READY" in first.stdout.readline()  # holds the lock and is tiling
         t0 = time.monotonic()
-        second = subprocess.run([PYTHON, "-c", _PLAIN_TILER.format(manifest=str(rel_set.manifest), store=str(path))],
-                                capture_output=True, text=True, env=_env(), cwd=str(ROOT), timeout=120)
+        second = subprocess.run(
+            [PYTHON, "-c", _PLAIN_TILER.format(manifest=str(rel_set.manifest), store=str(path))],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            cwd=str(ROOT),
+            timeout=120,
+        )
         refused_after = time.monotonic() - t0
         assert second.returncode != 0
         assert "StoreError" in second.stderr and "being written by another run" in second.stderr
@@ -599,7 +659,6 @@ def test_sigkill_tiling_then_resume_slow(rel_set, clean, tiling_window, tmp_path
 def _plant_worker_killer(marker: str, slide_id: str):
     """Run on every worker: the first worker to mark ``slide_id`` complete kills itself instead (once)."""
     import os
-    import signal
 
     import workbench.store as wst
 
@@ -629,8 +688,12 @@ def test_dask_worker_death_is_retried(clean, rel_set, tmp_path):
 
     marker = tmp_path / "killed-once"
     path = tmp_path / "dist.zarr"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         pids = client.run(_plant_worker_killer, str(marker), "r2")
         assert len(pids) == 2
         summary = tile_slides(rel_set.manifest, path, client=client, progress=False)
@@ -777,8 +840,21 @@ def _unsafe_calls(tree: ast.AST) -> list[str]:
             found.append(name)
         elif name.startswith("subprocess.") and "shell" in kw and const.get("shell") is not False:
             found.append(f"{name}(shell=...)")
-        elif name in ("pickle.load", "pickle.loads", "pickle.Unpickler", "cloudpickle.load", "cloudpickle.loads",
-                      "joblib.load", "dill.load", "dill.loads", "shelve.open") or leaf == "read_pickle":
+        elif (
+            name
+            in (
+                "pickle.load",
+                "pickle.loads",
+                "pickle.Unpickler",
+                "cloudpickle.load",
+                "cloudpickle.loads",
+                "joblib.load",
+                "dill.load",
+                "dill.loads",
+                "shelve.open",
+            )
+            or leaf == "read_pickle"
+        ):
             found.append(name)
         elif leaf == "load" and name.split(".")[0] == "torch" and const.get("weights_only") is not True:
             found.append("torch.load without weights_only=True")
@@ -798,12 +874,18 @@ def test_package_has_no_shell_and_no_unsafe_loads():
 
 
 def test_scanner_catches_what_it_should():
-    src = ("import os, subprocess, torch, pickle, numpy as np\n"
-           "os.system('x'); subprocess.run('x', shell=True); torch.load(p); pickle.loads(b)\n"
-           "np.load(p, allow_pickle=True); torch.load(p, weights_only=True); subprocess.run(['ls'])\n")
-    assert _unsafe_calls(ast.parse(src)) == ["os.system", "subprocess.run(shell=...)",
-                                             "torch.load without weights_only=True", "pickle.loads",
-                                             "np.load(allow_pickle=True)"]
+    src = (
+        "import os, subprocess, torch, pickle, numpy as np\n"
+        "os.system('x'); subprocess.run('x', shell=True); torch.load(p); pickle.loads(b)\n"
+        "np.load(p, allow_pickle=True); torch.load(p, weights_only=True); subprocess.run(['ls'])\n"
+    )
+    assert _unsafe_calls(ast.parse(src)) == [
+        "os.system",
+        "subprocess.run(shell=...)",
+        "torch.load without weights_only=True",
+        "pickle.loads",
+        "np.load(allow_pickle=True)",
+    ]
 
 
 def test_shell_metacharacters_in_paths_are_just_names(rel_set, tmp_path):
@@ -888,8 +970,6 @@ def test_tree_saved_as_plain_arrays(clean, tmp_path):
             assert doc["data_type"] in ("int32", "int64", "float32", "float64"), (meta, doc["data_type"])
 
 
-
-
 def test_prefilter_saved_as_json_and_pickle_refused(tmp_path):
     import json
     import pickle
@@ -929,8 +1009,11 @@ def emb_set(rel_set, clean, tmp_path_factory):
     tiled = d / "tiled.zarr"
     shutil.copytree(clean.path, tiled)
     summary = tile_slides(d / "manifest.csv", tiled, progress=False)
-    assert summary.set_index("slide_id").status.to_dict() == {**{s: "skipped" for s in IDS}, "penA": "tiled",
-                                                              "penB": "tiled"}
+    assert summary.set_index("slide_id").status.to_dict() == {
+        **{s: "skipped" for s in IDS},
+        "penA": "tiled",
+        "penB": "tiled",
+    }
     from workbench.features.embed import embed_slides
 
     ref = d / "embedded.zarr"
@@ -945,8 +1028,11 @@ def emb_set(rel_set, clean, tmp_path_factory):
 
 def _features(path, ids, encoder="stain-texture") -> dict:
     root = zarr.open_group(str(path), mode="r", zarr_format=3)
-    return {s: root[st.Key.features(s, encoder)][:].tobytes() for s in ids
-            if st.is_complete(root, st.Key.features(s, encoder))}
+    return {
+        s: root[st.Key.features(s, encoder)][:].tobytes()
+        for s in ids
+        if st.is_complete(root, st.Key.features(s, encoder))
+    }
 
 
 def test_all_pen_slide_flagged_by_prefilter(emb_set):
@@ -1065,8 +1151,10 @@ def _kill_and_resume_embedding(emb_set, window, tmp_path, trial: int, n_trials: 
     assert (summary.status == "skipped").sum() == len(got)
     assert _features(path, emb_set.ids) == emb_set.feats
     assert st.error_table(st.open_store(path)).empty
-    print(f"embedding killed at {delay:.3f} s: exit {rc}, {len(got)} of {len(emb_set.ids)} slides complete "
-          "before the re-run")
+    print(
+        f"embedding killed at {delay:.3f} s: exit {rc}, {len(got)} of {len(emb_set.ids)} slides complete "
+        "before the re-run"
+    )
 
 
 def test_sigkill_embedding_then_resume(emb_set, tmp_path):

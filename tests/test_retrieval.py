@@ -1,4 +1,5 @@
 """Tile index (exact / approximate, leave-one-group-out), persistence and staleness, mosaics, SISH ranking."""
+
 import json
 
 import numpy as np
@@ -225,8 +226,16 @@ def make_feature_store(path, *, n_slides=18, dim=24, seed=0):
     diagnosis' centre, the other half a "stroma" centre shared by all diagnoses."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(4, dim)) * 2
-    manifest = [{"slide_id": f"s{i:02d}", "path": f"/nowhere/s{i:02d}.tif", "patient_id": f"p{i // 2:02d}",
-                 "site": ["lung", "pleura"][i % 2], "diagnosis": DIAG[(i // 2) % 3]} for i in range(n_slides)]
+    manifest = [
+        {
+            "slide_id": f"s{i:02d}",
+            "path": f"/nowhere/s{i:02d}.tif",
+            "patient_id": f"p{i // 2:02d}",
+            "site": ["lung", "pleura"][i % 2],
+            "diagnosis": DIAG[(i // 2) % 3],
+        }
+        for i in range(n_slides)
+    ]
     root = create_store(path, manifest=manifest, tiling={"tile_px": 224, "tile_mpp": 0.5})
     labels = []
     for i, rec in enumerate(manifest):

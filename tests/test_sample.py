@@ -1,4 +1,5 @@
 """Balanced sampling: the cut on hand examples, balance on a 90 %-dominated dataset, batches, metrics, store."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,9 @@ def test_cut_hand_examples():
     # base 4, 3, 4, 1 and one extra point to cluster 0 or 2 (the only ones larger than 4)
     assert q.sum() == 13 and q[1] == 3 and q[3] == 1 and sorted([q[0], q[2]]) == [4, 5]
     # grouped: two parents cut independently, in one call
-    q = hs.split_quotas(np.array([10, 3, 7, 1, 6, 6]), np.array([0, 0, 0, 0, 1, 1]), np.array([12, 5]),
-                        np.random.default_rng(0))
+    q = hs.split_quotas(
+        np.array([10, 3, 7, 1, 6, 6]), np.array([0, 0, 0, 0, 1, 1]), np.array([12, 5]), np.random.default_rng(0)
+    )
     assert q[:4].tolist() == [4, 3, 4, 1] and sorted(q[4:].tolist()) == [2, 3]
 
 
@@ -54,16 +56,23 @@ def dominated_dataset(seed=0):
     dim = 16
     centres = rng.normal(size=(6, dim)) * 12
     n = np.array([9000, 200, 200, 200, 200, 200])
-    X = np.concatenate([centres[c] + rng.normal(size=(m, dim)) * (2.0 if c == 0 else 1.0)
-                        for c, m in enumerate(n)]).astype(np.float32)
+    X = np.concatenate(
+        [centres[c] + rng.normal(size=(m, dim)) * (2.0 if c == 0 else 1.0) for c, m in enumerate(n)]
+    ).astype(np.float32)
     y = np.repeat(np.arange(6), n)
     return X, y
 
 
 def test_balanced_sampling_evens_out_a_dominant_class():
     X, y = dominated_dataset()
-    hk = hc.HierarchicalKMeans(levels=[60, 8], resampling_steps=[3, 3], sample_per_cluster=[10, 3],
-                               backend="torch", device="cpu", random_state=0).fit(X)
+    hk = hc.HierarchicalKMeans(
+        levels=[60, 8],
+        resampling_steps=[3, 3],
+        sample_per_cluster=[10, 3],
+        backend="torch",
+        device="cpu",
+        random_state=0,
+    ).fit(X)
     tree = hk.tree_
     idx = hs.HierarchicalSampler(600, strategy="random", random_state=0).fit(tree).indices_
     assert len(idx) == 600

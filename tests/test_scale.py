@@ -1,5 +1,6 @@
 """Scale paths: k-means over store chunks on a Dask cluster, GPU-path logic on CPU (NumPy for CuPy,
 capped candidates), compressed search with exact re-rank."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,10 @@ def zarr_rows(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dask_client():
     distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
-            distributed.Client(cl) as client:
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl,
+        distributed.Client(cl) as client,
+    ):
         yield client
 
 
@@ -226,8 +229,9 @@ def test_ivfpq_rerank_is_exact_and_beats_the_codes(clustered, tmp_path):
     # the scores are exact cosine similarities of the returned rows, best first
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     qn = q / np.linalg.norm(q, axis=1, keepdims=True)
-    np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", xn[ids].astype(np.float16).astype(np.float32), qn),
-                               atol=2e-3)
+    np.testing.assert_allclose(
+        scores, np.einsum("qkd,qd->qk", xn[ids].astype(np.float16).astype(np.float32), qn), atol=2e-3
+    )
     assert (np.diff(scores, axis=1) <= 1e-6).all()
     # without the re-rank (codes only, 4 bytes per row) recall is clearly worse
     codes = R.TileIndex("ivfpq", nlist=32, nprobe=8, pq_m=4, rerank=10).fit(x)
@@ -237,8 +241,7 @@ def test_ivfpq_rerank_is_exact_and_beats_the_codes(clustered, tmp_path):
     import zarr
 
     path = idx.save(tmp_path / "pq.faiss")
-    z = zarr.create_array(str(tmp_path / "f.zarr"), shape=x.shape, chunks=(1000, 32), dtype="float16",
-                          compressors=None)
+    z = zarr.create_array(str(tmp_path / "f.zarr"), shape=x.shape, chunks=(1000, 32), dtype="float16", compressors=None)
     z[:] = x.astype(np.float16)
     back = R.TileIndex.load(path, features=z)
     assert back._features._maps is not None  # memory-mapped chunk files
@@ -255,8 +258,9 @@ def test_feature_rows_readers_agree(tmp_path):
     import zarr
 
     x = np.random.default_rng(0).normal(size=(2500, 8)).astype(np.float16)
-    raw = zarr.create_array(str(tmp_path / "raw.zarr"), shape=x.shape, chunks=(1000, 8), dtype="float16",
-                            compressors=None)
+    raw = zarr.create_array(
+        str(tmp_path / "raw.zarr"), shape=x.shape, chunks=(1000, 8), dtype="float16", compressors=None
+    )
     packed = zarr.create_array(str(tmp_path / "packed.zarr"), shape=x.shape, chunks=(700, 8), dtype="float16")
     raw[:] = x
     packed[:] = x

@@ -38,7 +38,7 @@ def test_max_holes_limits_holes():
     _, _, holes = tissue_mask(img, 16.0, SegmentParams(max_holes=2))
     assert len(holes[0]) == 2
     areas = sorted(cv2.contourArea(h) for h in holes[0])
-    assert areas[0] > np.pi * 27 ** 2  # the two largest holes were kept
+    assert areas[0] > np.pi * 27**2  # the two largest holes were kept
 
 
 def test_otsu_and_validation():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-
 from conftest import shared_file
+
 from workbench.io.slides import MPP_TOLERANCE, SlideError, TileReader, open_slide, resolve_mpp, tile_footprint
 
 
@@ -91,10 +91,13 @@ def test_cmu_small_region_fast_path_identical():
 
 
 @pytest.mark.realdata
-@pytest.mark.parametrize("name, match", [
-    ("openslide-fixtures/unopenable.tiff", "unopenable.*OpenSlide cannot open it"),
-    ("openslide-fixtures/boxes.tiff", "boxes.*not a microscope scan's resolution"),
-])
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("openslide-fixtures/unopenable.tiff", "unopenable.*OpenSlide cannot open it"),
+        ("openslide-fixtures/boxes.tiff", "boxes.*not a microscope scan's resolution"),
+    ],
+)
 def test_real_bad_files(name, match):
     with pytest.raises(SlideError, match=match):
         open_slide(shared_file(name))

@@ -3,6 +3,7 @@
 The end-to-end tests run real notebooks on two small synthetic slides (2048², 0.25 mpp) and compare the
 table's mask IoU with the same computation done directly (tile_slide + mask_iou against the ground truth).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,11 @@ from workbench import store as st
 from workbench.runs import sweep as sw
 
 NB01 = "01"
-GOOD = [{"threshold": 5, "median_ksize": 3}, {"threshold": 15, "median_ksize": 11}, {"threshold": 40, "median_ksize": 11}]
+GOOD = [
+    {"threshold": 5, "median_ksize": 3},
+    {"threshold": 15, "median_ksize": 11},
+    {"threshold": 40, "median_ksize": 11},
+]
 BAD = {"threshold": 15, "median_ksize": 4}  # even kernel size: SegmentParams.validate raises
 
 
@@ -31,12 +36,18 @@ def _write_downstream_notebook(path: Path) -> Path:
     import nbformat
 
     nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell('store = ""\nrun_dir = ""\nfactor = 1\nthreshold = 0.5  # unused: name shared with 01')
+    params = nbformat.v4.new_code_cell(
+        'store = ""\nrun_dir = ""\nfactor = 1\nthreshold = 0.5  # unused: name shared with 01'
+    )
     params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(
-        "from workbench import store as st\nfrom workbench.runs.notebooks import write_metrics\n"
-        "n = int(st.tile_counts(st.open_store(store)).sum())\n"
-        'write_metrics(run_dir, "98", {"n_tiles": n, "scaled": n * factor})')]
+    nb.cells = [
+        params,
+        nbformat.v4.new_code_cell(
+            "from workbench import store as st\nfrom workbench.runs.notebooks import write_metrics\n"
+            "n = int(st.tile_counts(st.open_store(store)).sum())\n"
+            'write_metrics(run_dir, "98", {"n_tiles": n, "scaled": n * factor})'
+        ),
+    ]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
     return path
@@ -50,17 +61,30 @@ def sweep_data(tmp_path_factory) -> dict:
     paths = []
     for i, dominant in enumerate(["tumour", "stroma"]):
         p = root / f"t{i}.tiff"
-        make_slide(p, width=2048, height=2048, mpp=0.25, seed=10 + i, dominant=dominant, n_pieces=1, pen=False,
-                   blur=False)
+        make_slide(
+            p, width=2048, height=2048, mpp=0.25, seed=10 + i, dominant=dominant, n_pieces=1, pen=False, blur=False
+        )
         paths.append(p)
     manifest = root / "manifest.csv"
     pd.DataFrame({"slide_id": ["t0", "t1"], "path": [str(p) for p in paths]}).to_csv(manifest, index=False)
-    spec = {"name": "e2e", "notebooks": [NB01], "manifest": str(manifest), "fixed": {"show_slides": 1},
-            "points": GOOD + [BAD], "metric": "01.mask_iou_mean", "goal": "max"}
+    spec = {
+        "name": "e2e",
+        "notebooks": [NB01],
+        "manifest": str(manifest),
+        "fixed": {"show_slides": 1},
+        "points": GOOD + [BAD],
+        "metric": "01.mask_iou_mean",
+        "goal": "max",
+    }
     spec_path = root / "e2e.yml"
     spec_path.write_text(yaml.safe_dump(spec))
-    return {"root": root, "manifest": manifest, "slides": paths, "spec": spec_path,
-            "downstream": _write_downstream_notebook(root / "98_downstream.ipynb")}
+    return {
+        "root": root,
+        "manifest": manifest,
+        "slides": paths,
+        "spec": spec_path,
+        "downstream": _write_downstream_notebook(root / "98_downstream.ipynb"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +97,7 @@ def e2e(sweep_data) -> dict:
 
 def _direct_iou(slides, threshold, median_ksize) -> tuple[float, int]:
     """Reference: the notebook's mean mask IoU and tile count, computed without papermill."""
-    from workbench.io import segment
-    from workbench.io import synthetic
-    from workbench.io import tiling
+    from workbench.io import segment, synthetic, tiling
 
     ious, n = [], 0
     for p in slides:
@@ -95,30 +117,51 @@ def test_grid_points_and_ids(sweep_data):
     assert sw.expand_points([{"a": [1]}, {"b": [2, 3]}]) == [{"a": 1}, {"b": 2}, {"b": 3}]
     pid = sw.point_id({"threshold": 8, "median_ksize": 5}, {"threshold": 8, "median_ksize": 5, "show_slides": 1})
     assert pid.startswith("threshold-8_median_ksize-5-") and len(pid.rsplit("-", 1)[1]) == 8
-    assert pid == sw.point_id({"threshold": 8, "median_ksize": 5}, {"median_ksize": 5, "threshold": 8, "show_slides": 1})
+    assert pid == sw.point_id(
+        {"threshold": 8, "median_ksize": 5}, {"median_ksize": 5, "threshold": 8, "show_slides": 1}
+    )
 
 
 def test_stage_keys_follow_parameters(sweep_data, tmp_path):
-    spec = sw.load_spec({
-        "name": "plan", "notebooks": [NB01, str(sweep_data["downstream"])], "manifest": str(sweep_data["manifest"]),
-        "points": [{"threshold": 15, "factor": 1}, {"threshold": 15, "factor": 2}, {"threshold": 20, "factor": 1},
-                   {"threshold": 15, "factor": 1, "show_slides": 2}, {"threshold": 15, "median_ksize": 11, "factor": 1}]})
+    spec = sw.load_spec(
+        {
+            "name": "plan",
+            "notebooks": [NB01, str(sweep_data["downstream"])],
+            "manifest": str(sweep_data["manifest"]),
+            "points": [
+                {"threshold": 15, "factor": 1},
+                {"threshold": 15, "factor": 2},
+                {"threshold": 20, "factor": 1},
+                {"threshold": 15, "factor": 1, "show_slides": 2},
+                {"threshold": 15, "median_ksize": 11, "factor": 1},
+            ],
+        }
+    )
     plans = sw.plan_points(spec, tmp_path)
     k01 = [p.stages[0]["key"] for p in plans]
     k98 = [p.stages[1]["key"] for p in plans]
-    assert k01[0] == k01[1] != k01[2]          # downstream-only change shares the tiling stage
+    assert k01[0] == k01[1] != k01[2]  # downstream-only change shares the tiling stage
     assert plans[0].store == plans[1].store != plans[2].store
     assert plans[0].store == tmp_path / "stores" / f"{k01[0]}.zarr"
     assert k98[0] != k98[1]
     assert k01[3] == k01[0] and k98[3] == k98[0]  # show_* is display only
-    assert k01[4] == k01[0]                    # an explicit default is the same stage as the implicit one
+    assert k01[4] == k01[0]  # an explicit default is the same stage as the implicit one
     assert len({p.point_id for p in plans}) == 5
     assert plans[1].stages[1]["params"] == {"factor": 2, "threshold": 15, "store": str(plans[1].store)}
     assert plans[0].stages[0]["params"]["manifest"] == str(sweep_data["manifest"])
     # "98.threshold" is notebook 98's only; a plain name goes to every notebook declaring it
-    scoped = sw.plan_points(sw.load_spec({
-        "name": "scoped", "notebooks": [NB01, str(sweep_data["downstream"])], "manifest": str(sweep_data["manifest"]),
-        "fixed": {"threshold": 15}, "grid": {"98.threshold": [0.5, 0.9]}}), tmp_path)
+    scoped = sw.plan_points(
+        sw.load_spec(
+            {
+                "name": "scoped",
+                "notebooks": [NB01, str(sweep_data["downstream"])],
+                "manifest": str(sweep_data["manifest"]),
+                "fixed": {"threshold": 15},
+                "grid": {"98.threshold": [0.5, 0.9]},
+            }
+        ),
+        tmp_path,
+    )
     assert [p.stages[0]["params"]["threshold"] for p in scoped] == [15, 15]
     assert [p.stages[1]["params"]["threshold"] for p in scoped] == [0.5, 0.9]
     assert scoped[0].stages[0]["key"] == scoped[1].stages[0]["key"] == k01[0]
@@ -133,8 +176,14 @@ def test_stage_keys_follow_parameters(sweep_data, tmp_path):
 
 
 def test_best_point_and_arrow_safe_table():
-    t = pd.DataFrame({"point_id": ["a", "b", "c", "d"], "status": ["ok", "ok", "failed", "ok"],
-                      "m": [0.5, 0.9, 2.0, np.nan], "threshold": [5, "otsu", 15, 20]})
+    t = pd.DataFrame(
+        {
+            "point_id": ["a", "b", "c", "d"],
+            "status": ["ok", "ok", "failed", "ok"],
+            "m": [0.5, 0.9, 2.0, np.nan],
+            "threshold": [5, "otsu", 15, 20],
+        }
+    )
     assert sw.best_point(t, "m", "max")["point_id"] == "b"
     assert sw.best_point(t, "m", "min")["point_id"] == "a"
     safe = sw._arrow_safe(t)
@@ -151,7 +200,8 @@ def test_sweep_end_to_end_with_a_failing_point(sweep_data, e2e):
     table, out = e2e["table"], e2e["out"]
     assert len(table) == 4
     assert [(r.threshold, r.median_ksize) for r in table.itertuples()] == [
-        (p["threshold"], p["median_ksize"]) for p in GOOD + [BAD]]
+        (p["threshold"], p["median_ksize"]) for p in GOOD + [BAD]
+    ]
     assert list(table.status) == ["ok", "ok", "ok", "failed"], table.error.tolist()
     bad = table.iloc[3]
     assert "median_ksize must be an odd positive integer" in bad.error and bad.error.startswith("notebook 01")
@@ -175,8 +225,9 @@ def test_sweep_end_to_end_with_a_failing_point(sweep_data, e2e):
     csv = pd.read_csv(out / "results.csv")
     parquet = sw.load_results(out)
     assert list(csv.point_id) == list(parquet.point_id) == list(table.point_id)
-    assert np.allclose(parquet["01.mask_iou_mean"].to_numpy(float), table["01.mask_iou_mean"].to_numpy(float),
-                       equal_nan=True)
+    assert np.allclose(
+        parquet["01.mask_iou_mean"].to_numpy(float), table["01.mask_iou_mean"].to_numpy(float), equal_nan=True
+    )
 
 
 def test_rerun_finishes_only_remaining_points(sweep_data, e2e):
@@ -201,9 +252,14 @@ def test_rerun_finishes_only_remaining_points(sweep_data, e2e):
 
 def test_upstream_stage_reused(sweep_data, e2e):
     """A downstream sweep shares tiling: 01 reused from the earlier sweep's store, or run once per tiling."""
-    spec = {"name": "reuse", "notebooks": [NB01, str(sweep_data["downstream"])],
-            "manifest": str(sweep_data["manifest"]), "stores_dir": str(e2e["out"] / "stores"),
-            "fixed": {"show_slides": 1, "median_ksize": 11}, "grid": {"threshold": [15, 30], "factor": [1, 3]}}
+    spec = {
+        "name": "reuse",
+        "notebooks": [NB01, str(sweep_data["downstream"])],
+        "manifest": str(sweep_data["manifest"]),
+        "stores_dir": str(e2e["out"] / "stores"),
+        "fixed": {"show_slides": 1, "median_ksize": 11},
+        "grid": {"threshold": [15, 30], "factor": [1, 3]},
+    }
     out = sweep_data["root"] / "runs" / "reuse"
     table = sw.run_sweep(spec, out=out, max_workers=2)
     assert list(table.status) == ["ok"] * 4, table.error.tolist()
@@ -234,9 +290,12 @@ def test_killed_sweep_resumes(sweep_data, tmp_path):
     spec_path = tmp_path / "kill.yml"
     spec_path.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "workbench.runs.sweep", str(spec_path), "--out", str(out),
-                             "--max-workers", "1"], start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workbench.runs.sweep", str(spec_path), "--out", str(out), "--max-workers", "1"],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not list(out.glob("*/point.json")):
@@ -258,11 +317,20 @@ def test_killed_sweep_resumes(sweep_data, tmp_path):
 def test_report_notebook(sweep_data, e2e, tmp_path):
     from workbench.runs.notebooks import run_notebook
 
-    run_notebook(Path(__file__).resolve().parents[1] / "notebooks" / "07_sweep_report.ipynb", tmp_path,
-                 {"sweep": str(sweep_data["spec"]), "results": str(e2e["out"] / "results.parquet")})
+    run_notebook(
+        Path(__file__).resolve().parents[1] / "notebooks" / "07_sweep_report.ipynb",
+        tmp_path,
+        {"sweep": str(sweep_data["spec"]), "results": str(e2e["out"] / "results.parquet")},
+    )
     m = json.loads((tmp_path / "07_metrics.json").read_text())
     table = e2e["table"]
     ok = table[table.status == "ok"]
     best = ok.loc[ok["01.mask_iou_mean"].idxmax()]
-    assert m == {"n_points": 4, "n_ok": 3, "n_failed": 1, "best_point": best.point_id,
-                 "best_value": pytest.approx(best["01.mask_iou_mean"]), "metric": "01.mask_iou_mean"}
+    assert m == {
+        "n_points": 4,
+        "n_ok": 3,
+        "n_failed": 1,
+        "best_point": best.point_id,
+        "best_value": pytest.approx(best["01.mask_iou_mean"]),
+        "metric": "01.mask_iou_mean",
+    }

@@ -1,5 +1,6 @@
 """Synthetic slides: readable by openslide and tifffile with the right mpp and levels, deterministic, and
 their ground truth agrees with their pixels."""
+
 from pathlib import Path
 
 import cv2
@@ -121,10 +122,7 @@ def test_class_colours_are_distinct(class_means):
 
 
 def test_tile_truth_hand_example():
-    classes = np.array([[1, 1, 0, 0],
-                        [1, 2, 0, 0],
-                        [0, 0, 3, 3],
-                        [0, 0, 3, 3]], np.uint8)
+    classes = np.array([[1, 1, 0, 0], [1, 2, 0, 0], [0, 0, 3, 3], [0, 0, 3, 3]], np.uint8)
     pen = np.zeros((4, 4), bool)
     pen[0, 0] = pen[3, 3] = True
     truth = {"tissue": classes > 0, "classes": classes, "pen": pen, "downsample": 16, "mpp": 0.25}
@@ -184,8 +182,17 @@ def test_demo_set_manifest(tmp_path):
 
 def test_odd_size_and_mpp(tmp_path):
     openslide = pytest.importorskip("openslide")
-    truth = S.make_slide(tmp_path / "odd.tif", width=1300, height=1000, mpp=0.5, seed=1, dominant="stroma",
-                         n_pieces=1, pen=False, blur=False)
+    truth = S.make_slide(
+        tmp_path / "odd.tif",
+        width=1300,
+        height=1000,
+        mpp=0.5,
+        seed=1,
+        dominant="stroma",
+        n_pieces=1,
+        pen=False,
+        blur=False,
+    )
     assert truth["tissue"].shape == (63, 82) and not truth["pen"].any()
     with openslide.OpenSlide(str(tmp_path / "odd.tif")) as osr:
         assert osr.dimensions == (1300, 1000) and osr.level_count == 2

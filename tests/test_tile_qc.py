@@ -1,9 +1,10 @@
-import numpy as np
 import shutil
 
+import numpy as np
+
 from workbench import store as st
-from workbench.io.synthetic import load_truth, tile_truth
 from workbench.features.tile_qc import compute_store, read_store, tile_qc
+from workbench.io.synthetic import load_truth, tile_truth
 
 
 def _auc(scores, labels):

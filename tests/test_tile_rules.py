@@ -6,13 +6,13 @@ and Mussel ``mussel/utils/segment.py`` (``contours_to_polygon``, ``grid_bounds``
 implementations here test every candidate tile one by one with plain geometry (crossing numbers, segment
 clipping), nothing shared with the production code but the contours themselves.
 """
+
 import numpy as np
 import pytest
 
 from workbench.io.segment import SegmentParams, tissue_mask
 from workbench.io.slides import open_slide, tile_footprint
 from workbench.io.tiling import TilingParams, grid_clam, grid_mussel, tile_slide
-
 
 # --------------------------------------------------------------------------- plain geometry
 
@@ -27,8 +27,12 @@ def _on_edge(ring: np.ndarray, pts: np.ndarray) -> np.ndarray:
     a, b = ring, np.roll(ring, -1, axis=0)
     p = pts[:, None, :]
     cross = (b[:, 0] - a[:, 0]) * (p[..., 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (p[..., 0] - a[:, 0])
-    within = ((np.minimum(a[:, 0], b[:, 0]) <= p[..., 0]) & (p[..., 0] <= np.maximum(a[:, 0], b[:, 0]))
-              & (np.minimum(a[:, 1], b[:, 1]) <= p[..., 1]) & (p[..., 1] <= np.maximum(a[:, 1], b[:, 1])))
+    within = (
+        (np.minimum(a[:, 0], b[:, 0]) <= p[..., 0])
+        & (p[..., 0] <= np.maximum(a[:, 0], b[:, 0]))
+        & (np.minimum(a[:, 1], b[:, 1]) <= p[..., 1])
+        & (p[..., 1] <= np.maximum(a[:, 1], b[:, 1]))
+    )
     return ((cross == 0) & within).any(1)
 
 
@@ -110,8 +114,12 @@ def reference_clam(tissue, holes, ds, size0):
         for ty in np.arange(y, y + h, size0):
             for tx in np.arange(x, x + w, size0):
                 cx, cy = tx + size0 // 2, ty + size0 // 2
-                pts = [(cx - shift, cy - shift), (cx + shift, cy + shift), (cx + shift, cy - shift),
-                       (cx - shift, cy + shift)]
+                pts = [
+                    (cx - shift, cy - shift),
+                    (cx + shift, cy + shift),
+                    (cx + shift, cy - shift),
+                    (cx - shift, cy + shift),
+                ]
                 if not inside_or_on(ring, pts).any():
                     continue
                 centre = [(tx + size0 / 2, ty + size0 / 2)]
@@ -121,7 +129,8 @@ def reference_clam(tissue, holes, ds, size0):
     return kept
 
 
-def _contours(path, seg=SegmentParams()):
+def _contours(path, seg=None):
+    seg = seg or SegmentParams()
     with open_slide(path) as slide:
         image, ds, _ = slide.segmentation_image(seg.seg_level, seg.mask_mpp)
         size0 = tile_footprint(slide.mpp, 224, 0.5)

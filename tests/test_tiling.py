@@ -85,9 +85,8 @@ def test_other_parameters_refused_on_existing_store(tiled_store, small_manifest,
 
 def test_second_writer_refused(tmp_path, small_manifest):
     path = tmp_path / "locked.zarr"
-    with st.write_lock(path):
-        with pytest.raises(st.StoreError, match="another run"):
-            tile_slides(small_manifest.iloc[:1], path, progress=False)
+    with st.write_lock(path), pytest.raises(st.StoreError, match="another run"):
+        tile_slides(small_manifest.iloc[:1], path, progress=False)
 
 
 def test_old_layout_refused(tiled_store, tmp_path):
@@ -102,8 +101,8 @@ def test_old_layout_refused(tiled_store, tmp_path):
 
 @pytest.mark.realdata
 def test_real_cmu_tiles(tmp_path):
-    from conftest import shared_file
     import pandas as pd
+    from conftest import shared_file
 
     path = shared_file("CMU-1-Small-Region.svs")
     df = pd.DataFrame({"slide_id": ["cmu1"], "path": [str(path)]})
@@ -114,8 +113,9 @@ def test_real_cmu_tiles(tmp_path):
     # Mussel's rule on this slide keeps 64 tiles (tests/test_tile_rules.py computes it independently)
     assert abs(summary.n_tiles[0] - 64) <= 1, summary.n_tiles[0]
     # the tiles look like tissue, not background: stained (saturated) and darker than glass
-    from workbench.io.slides import TileReader, open_slide
     import cv2
+
+    from workbench.io.slides import TileReader, open_slide
 
     with open_slide(path) as slide:
         tiles = TileReader(slide).read(g["coords"][:])

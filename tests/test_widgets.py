@@ -1,4 +1,5 @@
 """Notebook widgets: gallery selection against known tree / score / sample arrays, tile pixels, static output."""
+
 from __future__ import annotations
 
 import matplotlib
@@ -9,8 +10,8 @@ import os
 
 import numpy as np
 import pytest
-
 from test_qc import W, make_test_store
+
 from workbench import store as st
 from workbench.ui import widgets
 
@@ -56,9 +57,18 @@ def _run_in_kernel(kc, code: str, metadata: dict | None = None) -> dict:
     """Execute ``code`` as a frontend would (``metadata`` in the execute_request) and parse its PROBE line."""
     import json
 
-    msg = kc.session.msg("execute_request", {"code": code, "silent": False, "store_history": True,
-                                             "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
-                         metadata=metadata or {})
+    msg = kc.session.msg(
+        "execute_request",
+        {
+            "code": code,
+            "silent": False,
+            "store_history": True,
+            "user_expressions": {},
+            "allow_stdin": False,
+            "stop_on_error": True,
+        },
+        metadata=metadata or {},
+    )
     kc.shell_channel.send(msg)
     text = ""
     while True:
@@ -87,8 +97,10 @@ def test_frontend_detection_in_a_real_kernel(monkeypatch):
     monkeypatch.delenv("PAPERMILL_EXECUTION", raising=False)
     km, kc = jc.manager.start_new_kernel(kernel_name="python3")
     try:
-        assert _run_in_kernel(kc, _PROBE, {"cellId": "3f1c", "deletedCells": [], "recordTiming": False}) == \
-            {"live": True, "slider": True}
+        assert _run_in_kernel(kc, _PROBE, {"cellId": "3f1c", "deletedCells": [], "recordTiming": False}) == {
+            "live": True,
+            "slider": True,
+        }
         assert _run_in_kernel(kc, _PROBE) == {"live": False, "slider": False}  # how nbclient sends cells
         _run_in_kernel(kc, "import os; os.environ['PAPERMILL_EXECUTION'] = '1'; print('PROBE {}')")
         assert _run_in_kernel(kc, _PROBE, {"cellId": "3f1c"}) == {"live": False, "slider": False}
@@ -142,7 +154,11 @@ def test_gallery_interactive_builds_controls(store):
     assert isinstance(box, ipw.VBox) and isinstance(box.children[0], ipw.IntSlider)  # pages: a slider
     assert box.children[0].max == len(widgets.TileGallery(store, by="sample", n=4).keys()) - 1
     first = bytes(box.children[1].value)
-    assert isinstance(box.children[1], ipw.Image) and first[:8] == b"\x89PNG\r\n\x1a\n" and first.endswith(b"IEND\xaeB`\x82")
+    assert (
+        isinstance(box.children[1], ipw.Image)
+        and first[:8] == b"\x89PNG\r\n\x1a\n"
+        and first.endswith(b"IEND\xaeB`\x82")
+    )
     box.children[0].value = 2  # a new page redraws the image
     second = bytes(box.children[1].value)
     assert second != first and second.endswith(b"IEND\xaeB`\x82")

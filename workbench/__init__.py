@@ -13,6 +13,7 @@ and its store (``workbench.store``):
 The public names below are importable from ``workbench`` itself; heavy libraries (torch, faiss, cuML,
 napari) load only when used. Every error raised on purpose derives from :class:`WorkbenchError`.
 """
+
 __version__ = "0.2.0.dev0"
 
 _PUBLIC = {

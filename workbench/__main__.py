@@ -3,6 +3,7 @@
 ``verify`` walks every chunk of every array and every lineage link and prints a table; it exits 1 on any
 fault (2 when the store cannot be opened). ``migrate`` upgrades a layout-version-1 store in place, crash-safely.
 """
+
 from __future__ import annotations
 
 import argparse

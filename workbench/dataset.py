@@ -13,6 +13,7 @@ converts at the edge). The handle owns the names (:class:`workbench.store.Key`),
 feature sets, trees, samples, indexes and the error table, and :meth:`Dataset.verify` walks every chunk
 and every lineage link.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -94,9 +95,16 @@ class Dataset:
             done = st.is_complete(self.root, key)
             a = dict(self.root[key].attrs) if done else {}
             change = st.identity_change(a.get("file_identity"), a.get("path", "")) if done else None
-            rows.append({"slide_id": sid, "path": a.get("path", rec.get("path")), "mpp": a.get("mpp"),
-                         "n_tiles": int(self.root[st.Key.coords(sid)].shape[0]) if done else 0, "complete": done,
-                         "file": ("changed" if change else "ok") if a.get("file_identity") else "not recorded"})
+            rows.append(
+                {
+                    "slide_id": sid,
+                    "path": a.get("path", rec.get("path")),
+                    "mpp": a.get("mpp"),
+                    "n_tiles": int(self.root[st.Key.coords(sid)].shape[0]) if done else 0,
+                    "complete": done,
+                    "file": ("changed" if change else "ok") if a.get("file_identity") else "not recorded",
+                }
+            )
         return pd.DataFrame(rows, columns=["slide_id", "path", "mpp", "n_tiles", "complete", "file"])
 
     def tile_counts(self) -> np.ndarray:
@@ -165,8 +173,15 @@ class Dataset:
                 digest = st.features_digest(self.root, enc, have)[:10] if len(have) == len(ids) else "partial"
             except WorkbenchError as exc:
                 digest = f"STALE: {type(exc).__name__}"
-            rows.append({"encoder": enc, "n_slides": len(have), "dim": int(arr.shape[1]),
-                         "weights_digest": str(arr.attrs.get("weights_digest"))[:10], "digest": digest})
+            rows.append(
+                {
+                    "encoder": enc,
+                    "n_slides": len(have),
+                    "dim": int(arr.shape[1]),
+                    "weights_digest": str(arr.attrs.get("weights_digest"))[:10],
+                    "digest": digest,
+                }
+            )
         return pd.DataFrame(rows, columns=["encoder", "n_slides", "dim", "weights_digest", "digest"])
 
     def features(self, encoder: str):
@@ -195,11 +210,24 @@ class Dataset:
             lin = dict(g.attrs.get("lineage", {}))
             row = {"run": run, "status": status, "digest": st.node_digest(g)[:10]}
             if parent == st.Key.TREES:
-                row.update({"encoder": p.get("encoder"), "levels": p.get("levels"), "n_tiles": p.get("n_tiles"),
-                            "features_digest": str(lin.get("features_digest"))[:10]})
+                row.update(
+                    {
+                        "encoder": p.get("encoder"),
+                        "levels": p.get("levels"),
+                        "n_tiles": p.get("n_tiles"),
+                        "features_digest": str(lin.get("features_digest"))[:10],
+                    }
+                )
             else:
-                row.update({"tree_run": p.get("tree_run"), "n": p.get("n"), "n_sampled": p.get("n_sampled"),
-                            "strategy": p.get("strategy"), "tree_digest": str(lin.get("tree_digest"))[:10]})
+                row.update(
+                    {
+                        "tree_run": p.get("tree_run"),
+                        "n": p.get("n"),
+                        "n_sampled": p.get("n_sampled"),
+                        "strategy": p.get("strategy"),
+                        "tree_digest": str(lin.get("tree_digest"))[:10],
+                    }
+                )
             rows.append(row)
         return pd.DataFrame(rows)
 
@@ -247,15 +275,22 @@ class Dataset:
             meta = json.loads(sidecar.read_text())
             status = "ok"
             try:
-                from workbench.search.retrieval import open_for_index, features_digest
+                from workbench.search.retrieval import features_digest, open_for_index
 
                 _, table = open_for_index(self.path, enc)
                 if features_digest(self.root, enc, list(table["slide_id"])) != meta.get("digest"):
                     status = "stale"
             except WorkbenchError as exc:
                 status = f"stale ({type(exc).__name__})"
-            rows.append({"encoder": enc, "kind": kind, "n": meta.get("n"), "digest": str(meta.get("digest"))[:10],
-                         "status": status})
+            rows.append(
+                {
+                    "encoder": enc,
+                    "kind": kind,
+                    "n": meta.get("n"),
+                    "digest": str(meta.get("digest"))[:10],
+                    "status": status,
+                }
+            )
         return pd.DataFrame(rows, columns=["encoder", "kind", "n", "digest", "status"])
 
     def index(self, encoder: str, kind: str = "flat", **kw):
@@ -275,24 +310,34 @@ class Dataset:
     def __repr__(self) -> str:
         lines = []
         counts = self.tile_counts() if self.slide_ids else np.zeros(0)
-        lines.append(f"Dataset {self.path}  (layout {self.root.attrs.get('layout_version')}, "
-                     f"{len(self.slide_ids)} slides, {int(counts.sum()):,} tiles)")
+        lines.append(
+            f"Dataset {self.path}  (layout {self.root.attrs.get('layout_version')}, "
+            f"{len(self.slide_ids)} slides, {int(counts.sum()):,} tiles)"
+        )
         t = self.tiling
         try:
             td = self.tiling_digest()[:10]
         except WorkbenchError as exc:
             td = type(exc).__name__
-        lines.append(f"  tiling    tile_px={t.get('tile_px')} tile_mpp={t.get('tile_mpp')} "
-                     f"min_tissue={t.get('min_tissue')}  digest {td}")
+        lines.append(
+            f"  tiling    tile_px={t.get('tile_px')} tile_mpp={t.get('tile_mpp')} "
+            f"min_tissue={t.get('min_tissue')}  digest {td}"
+        )
         for r in self.feature_sets.itertuples():
-            lines.append(f"  features  {r.encoder}: {r.n_slides} slides, d={r.dim}, weights {r.weights_digest}  "
-                         f"digest {r.digest}")
+            lines.append(
+                f"  features  {r.encoder}: {r.n_slides} slides, d={r.dim}, weights {r.weights_digest}  "
+                f"digest {r.digest}"
+            )
         for r in self.trees.itertuples():
-            lines.append(f"  tree      {r.run}: levels={r.levels} over {r.encoder} ({r.n_tiles} tiles)  "
-                         f"digest {r.digest}  from features {r.features_digest}  [{r.status}]")
+            lines.append(
+                f"  tree      {r.run}: levels={r.levels} over {r.encoder} ({r.n_tiles} tiles)  "
+                f"digest {r.digest}  from features {r.features_digest}  [{r.status}]"
+            )
         for r in self.samples.itertuples():
-            lines.append(f"  sample    {r.run}: {r.n_sampled} of n={r.n} ({r.strategy}) from tree {r.tree_run}  "
-                         f"digest {r.digest}  [{r.status}]")
+            lines.append(
+                f"  sample    {r.run}: {r.n_sampled} of n={r.n} ({r.strategy}) from tree {r.tree_run}  "
+                f"digest {r.digest}  [{r.status}]"
+            )
         for r in self.indexes.itertuples():
             lines.append(f"  index     {r.encoder}-{r.kind}: {r.n} rows  digest {r.digest}  [{r.status}]")
         n_err = len(self.errors)
@@ -327,7 +372,7 @@ def _index_files(ds: Dataset):
         stem = sidecar.name[: -len(".json")]
         for key in sorted(names, key=len, reverse=True):
             if stem.startswith(key + "-"):
-                out.append((names[key], stem[len(key) + 1:], sidecar))
+                out.append((names[key], stem[len(key) + 1 :], sidecar))
                 break
     return out
 
@@ -361,34 +406,58 @@ def check_array(arr, rows: list, values: bool) -> None:
     what = st.describe_key(path)
     a = arr.attrs
     if st.WRITTEN not in a:
-        rows.append({"node": path, "check": "checksum", "status": "FAULT",
-                     "detail": f"{what}: written without checksums or digests (outside the workbench, or layout 1)"})
+        rows.append(
+            {
+                "node": path,
+                "check": "checksum",
+                "status": "FAULT",
+                "detail": f"{what}: written without checksums or digests (outside the workbench, or layout 1)",
+            }
+        )
         return
     keys = st.chunk_keys(arr)
     if a.get(st.WRITTEN) != len(keys):
-        rows.append({"node": path, "check": "chunks", "status": "FAULT",
-                     "detail": f"{what}: {len(keys)} chunks for a shape that was written with {a.get(st.WRITTEN)}"})
+        rows.append(
+            {
+                "node": path,
+                "check": "chunks",
+                "status": "FAULT",
+                "detail": f"{what}: {len(keys)} chunks for a shape that was written with {a.get(st.WRITTEN)}",
+            }
+        )
         return
     want = a.get("wb_sha256", [])
     rows_per = int(arr.chunks[0]) if arr.ndim else 1
     faults = 0
     for i, key in enumerate(keys):
         try:
-            block = arr[i * rows_per:(i + 1) * rows_per] if arr.ndim else arr[...]
+            block = arr[i * rows_per : (i + 1) * rows_per] if arr.ndim else arr[...]
         except IntegrityError as exc:
             rows.append({"node": path, "check": "chunk " + key, "status": "FAULT", "detail": str(exc)})
             faults += 1
             continue
         except Exception as exc:  # a chunk that cannot be decoded at all
-            rows.append({"node": path, "check": "chunk " + key, "status": "FAULT",
-                         "detail": f"{what}: chunk {key} cannot be decoded ({type(exc).__name__}: {exc})"})
+            rows.append(
+                {
+                    "node": path,
+                    "check": "chunk " + key,
+                    "status": "FAULT",
+                    "detail": f"{what}: chunk {key} cannot be decoded ({type(exc).__name__}: {exc})",
+                }
+            )
             faults += 1
             continue
         if values and i < len(want):
             if hashlib.sha256(np.ascontiguousarray(block).tobytes()).hexdigest() != want[i]:
-                rows.append({"node": path, "check": "values " + key, "status": "FAULT",
-                             "detail": f"{what}: chunk {key} holds other values than were written (rewritten in "
-                                       "place); re-run the stage that writes it"})
+                rows.append(
+                    {
+                        "node": path,
+                        "check": "values " + key,
+                        "status": "FAULT",
+                        "detail": f"{what}: chunk {key} holds other values than were written (rewritten in "
+                        "place); re-run the stage that writes it",
+                    }
+                )
                 faults += 1
     if not faults:
         rows.append({"node": path, "check": "chunks", "status": "ok", "detail": f"{len(keys)} chunks"})
@@ -425,8 +494,14 @@ def verify(store, *, values: bool = True):
         key = st.Key.slide(s)
         if s not in ids:
             if key in root:
-                rows.append({"node": key, "check": "complete", "status": "FAULT",
-                             "detail": f"slide {s!r} is incomplete: re-run tile_slides"})
+                rows.append(
+                    {
+                        "node": key,
+                        "check": "complete",
+                        "status": "FAULT",
+                        "detail": f"slide {s!r} is incomplete: re-run tile_slides",
+                    }
+                )
             continue
         try:
             a = st.check_attrs(root[key], f"slide {s!r}")
@@ -435,23 +510,47 @@ def verify(store, *, values: bool = True):
             a = dict(root[key].attrs)
         for name in ("coords", "tissue"):
             if name not in root[key]:
-                rows.append({"node": f"{key}/{name}", "check": "present", "status": "FAULT",
-                             "detail": f"slide {s!r}: array {name!r} is gone"})
+                rows.append(
+                    {
+                        "node": f"{key}/{name}",
+                        "check": "present",
+                        "status": "FAULT",
+                        "detail": f"slide {s!r}: array {name!r} is gone",
+                    }
+                )
         if "coords" not in root[key]:
             continue
         change = st.identity_change(a.get("file_identity"), a.get("path", ""))
-        rows.append({"node": key, "check": "slide file", "status": "FAULT" if change else "ok",
-                     "detail": change or ("same file as at tiling" if a.get("file_identity") else "not recorded")})
+        rows.append(
+            {
+                "node": key,
+                "check": "slide file",
+                "status": "FAULT" if change else "ok",
+                "detail": change or ("same file as at tiling" if a.get("file_identity") else "not recorded"),
+            }
+        )
         cd = st.array_digest_of(root[st.Key.coords(s)])
         if st.Key.features_group(s) in root:
             for name, arr in root[st.Key.features_group(s)].arrays():
                 if arr.attrs.get("complete") and arr.attrs.get("coords_digest") not in (None, cd):
-                    rows.append({"node": arr.path, "check": "lineage", "status": "FAULT",
-                                 "detail": f"slide {s!r}: features {name!r} were computed over other tiles; re-embed"})
+                    rows.append(
+                        {
+                            "node": arr.path,
+                            "check": "lineage",
+                            "status": "FAULT",
+                            "detail": f"slide {s!r}: features {name!r} were computed over other tiles; re-embed",
+                        }
+                    )
                 elif arr.attrs.get("complete") and arr.shape[0] != root[st.Key.coords(s)].shape[0]:
-                    rows.append({"node": arr.path, "check": "lineage", "status": "FAULT",
-                                 "detail": f"slide {s!r}: {arr.shape[0]} feature rows for "
-                                           f"{root[st.Key.coords(s)].shape[0]} tiles; re-embed"})
+                    rows.append(
+                        {
+                            "node": arr.path,
+                            "check": "lineage",
+                            "status": "FAULT",
+                            "detail": f"slide {s!r}: {arr.shape[0]} feature rows for "
+                            f"{root[st.Key.coords(s)].shape[0]} tiles; re-embed",
+                        }
+                    )
     for parent, load in ((st.Key.TREES, ds.tree), (st.Key.SAMPLES, ds.sample)):
         for run in st.run_names(root, parent):
             node = f"{parent}/{run}"

@@ -24,12 +24,26 @@ error                      raised when
 ``SweepError``             a sweep file or ``--set`` value is refused (file, line and key named)
 =========================  ===========================================================================
 """
+
 from __future__ import annotations
 
 __all__ = [
-    "WorkbenchError", "ParameterError", "ManifestError", "SlideError", "SlideTimeoutError", "WeightsError",
-    "StoreError", "StoreLockedError", "LayoutVersionError", "IntegrityError", "ChecksumError",
-    "MissingChunkError", "StaleError", "StaleIndexError", "RunExistsError", "SweepError",
+    "ChecksumError",
+    "IntegrityError",
+    "LayoutVersionError",
+    "ManifestError",
+    "MissingChunkError",
+    "ParameterError",
+    "RunExistsError",
+    "SlideError",
+    "SlideTimeoutError",
+    "StaleError",
+    "StaleIndexError",
+    "StoreError",
+    "StoreLockedError",
+    "SweepError",
+    "WeightsError",
+    "WorkbenchError",
 ]
 
 

@@ -8,6 +8,7 @@ folders in one atomic ``renameat2(RENAME_EXCHANGE)`` (on filesystems without it:
 :func:`recover` if a kill falls between them). Until the swap the old store is untouched and usable; a
 killed migration is completed by running it again.
 """
+
 from __future__ import annotations
 
 import json
@@ -99,13 +100,18 @@ def _add_lineage(path: Path) -> None:
         enc = params.get("encoder")
         if params.get("slide_ids_digest") not in (None, lineage_digest(ids)) or not enc:
             log.warning("tree %r was fitted on another slide set: left without lineage (load_tree refuses it)", run)
-            g.attrs["lineage"] = {"encoder": enc or "?", "tiling_digest": "unknown (v1)", "features_digest": "?",
-                                  "prefilter_digest": "?"}
+            g.attrs["lineage"] = {
+                "encoder": enc or "?",
+                "tiling_digest": "unknown (v1)",
+                "features_digest": "?",
+                "prefilter_digest": "?",
+            }
             continue
         lineage = tree_lineage(root, enc)
         g.attrs["lineage"] = lineage
-        g.attrs["identity"] = json.loads(json.dumps({**lineage, "params": {k: v for k, v in params.items()
-                                                                           if k in _FIT_KEYS}}, sort_keys=True))
+        g.attrs["identity"] = json.loads(
+            json.dumps({**lineage, "params": {k: v for k, v in params.items() if k in _FIT_KEYS}}, sort_keys=True)
+        )
     table = st.tile_index(root, ids)
     pos = {s: i for i, s in enumerate(ids)}
     tiling = st.tiling_digest(root, ids)
@@ -125,8 +131,19 @@ def _add_lineage(path: Path) -> None:
         g.attrs["lineage"] = {"tree_run": tree_run, "tree_digest": tree_digest, "tiling_digest": tiling}
 
 
-_FIT_KEYS = ("levels", "resampling_steps", "sample_per_cluster", "sample_strategy", "init", "n_iter", "normalize",
-             "backend", "chunk_size", "fit_sample_per_cluster", "random_state")
+_FIT_KEYS = (
+    "levels",
+    "resampling_steps",
+    "sample_per_cluster",
+    "sample_strategy",
+    "init",
+    "n_iter",
+    "normalize",
+    "backend",
+    "chunk_size",
+    "fit_sample_per_cluster",
+    "random_state",
+)
 
 
 def migrate(path, *, _after_copy=None) -> str:
@@ -144,8 +161,9 @@ def migrate(path, *, _after_copy=None) -> str:
             shutil.rmtree(_side(path, MIGRATING), ignore_errors=True)
             return f"store {path} already has layout version {version}: nothing to do"
         if version != 1:
-            raise LayoutVersionError(f"store {path} has layout version {version!r}: no migration to "
-                                     f"{st.LAYOUT_VERSION} from it")
+            raise LayoutVersionError(
+                f"store {path} has layout version {version!r}: no migration to {st.LAYOUT_VERSION} from it"
+            )
         tmp = _side(path, MIGRATING)
         shutil.rmtree(tmp, ignore_errors=True)  # what a killed earlier attempt left
         src = zarr.open_group(str(path), mode="r", zarr_format=3)

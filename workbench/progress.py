@@ -6,6 +6,7 @@ the text bar goes to stdout, not stderr, and updates at most every ``HEADLESS_IN
 executed notebook keeps its final state (``100% ... n/n``) as ordinary output rather than a red stderr box or a
 widget whose state was never saved.
 """
+
 from __future__ import annotations
 
 import sys
@@ -39,8 +40,15 @@ def bar_class() -> tuple[type, dict]:
     return tqdm, {}
 
 
-def progress_bar(iterable=None, *, total: int | None = None, desc: str | None = None, unit: str = "it",
-                 disable: bool = False, **kwargs):
+def progress_bar(
+    iterable=None,
+    *,
+    total: int | None = None,
+    desc: str | None = None,
+    unit: str = "it",
+    disable: bool = False,
+    **kwargs,
+):
     """A tqdm bar (``tqdm.auto`` in a widget frontend, text otherwise); same arguments as ``tqdm``."""
     cls, extra = bar_class()
     return cls(iterable, total=total, desc=desc, unit=unit, disable=disable, **{**extra, **kwargs})

@@ -26,6 +26,7 @@ samples and indexes refuse inputs that changed (:class:`StaleError`). Named runs
 old one and swapped in atomically (:func:`write_run`). A slide's (or a features array's) ``complete``
 attribute is written last; one run at a time holds the store's write lock (:func:`write_lock`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,8 +45,14 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from workbench.errors import (ChecksumError, LayoutVersionError, MissingChunkError, RunExistsError,  # noqa: F401
-                              StaleError, StoreError)
+from workbench.errors import (
+    ChecksumError,
+    LayoutVersionError,
+    MissingChunkError,
+    RunExistsError,
+    StaleError,
+    StoreError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +62,6 @@ LAYOUT_VERSION = 2
 WRITTEN = "wb_chunks"
 _CHUNK_KEY = re.compile(r"^(?:(.*)/)?c(?:/\d+)+$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
-
-
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -182,8 +187,7 @@ class CheckedStore(LocalStore):
     def _has_crc(self, prefix: str) -> bool:
         if prefix not in self._crc:
             meta = self._meta(prefix) or {}
-            self._crc[prefix] = any(c.get("name") == "crc32c" for c in meta.get("codecs", [])
-                                    if isinstance(c, dict))
+            self._crc[prefix] = any(c.get("name") == "crc32c" for c in meta.get("codecs", []) if isinstance(c, dict))
         return self._crc[prefix]
 
     async def get(self, key, prototype=None, byte_range=None):
@@ -196,20 +200,23 @@ class CheckedStore(LocalStore):
             meta = self._meta(prefix)
             if meta is not None and WRITTEN in meta.get("attributes", {}):
                 raise MissingChunkError(
-                    f"{describe_key(prefix)}: chunk {key[len(prefix):].lstrip('/')} is missing from store "
+                    f"{describe_key(prefix)}: chunk {key[len(prefix) :].lstrip('/')} is missing from store "
                     f"{self.root} (it was written): the store lost data; restore it from a backup or re-run "
-                    "the stage that wrote it (`python -m workbench verify` lists every fault)")
+                    "the stage that wrote it (`python -m workbench verify` lists every fault)"
+                )
             return buf
         if byte_range is None and self._has_crc(prefix):
             import google_crc32c
 
             data = buf.as_numpy_array().view(np.uint8)
-            if len(data) < 4 or google_crc32c.value(data[:-4].tobytes()) != int.from_bytes(data[-4:].tobytes(),
-                                                                                            "little"):
+            if len(data) < 4 or google_crc32c.value(data[:-4].tobytes()) != int.from_bytes(
+                data[-4:].tobytes(), "little"
+            ):
                 raise ChecksumError(
-                    f"{describe_key(prefix)}: chunk {key[len(prefix):].lstrip('/')} of store {self.root} fails its "
+                    f"{describe_key(prefix)}: chunk {key[len(prefix) :].lstrip('/')} of store {self.root} fails its "
                     "crc32c checksum (the bytes on disk changed): restore the store from a backup or re-run the "
-                    "stage that wrote it")
+                    "stage that wrote it"
+                )
         return buf
 
 
@@ -231,7 +238,7 @@ def as_path(store) -> Path:
 
 def as_root(store):
     """An open store group from a group, a :class:`~workbench.dataset.Dataset` (group-like) or a path."""
-    if isinstance(store, zarr.Group) or hasattr(store, "root") and hasattr(store, "__fspath__"):
+    if isinstance(store, zarr.Group) or (hasattr(store, "root") and hasattr(store, "__fspath__")):
         return store
     return open_store(store)
 
@@ -258,7 +265,8 @@ def open_store(path, mode: str = "r") -> zarr.Group:
             raise LayoutVersionError(
                 f"store {path} has layout version 1 (no checksums, no lineage); this workbench reads version "
                 f"{LAYOUT_VERSION}: upgrade it in place with `python -m workbench migrate {path}` (crash-safe; "
-                "nothing was changed)")
+                "nothing was changed)"
+            )
         raise LayoutVersionError(
             f"store {path} has layout version {version!r}, this workbench reads version {LAYOUT_VERSION}; "
             "re-tile into a new store (nothing was changed)"
@@ -286,15 +294,15 @@ def _merge_manifest(path: Path, old: list[dict], new: list[dict], root: zarr.Gro
         now = file_identity(rec["path"]) if Path(str(rec["path"])).exists() else None
         if stored and now and same_file(stored, now):
             log.info("slide %r moved from %s to %s (same file): path updated", sid, was, rec["path"])
-            attrs.update({"path": str(Path(str(rec["path"]))), "manifest_path": str(rec["path"]),
-                          "file_identity": now})
+            attrs.update({"path": str(Path(str(rec["path"]))), "manifest_path": str(rec["path"]), "file_identity": now})
             if SEAL in attrs:
                 seal_attrs(root[key])
             continue
         raise StaleError(
             f"slide {sid!r} was tiled from {was}; the manifest now gives {rec['path']}, "
             + ("which is another file" if now else "which does not exist")
-            + f": give the new file a new slide_id, or tile it into a new store (store {path} was not changed)")
+            + f": give the new file a new slide_id, or tile it into a new store (store {path} was not changed)"
+        )
     return merged
 
 
@@ -433,8 +441,10 @@ def stored_crcs(arr) -> list[int | None]:
 
 
 def _value_hashes(data: np.ndarray, rows: int) -> list[str]:
-    return [hashlib.sha256(np.ascontiguousarray(data[a:a + rows]).tobytes()).hexdigest()
-            for a in range(0, len(data), rows)]
+    return [
+        hashlib.sha256(np.ascontiguousarray(data[a : a + rows]).tobytes()).hexdigest()
+        for a in range(0, len(data), rows)
+    ]
 
 
 def values_digest(hashes: list[str], shape, dtype) -> str:
@@ -457,14 +467,24 @@ def write_array(group: zarr.Group, name: str, data: np.ndarray, *, chunk_rows: i
     data = np.asarray(data)
     rows = max(1, min(chunk_rows, len(data))) if data.ndim else 1
     chunks = (rows,) + data.shape[1:]
-    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, overwrite=True,
-                             compressors=[ZstdCodec(level=3), Crc32cCodec()],
-                             config={"write_empty_chunks": True})
+    arr = group.create_array(
+        name,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=chunks,
+        overwrite=True,
+        compressors=[ZstdCodec(level=3), Crc32cCodec()],
+        config={"write_empty_chunks": True},
+    )
     if data.size:
         arr[...] = data
     hashes = _value_hashes(data, rows) if data.size else []
-    lineage = {WRITTEN: len(chunk_keys(arr)), "wb_sha256": hashes, "wb_crc32c": stored_crcs(arr),
-               "digest": values_digest(hashes, data.shape, data.dtype)}
+    lineage = {
+        WRITTEN: len(chunk_keys(arr)),
+        "wb_sha256": hashes,
+        "wb_crc32c": stored_crcs(arr),
+        "digest": values_digest(hashes, data.shape, data.dtype),
+    }
     arr.attrs.update({**(attrs or {}), **lineage})
     return arr
 
@@ -487,13 +507,16 @@ def check_fresh(arr, what: str | None = None) -> None:
     now = stored_crcs(arr)
     for key, w, c in zip(chunk_keys(arr), want, now):
         if c is None:
-            raise MissingChunkError(f"{what or describe_key(arr.path)}: chunk {key} is missing from store "
-                                    f"{store_path_of(arr)} (it was written)")
+            raise MissingChunkError(
+                f"{what or describe_key(arr.path)}: chunk {key} is missing from store "
+                f"{store_path_of(arr)} (it was written)"
+            )
         if w != c:
             raise StaleError(
                 f"{what or describe_key(arr.path)}: chunk {key} was rewritten after the array was written (its "
                 "values no longer match the lineage recorded with it); re-run the stage that writes it "
-                "(e.g. embed_slides for features) and rebuild what was derived from it")
+                "(e.g. embed_slides for features) and rebuild what was derived from it"
+            )
 
 
 def read_slide(root: zarr.Group, slide_id: str) -> dict:
@@ -523,9 +546,7 @@ def tile_index(root: zarr.Group, ids: list[str] | None = None):
     for s in ids:
         coords = root[Key.coords(s)][:]
         frames.append(
-            pd.DataFrame(
-                {"slide_id": s, "tile": np.arange(len(coords)), "x": coords[:, 0], "y": coords[:, 1]}
-            )
+            pd.DataFrame({"slide_id": s, "tile": np.arange(len(coords)), "x": coords[:, 0], "y": coords[:, 1]})
         )
     if not frames:
         return pd.DataFrame(columns=["slide_id", "tile", "x", "y"])
@@ -578,15 +599,16 @@ def _append_error_line(root, record: dict) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX)
         view = memoryview(line)
         while view:  # a short write (signal, full pipe) continues where it stopped
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         # no fsync per record: it would cost milliseconds per row on a busy disk; a crash can lose only the
         # last rows (a cut last line is skipped on reading), never corrupt earlier ones
     finally:
         os.close(fd)  # releases the flock
 
 
-def record_error(root: zarr.Group, slide_id: str, stage: str, error: BaseException | str,
-                 error_class: str | None = None, **context) -> None:
+def record_error(
+    root: zarr.Group, slide_id: str, stage: str, error: BaseException | str, error_class: str | None = None, **context
+) -> None:
     """Append (slide_id, stage, error, error_class) to the store's error table (O(1), safe across processes)."""
     if isinstance(error, BaseException):
         error_class = error_class or type(error).__name__
@@ -596,12 +618,22 @@ def record_error(root: zarr.Group, slide_id: str, stage: str, error: BaseExcepti
         if error_class is None:
             m = re.match(r"^([A-Za-z_][A-Za-z0-9_]*(?:Error|Exception|Timeout|Interrupt)): ", text)
             error_class = m.group(1) if m else "Error"
-    _append_error_line(root, {"slide_id": slide_id, "stage": stage, "error": text, "time": time.time(),
-                              "error_class": error_class, **context})
+    _append_error_line(
+        root,
+        {
+            "slide_id": slide_id,
+            "stage": stage,
+            "error": text,
+            "time": time.time(),
+            "error_class": error_class,
+            **context,
+        },
+    )
 
 
-def record_failure(root: zarr.Group, slide_id: str, stage: str, error: BaseException | str,
-                   error_class: str | None = None, **context) -> dict:
+def record_failure(
+    root: zarr.Group, slide_id: str, stage: str, error: BaseException | str, error_class: str | None = None, **context
+) -> dict:
     """The one per-slide failure helper of every stage: record the row, log it, return a summary fragment.
 
     Returns ``{"slide_id", "status": "error", "error", "error_class"}`` for the stage's summary table.
@@ -628,7 +660,7 @@ def _legacy_records(root) -> list:
         return []
     try:
         return list(root[Key.ERRORS].attrs.get("records", [])) if Key.ERRORS in root else []
-    except Exception:  # noqa: BLE001 — an unreadable legacy group just has no records
+    except Exception:
         return []
 
 
@@ -658,8 +690,11 @@ def _error_records(root) -> dict:
 
 def failed_slides(root, stage: str, **context) -> dict:
     """{slide_id: error text} of the slides whose last record for ``stage`` (and ``context``) is a failure."""
-    return {sid: r.get("error") for (sid, stg), r in _error_records(root).items()
-            if stg == stage and all(r.get(k) == v for k, v in context.items())}
+    return {
+        sid: r.get("error")
+        for (sid, stg), r in _error_records(root).items()
+        if stg == stage and all(r.get(k) == v for k, v in context.items())
+    }
 
 
 def error_table(root: zarr.Group):
@@ -749,8 +784,11 @@ def file_identity(path) -> dict:
     if path.is_dir():  # a multi-file slide (MRXS data folder, DICOM series): names, sizes and times of its files
         files = sorted(p for p in path.rglob("*") if p.is_file())
         listing = [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-        return {"size": int(sum(x[1] for x in listing)), "mtime_ns": int(max([x[2] for x in listing], default=0)),
-                "sha256_sampled": sha_digest(listing)}
+        return {
+            "size": int(sum(x[1] for x in listing)),
+            "mtime_ns": int(max([x[2] for x in listing], default=0)),
+            "sha256_sampled": sha_digest(listing),
+        }
     size = st_.st_size
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -777,8 +815,11 @@ def identity_change(stored: dict | None, path) -> str | None:
     changes = [k for k in ("size", "sha256_sampled", "mtime_ns") if stored.get(k) != now.get(k)]
     if not changes:
         return None
-    what = {"size": f"size {stored.get('size')} -> {now['size']} bytes", "sha256_sampled": "content hash",
-            "mtime_ns": "modification time"}
+    what = {
+        "size": f"size {stored.get('size')} -> {now['size']} bytes",
+        "sha256_sampled": "content hash",
+        "mtime_ns": "modification time",
+    }
     return f"the file {path} changed since tiling ({', '.join(what[c] for c in changes)})"
 
 
@@ -796,8 +837,10 @@ def check_attrs(node, what: str) -> dict:
     attrs = dict(node.attrs)
     seal = attrs.get(SEAL)
     if seal is not None and sha_digest({k: v for k, v in attrs.items() if k not in (SEAL, "complete")}) != seal:
-        raise ChecksumError(f"{what}: its attributes (zarr.json) changed since they were written (e.g. mpp, tile "
-                            "size or path): re-tile the slide into a new store, or restore the store from a backup")
+        raise ChecksumError(
+            f"{what}: its attributes (zarr.json) changed since they were written (e.g. mpp, tile "
+            "size or path): re-tile the slide into a new store, or restore the store from a backup"
+        )
     return attrs
 
 
@@ -807,8 +850,10 @@ def check_slide_file(root: zarr.Group, slide_id: str) -> dict:
     attrs = check_attrs(root[Key.slide(slide_id)], f"slide {slide_id!r}")
     change = identity_change(attrs.get("file_identity"), attrs.get("path", ""))
     if change:
-        raise StaleError(f"slide {slide_id!r}: {change}; its tiles would be read at the old coordinates. Re-tile "
-                         "it into a new store (or give the new file a new slide_id); nothing was read")
+        raise StaleError(
+            f"slide {slide_id!r}: {change}; its tiles would be read at the old coordinates. Re-tile "
+            "it into a new store (or give the new file a new slide_id); nothing was read"
+        )
     return attrs
 
 
@@ -903,7 +948,7 @@ def swap_in(tmp: Path, final: Path) -> None:
     else:
         old = final.with_name(RUN_OLD + final.name)
         shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)   # readers fall back to _old-<name> until the next rename
+        os.rename(final, old)  # readers fall back to _old-<name> until the next rename
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     fsync_dir(final.parent)
@@ -920,7 +965,7 @@ def recover_runs(path) -> None:
             continue
         for p in d.iterdir():
             if p.name.startswith(RUN_OLD):
-                final = d / p.name[len(RUN_OLD):]
+                final = d / p.name[len(RUN_OLD) :]
                 if final.exists():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
@@ -969,6 +1014,7 @@ def write_run(store, key: str, identity: dict, build, *, overwrite: bool = False
             if old == identity:
                 return False
             if not overwrite:
+
                 def flat(d, pre=""):
                     out = {}
                     for k, v in d.items():
@@ -981,7 +1027,8 @@ def write_run(store, key: str, identity: dict, build, *, overwrite: bool = False
                 raise RunExistsError(
                     f"{what} {key.rsplit('/', 1)[1]!r} exists in {path} with other parameters or inputs ({diff}); "
                     "give another run name, or overwrite=True to replace it (the old run stays readable until the "
-                    "new one is complete)")
+                    "new one is complete)"
+                )
         parent, name = key.rsplit("/", 1)
         tmp_key = f"{parent}/{RUN_TMP}{name}-{os.getpid()}"
         g = root.create_group(tmp_key, overwrite=True)

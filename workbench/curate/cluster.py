@@ -46,6 +46,7 @@ Example
 >>> hk.point_labels_.shape
 (2000, 2)
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,14 +56,43 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.curate.kmeans import (BACKENDS, INITS, STRATEGIES, as_tensor, finite_rows, iter_chunks, l2_normalize, n_rows,
-                     torch_device, assign_torch, kmeans, kmeans_plusplus, lloyd_torch, resample_indices,
-                     resolve_backend)
-from workbench.curate.kmeans import assign_chunks, lloyd_chunks
+from workbench.curate.kmeans import (
+    BACKENDS,
+    INITS,
+    STRATEGIES,
+    as_tensor,
+    assign_torch,
+    finite_rows,
+    iter_chunks,
+    kmeans,
+    kmeans_plusplus,
+    l2_normalize,
+    lloyd_chunks,
+    lloyd_torch,
+    n_rows,
+    resample_indices,
+    resolve_backend,
+    torch_device,
+)
 
-__all__ = ["BACKENDS", "STRATEGIES", "HierarchicalKMeans", "Tree", "assign_torch", "cluster_purity",
-           "compose_labels", "export_swissai_csv", "fit_store", "kmeans", "kmeans_plusplus", "lloyd_torch",
-           "load_tree", "read_cluster_tiles", "resample_indices", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "STRATEGIES",
+    "HierarchicalKMeans",
+    "Tree",
+    "assign_torch",
+    "cluster_purity",
+    "compose_labels",
+    "export_swissai_csv",
+    "fit_store",
+    "kmeans",
+    "kmeans_plusplus",
+    "lloyd_torch",
+    "load_tree",
+    "read_cluster_tiles",
+    "resample_indices",
+    "resolve_backend",
+]
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +128,14 @@ class Tree:
         lab = self.labels[:, level - 1]
         return np.bincount(lab[lab >= 0], minlength=len(self.centroids[level - 1]))
 
-    def predict(self, X, *, normalize: bool | None = None, chunk_size: int = 65536, device=None,
-                progress: bool = False):
+    def predict(
+        self, X, *, normalize: bool | None = None, chunk_size: int = 65536, device=None, progress: bool = False
+    ):
         """Assign new rows down the tree → (n, L) int32 labels (-1 for non-finite rows)."""
         normalize = bool(self.attrs.get("normalize", False)) if normalize is None else normalize
-        labels, _ = _assign_stream(X, self.centroids[0], normalize=normalize, chunk_rows=chunk_size,
-                                   device=device, progress=progress)
+        labels, _ = _assign_stream(
+            X, self.centroids[0], normalize=normalize, chunk_rows=chunk_size, device=device, progress=progress
+        )
         return compose_labels(labels, self.parents)
 
 
@@ -187,10 +219,24 @@ class HierarchicalKMeans:
     backend_ : backend used; fit_seconds_ : wall time of fit; timings_ : seconds per phase.
     """
 
-    def __init__(self, levels=(64,), *, resampling_steps=1, sample_per_cluster=None, sample_strategy="closest",
-                 init="k-means||", n_iter=50, normalize=False, backend="auto", device=None, chunk_size=65536,
-                 fit_sample_per_cluster=None, progress=False, random_state=0,
-                 stream_iter=0):
+    def __init__(
+        self,
+        levels=(64,),
+        *,
+        resampling_steps=1,
+        sample_per_cluster=None,
+        sample_strategy="closest",
+        init="k-means||",
+        n_iter=50,
+        normalize=False,
+        backend="auto",
+        device=None,
+        chunk_size=65536,
+        fit_sample_per_cluster=None,
+        progress=False,
+        random_state=0,
+        stream_iter=0,
+    ):
         self.levels = levels
         self.resampling_steps = resampling_steps
         self.sample_per_cluster = sample_per_cluster
@@ -209,8 +255,20 @@ class HierarchicalKMeans:
     # ------------------------------------------------------------------ params
 
     def get_params(self) -> dict:
-        keys = ["levels", "resampling_steps", "sample_per_cluster", "sample_strategy", "init", "n_iter",
-                "normalize", "backend", "device", "chunk_size", "fit_sample_per_cluster", "random_state"]
+        keys = [
+            "levels",
+            "resampling_steps",
+            "sample_per_cluster",
+            "sample_strategy",
+            "init",
+            "n_iter",
+            "normalize",
+            "backend",
+            "device",
+            "chunk_size",
+            "fit_sample_per_cluster",
+            "random_state",
+        ]
         if int(self.stream_iter):
             keys.append("stream_iter")
         out = {}
@@ -231,8 +289,10 @@ class HierarchicalKMeans:
             if v is None or np.isscalar(v):
                 check_optional(check_int, name, v, 0 if name == "resampling_steps" else 1)
             else:
-                [check_optional(check_int, f"{name}[{i}]", x, 0 if name == "resampling_steps" else 1)
-                 for i, x in enumerate(v)]
+                [
+                    check_optional(check_int, f"{name}[{i}]", x, 0 if name == "resampling_steps" else 1)
+                    for i, x in enumerate(v)
+                ]
         if not levels or min(levels) < 1:
             raise ValueError(f"levels must be a non-empty list of positive cluster counts, got {self.levels!r}")
         if any(b > a for a, b in zip(levels, levels[1:])):
@@ -296,12 +356,20 @@ class HierarchicalKMeans:
             t1 = time.perf_counter()
             if int(self.stream_iter) or (client is not None and backend != "cuml"):
                 # chunk by chunk (on the cluster with a client): Lloyd updates over the store, then labels
-                C, labels1, dist1, hist = lloyd_chunks(X, C, n_iter=int(self.stream_iter), client=client,
-                                                      normalize=self.normalize, progress=self.progress)
+                C, labels1, dist1, hist = lloyd_chunks(
+                    X, C, n_iter=int(self.stream_iter), client=client, normalize=self.normalize, progress=self.progress
+                )
                 self.stream_inertia_ = hist
             else:
-                labels1, dist1 = _assign_stream(X, C, normalize=self.normalize, chunk_rows=chunk, device=self.device,
-                                                progress=self.progress, desc="assign level 1")
+                labels1, dist1 = _assign_stream(
+                    X,
+                    C,
+                    normalize=self.normalize,
+                    chunk_rows=chunk,
+                    device=self.device,
+                    progress=self.progress,
+                    desc="assign level 1",
+                )
             timings["assign"] = time.perf_counter() - t1
         else:
             Xm, ok = self._load(X, chunk)
@@ -354,7 +422,7 @@ class HierarchicalKMeans:
         else:
             Xm = np.empty(X.shape, np.float32)
             for a, block in iter_chunks(X, chunk, progress=self.progress, desc="load"):
-                Xm[a:a + len(block)] = block
+                Xm[a : a + len(block)] = block
         ok = finite_rows(Xm)
         Xm = Xm[ok] if not ok.all() else Xm
         return (l2_normalize(Xm) if self.normalize else Xm), ok
@@ -378,14 +446,20 @@ class HierarchicalKMeans:
     @property
     def tree_(self) -> Tree:
         self._check_fitted()
-        attrs = {**self.get_params(), "backend_used": self.backend_, "n_iter": self.n_iter_,
-                 "n_invalid": self.n_invalid_, "fit_seconds": round(self.fit_seconds_, 3)}
+        attrs = {
+            **self.get_params(),
+            "backend_used": self.backend_,
+            "n_iter": self.n_iter_,
+            "n_invalid": self.n_invalid_,
+            "fit_seconds": round(self.fit_seconds_, 3),
+        }
         return Tree(self.point_labels_, self.cluster_centers_, self.parents_, self.distances_, attrs)
 
     def predict(self, X, *, progress: bool = False) -> np.ndarray:
         """Assign new rows down the tree → (n, L) int32 labels (-1 for NaN/Inf rows)."""
-        return self.tree_.predict(X, normalize=self.normalize, chunk_size=int(self.chunk_size),
-                                  device=self.device, progress=progress)
+        return self.tree_.predict(
+            X, normalize=self.normalize, chunk_size=int(self.chunk_size), device=self.device, progress=progress
+        )
 
 
 # =========================================================================== store glue
@@ -404,7 +478,7 @@ def _kept_rows(root, ids, counts) -> np.ndarray:
                 a = dict(arr.attrs)
                 if a.get("drop", False) and a.get("complete", False):
                     thr = float(a.get("threshold", 0.75))
-                    keep[offset:offset + c] &= ~(np.asarray(arr[:], np.float32) >= thr)
+                    keep[offset : offset + c] &= ~(np.asarray(arr[:], np.float32) >= thr)
         offset += int(c)
     return keep
 
@@ -429,8 +503,12 @@ def tree_lineage(root, encoder: str) -> dict:
     from workbench import store as st
 
     ids = st.slide_ids(root)
-    return {"encoder": encoder, "tiling_digest": st.tiling_digest(root, ids),
-            "features_digest": st.features_digest(root, encoder, ids), "prefilter_digest": _prefilter_digest(root, ids)}
+    return {
+        "encoder": encoder,
+        "tiling_digest": st.tiling_digest(root, ids),
+        "features_digest": st.features_digest(root, encoder, ids),
+        "prefilter_digest": _prefilter_digest(root, ids),
+    }
 
 
 def tree_run_name(encoder: str, params: dict) -> str:
@@ -440,8 +518,9 @@ def tree_run_name(encoder: str, params: dict) -> str:
     return f"hkm-{st.encoder_key(encoder)}-{st.sha_digest(params)[:10]}"
 
 
-def fit_store(store_path, encoder: str, run: str | None = None, *, overwrite: bool = False, client=None,
-              **params) -> Tree:
+def fit_store(
+    store_path, encoder: str, run: str | None = None, *, overwrite: bool = False, client=None, **params
+) -> Tree:
     """Fit a tree on a store's ``encoder`` features and save it as the named run ``tree/<run>``.
 
     Tiles flagged by a prefilter saved with ``drop=True`` are left out (label -1), as are NaN/Inf rows.
@@ -466,7 +545,9 @@ def fit_store(store_path, encoder: str, run: str | None = None, *, overwrite: bo
             log.info("tree %r: same parameters over the same features: reusing it", run)
             return load_tree(store_path, run)
         if not overwrite:
-            st.write_run(store_path, key, identity, lambda g: None, what="tree")  # raises RunExistsError naming what differs
+            st.write_run(
+                store_path, key, identity, lambda g: None, what="tree"
+            )  # raises RunExistsError naming what differs
     ids = st.slide_ids(root)
     X = st.features_array(root, encoder, ids)
     counts = st.tile_counts(root, ids)
@@ -483,9 +564,20 @@ def fit_store(store_path, encoder: str, run: str | None = None, *, overwrite: bo
     dist = np.full(n, np.nan, np.float32)
     level1[kept], dist[kept] = hk.labels_[0], hk.distances_
     tree = hk.tree_
-    tree = Tree(compose_labels(level1, tree.parents), tree.centroids, tree.parents, dist,
-                {**tree.attrs, "encoder": encoder, "n_tiles": n, "n_dropped_prefilter": int((~keep).sum()),
-                 "slide_ids_digest": lineage_digest(ids), "run": run})
+    tree = Tree(
+        compose_labels(level1, tree.parents),
+        tree.centroids,
+        tree.parents,
+        dist,
+        {
+            **tree.attrs,
+            "encoder": encoder,
+            "n_tiles": n,
+            "n_dropped_prefilter": int((~keep).sum()),
+            "slide_ids_digest": lineage_digest(ids),
+            "run": run,
+        },
+    )
 
     def build(g):
         for l in range(tree.n_levels):
@@ -497,8 +589,7 @@ def fit_store(store_path, encoder: str, run: str | None = None, *, overwrite: bo
         g.attrs.update({"parameters": _jsonable(tree.attrs), "n_levels": tree.n_levels, "lineage": lineage})
 
     st.write_run(store_path, key, identity, build, overwrite=True, what="tree")
-    log.info("tree %r: %s clusters over %d tiles in %.1f s", run, [len(c) for c in tree.centroids], n,
-             hk.fit_seconds_)
+    log.info("tree %r: %s clusters over %d tiles in %.1f s", run, [len(c) for c in tree.centroids], n, hk.fit_seconds_)
     return tree
 
 
@@ -522,18 +613,24 @@ def check_tree_lineage(root, run: str, attrs: dict) -> None:
     lineage = attrs.get("lineage")
     if not lineage:
         if attrs.get("parameters", {}).get("slide_ids_digest") not in (None, lineage_digest(st.slide_ids(root))):
-            raise st.StaleError(f"tree {run!r} was fitted on another set of slides than {st.store_path(root)} now "
-                                f"holds; refit it (fit_store(..., {run!r}, overwrite=True))")
+            raise st.StaleError(
+                f"tree {run!r} was fitted on another set of slides than {st.store_path(root)} now "
+                f"holds; refit it (fit_store(..., {run!r}, overwrite=True))"
+            )
         return
     now = tree_lineage(root, lineage["encoder"])
-    what = {"tiling_digest": "the slides or their tiles (re-tiled, reordered, added or removed)",
-            "features_digest": f"the {lineage['encoder']!r} features (re-embedded or rewritten)",
-            "prefilter_digest": "the prefilters that drop tiles"}
+    what = {
+        "tiling_digest": "the slides or their tiles (re-tiled, reordered, added or removed)",
+        "features_digest": f"the {lineage['encoder']!r} features (re-embedded or rewritten)",
+        "prefilter_digest": "the prefilters that drop tiles",
+    }
     changed = [what[k] for k in what if lineage.get(k) != now.get(k)]
     if changed:
-        raise st.StaleError(f"tree {run!r} of {st.store_path(root)} is stale: {' and '.join(changed)} changed since "
-                            f"it was fitted; refit it: fit_store(store, {lineage['encoder']!r}, {run!r}, "
-                            "overwrite=True, ...)")
+        raise st.StaleError(
+            f"tree {run!r} of {st.store_path(root)} is stale: {' and '.join(changed)} changed since "
+            f"it was fitted; refit it: fit_store(store, {lineage['encoder']!r}, {run!r}, "
+            "overwrite=True, ...)"
+        )
 
 
 def load_tree(store_path, run: str) -> Tree:
@@ -570,7 +667,7 @@ def export_swissai_csv(store_path, run: str, path) -> Path:
             import pandas as pd
 
             xy = root[st.Key.coords(s)][:]
-            lab = tree.labels[offset:offset + len(xy)]
+            lab = tree.labels[offset : offset + len(xy)]
             offset += len(xy)
             df = pd.DataFrame({"slide_id": s, "tile_x": xy[:, 0], "tile_y": xy[:, 1]})
             for l in range(tree.n_levels):

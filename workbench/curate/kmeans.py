@@ -16,6 +16,7 @@ Backends, chosen at run time (:func:`resolve_backend`):
   cluster when ``client=`` is given to :meth:`workbench.curate.cluster.HierarchicalKMeans.fit`.
 * ``"auto"`` – cuML when it imports and a GPU exists, else torch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -101,7 +102,7 @@ def as_tensor(X, device):
 
 def _default_chunk(k: int, device) -> int:
     """Rows per assignment chunk: the (rows, k) distance block stays ≈ 32 MB on CPU, 1 GB on GPU."""
-    budget = 2 ** 23 if getattr(device, "type", "cpu") == "cpu" else 2 ** 28
+    budget = 2**23 if getattr(device, "type", "cpu") == "cpu" else 2**28
     return int(max(256, min(1 << 16, budget // max(k, 1))))
 
 
@@ -129,16 +130,17 @@ def assign_torch(X, C, *, chunk_size: int | None = None, device=None):
     labels = torch.empty(n, dtype=torch.int64, device=device)
     dist = torch.empty(n, dtype=torch.float32, device=device)
     for a in range(0, n, chunk):
-        x = X[a:a + chunk]
+        x = X[a : a + chunk]
         d = torch.addmm(c_sq, x, Ct, beta=1.0, alpha=-2.0)  # ‖c‖² − 2 x·c, (m, k)
         m, idx = d.min(dim=1)  # fused min + argmin
-        labels[a:a + chunk] = idx
-        dist[a:a + chunk] = (m + (x * x).sum(1)).clamp_min_(0)
+        labels[a : a + chunk] = idx
+        dist[a : a + chunk] = (m + (x * x).sum(1)).clamp_min_(0)
     return labels, dist
 
 
-def kmeans_plusplus(X, k: int, rng: np.random.Generator, *, n_local_trials: int | None = None, device=None,
-                    sample_weight=None):
+def kmeans_plusplus(
+    X, k: int, rng: np.random.Generator, *, n_local_trials: int | None = None, device=None, sample_weight=None
+):
     """Greedy k-means++ seeding as scikit-learn: ``2 + ln k`` candidates per step, keep the best.
 
     Parameters
@@ -161,16 +163,22 @@ def kmeans_plusplus(X, k: int, rng: np.random.Generator, *, n_local_trials: int 
     if n < k:
         raise ValueError(f"k-means++ needs at least k={k} points, got {n}")
     t = n_local_trials or 2 + int(math.log(k))
-    w = None if sample_weight is None else torch.as_tensor(np.asarray(sample_weight), device=device,
-                                                           dtype=torch.float64)
+    w = (
+        None
+        if sample_weight is None
+        else torch.as_tensor(np.asarray(sample_weight), device=device, dtype=torch.float64)
+    )
     x_sq = (X * X).sum(1)
     centers = torch.empty((k, X.shape[1]), dtype=X.dtype, device=device)
     if w is None:
         first = int(rng.integers(n))
     else:
         cw = torch.cumsum(w, 0)
-        first = int(torch.searchsorted(cw, torch.as_tensor([rng.random() * float(cw[-1])], device=device,
-                                                           dtype=torch.float64)).clamp_(max=n - 1))
+        first = int(
+            torch.searchsorted(
+                cw, torch.as_tensor([rng.random() * float(cw[-1])], device=device, dtype=torch.float64)
+            ).clamp_(max=n - 1)
+        )
     centers[0] = X[first]
     closest = (x_sq - 2 * X @ X[first] + x_sq[first]).clamp_min_(0)
     pot = float((closest.double() if w is None else closest.double() * w).sum())
@@ -192,9 +200,19 @@ def kmeans_plusplus(X, k: int, rng: np.random.Generator, *, n_local_trials: int 
     return centers
 
 
-def kmeans_parallel(X, k: int, rng: np.random.Generator, *, oversampling: float = 1.5, rounds: int = 2,
-                    local_iter: int = 10, n_local_trials: int | None = None, seed_sample: float = 3,
-                    chunk_size: int | None = None, device=None):
+def kmeans_parallel(
+    X,
+    k: int,
+    rng: np.random.Generator,
+    *,
+    oversampling: float = 1.5,
+    rounds: int = 2,
+    local_iter: int = 10,
+    n_local_trials: int | None = None,
+    seed_sample: float = 3,
+    chunk_size: int | None = None,
+    device=None,
+):
     """k-means|| seeding (Bahmani et al. 2012, "Scalable k-means++"), the start Spark MLlib and cuML use,
     with its first candidates from greedy k-means++ on a small uniform subsample.
 
@@ -305,8 +323,7 @@ def _segment_sums(x, idx, k: int):
     torch.cumsum(torch.bincount(idx, minlength=k), 0, out=crow[1:])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        A = torch.sparse_csr_tensor(crow, order, torch.ones(len(idx), dtype=x.dtype, device=x.device),
-                                    (k, len(idx)))
+        A = torch.sparse_csr_tensor(crow, order, torch.ones(len(idx), dtype=x.dtype, device=x.device), (k, len(idx)))
         return A @ x
 
 
@@ -335,11 +352,11 @@ def _assign_accumulate(X, C, *, x_sq=None, chunk_size=None, flush_rows: int = 16
     part = torch.zeros((k, d), dtype=torch.float32, device=dev)
     pending = 0
     for a in range(0, n, chunk):
-        x = X[a:a + chunk]
+        x = X[a : a + chunk]
         m, idx = torch.addmm(c_sq, x, Ct, beta=1.0, alpha=-2.0).min(dim=1)
-        labels[a:a + chunk] = idx
-        xs = (x * x).sum(1) if x_sq is None else x_sq[a:a + chunk]
-        dist[a:a + chunk] = (m + xs).clamp_min_(0)
+        labels[a : a + chunk] = idx
+        xs = (x * x).sum(1) if x_sq is None else x_sq[a : a + chunk]
+        dist[a : a + chunk] = (m + xs).clamp_min_(0)
         part += _segment_sums(x, idx, k)
         pending += len(x)
         if pending >= flush_rows or a + chunk >= n:
@@ -403,7 +420,7 @@ def resolve_backend(backend: str = "auto") -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         try:
-            import cuml  # noqa: F401
+            import cuml
             import torch
 
             return "cuml" if torch.cuda.is_available() else "torch"
@@ -426,8 +443,16 @@ def _kmeans_faiss(X: np.ndarray, C0: np.ndarray, n_iter: int, seed: int):
 
     n, d = X.shape
     gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-    km = faiss.Kmeans(d, len(C0), niter=n_iter, seed=seed, gpu=gpu, verbose=False,
-                      max_points_per_centroid=max(n, 1), min_points_per_centroid=1)
+    km = faiss.Kmeans(
+        d,
+        len(C0),
+        niter=n_iter,
+        seed=seed,
+        gpu=gpu,
+        verbose=False,
+        max_points_per_centroid=max(n, 1),
+        min_points_per_centroid=1,
+    )
     km.train(np.ascontiguousarray(X, np.float32), init_centroids=np.ascontiguousarray(C0, np.float32))
     return np.asarray(km.centroids, np.float32)
 
@@ -466,8 +491,15 @@ def _kmeans_cuml_dask(X: np.ndarray, C0: np.ndarray, n_iter: int, seed: int, cli
     rows = max(1, -(-len(X) // n_workers))
     Xd = da.from_array(np.ascontiguousarray(X, np.float32), chunks=(rows, X.shape[1]))
     Xd = client.persist(Xd.map_blocks(xp.asarray, dtype=np.float32, meta=xp.empty((0, X.shape[1]), np.float32)))
-    km = KMeans(client=client, n_clusters=len(C0), init=xp.asarray(np.ascontiguousarray(C0, np.float32)),
-                n_init=1, max_iter=int(n_iter), tol=0.0, random_state=seed)
+    km = KMeans(
+        client=client,
+        n_clusters=len(C0),
+        init=xp.asarray(np.ascontiguousarray(C0, np.float32)),
+        n_init=1,
+        max_iter=int(n_iter),
+        tol=0.0,
+        random_state=seed,
+    )
     km.fit(Xd)
     return to_host(km.cluster_centers_).astype(np.float32)
 
@@ -477,14 +509,31 @@ def _kmeans_cuml(X: np.ndarray, C0: np.ndarray, n_iter: int, seed: int, client=N
         return _kmeans_cuml_dask(X, C0, n_iter, seed, _as_client(client))
     from cuml.cluster import KMeans
 
-    km = KMeans(n_clusters=len(C0), init=np.ascontiguousarray(C0, np.float32), n_init=1, max_iter=n_iter,
-                tol=0.0, random_state=seed, output_type="numpy")
+    km = KMeans(
+        n_clusters=len(C0),
+        init=np.ascontiguousarray(C0, np.float32),
+        n_init=1,
+        max_iter=n_iter,
+        tol=0.0,
+        random_state=seed,
+        output_type="numpy",
+    )
     km.fit(np.ascontiguousarray(X, np.float32))
     return to_host(km.cluster_centers_).astype(np.float32)
 
 
-def kmeans(X, k: int, *, rng: np.random.Generator, init="k-means||", n_iter: int = 50, backend: str = "torch",
-           device=None, chunk_size: int | None = None, client=None):
+def kmeans(
+    X,
+    k: int,
+    *,
+    rng: np.random.Generator,
+    init="k-means||",
+    n_iter: int = 50,
+    backend: str = "torch",
+    device=None,
+    chunk_size: int | None = None,
+    client=None,
+):
     """One flat k-means on in-memory rows with the chosen backend.
 
     Returns
@@ -498,14 +547,21 @@ def kmeans(X, k: int, *, rng: np.random.Generator, init="k-means||", n_iter: int
     lvl = logging.INFO if len(X) * k >= 1e8 else logging.DEBUG  # report the big fits only
     t0 = time.perf_counter()
     C0 = _init_centroids(X, k, rng, init, dev)
-    log.log(lvl, "k-means k=%d on %d x %d: %s init in %.1f s", k, len(X), X.shape[1], init if isinstance(init, str)
-             else "given", time.perf_counter() - t0)
+    log.log(
+        lvl,
+        "k-means k=%d on %d x %d: %s init in %.1f s",
+        k,
+        len(X),
+        X.shape[1],
+        init if isinstance(init, str) else "given",
+        time.perf_counter() - t0,
+    )
     if backend == "torch":
         t0 = time.perf_counter()
         C, labels, dist, it = lloyd_torch(X, C0, n_iter=n_iter, chunk_size=chunk_size, device=dev)
         log.log(lvl, "k-means k=%d: %d Lloyd iterations in %.1f s", k, it, time.perf_counter() - t0)
         return C.cpu().numpy(), labels.cpu().numpy(), dist.cpu().numpy(), it
-    seed = int(rng.integers(2 ** 31 - 1))
+    seed = int(rng.integers(2**31 - 1))
     C0 = C0.cpu().numpy()
     if backend == "faiss":
         C = _kmeans_faiss(X, C0, n_iter, seed)
@@ -517,8 +573,9 @@ def kmeans(X, k: int, *, rng: np.random.Generator, init="k-means||", n_iter: int
     return C, labels.cpu().numpy(), dist.cpu().numpy(), n_iter
 
 
-def resample_indices(labels: np.ndarray, sqdist: np.ndarray, k: int, size: int, strategy: str,
-                     rng: np.random.Generator) -> np.ndarray:
+def resample_indices(
+    labels: np.ndarray, sqdist: np.ndarray, k: int, size: int, strategy: str, rng: np.random.Generator
+) -> np.ndarray:
     """Indices of up to ``size`` points per cluster: the closest to its centroid, or random ones.
 
     Vectorised: one lexsort by (cluster, key) and each point's rank inside its cluster.
@@ -545,7 +602,9 @@ def _as_client(client):
         return client
     if isinstance(client, str) or hasattr(client, "scheduler_address"):
         return Client(client)
-    raise TypeError(f"client must be a distributed.Client, a scheduler address or a cluster, not {type(client).__name__}")
+    raise TypeError(
+        f"client must be a distributed.Client, a scheduler address or a cluster, not {type(client).__name__}"
+    )
 
 
 def block_partials(block, C, normalize: bool = False, *, device=None) -> dict:
@@ -577,15 +636,25 @@ def block_partials(block, C, normalize: bool = False, *, device=None) -> dict:
     xt = as_tensor(xs, dev)
     sums = torch.zeros((k, d), dtype=torch.float64, device=dev)
     for a in range(0, len(xs), 16384):  # float32 partial sums of ≤ 16k rows, totals in float64
-        sums += _segment_sums(xt[a:a + 16384], lab[a:a + 16384], k)
-    return {"labels": labels, "sqdist": sq, "counts": torch.bincount(lab, minlength=k).cpu().numpy().astype(np.int64),
-            "sums": sums.cpu().numpy(), "inertia": float(dist.double().sum()), "bad": int((~ok).sum())}
+        sums += _segment_sums(xt[a : a + 16384], lab[a : a + 16384], k)
+    return {
+        "labels": labels,
+        "sqdist": sq,
+        "counts": torch.bincount(lab, minlength=k).cpu().numpy().astype(np.int64),
+        "sums": sums.cpu().numpy(),
+        "inertia": float(dist.double().sum()),
+        "bad": int((~ok).sum()),
+    }
 
 
 def _reduce_partials(parts: list) -> dict:
     """Counts, sums, inertia of a list of :func:`block_partials` results, added in list order."""
-    out = {"counts": parts[0]["counts"].copy(), "sums": parts[0]["sums"].copy(), "inertia": parts[0]["inertia"],
-           "bad": parts[0]["bad"]}
+    out = {
+        "counts": parts[0]["counts"].copy(),
+        "sums": parts[0]["sums"].copy(),
+        "inertia": parts[0]["inertia"],
+        "bad": parts[0]["bad"],
+    }
     for p in parts[1:]:
         out["counts"] += p["counts"]
         out["sums"] += p["sums"]
@@ -626,8 +695,16 @@ def _task_partials(X, a, b, C, normalize, keep_rows):
     return _partials_of(_read_block(X, a, b), C, normalize, keep_rows)
 
 
-def assign_chunks(X, C, *, client=None, normalize: bool = False, chunk_rows: int | None = None,
-                  labels: bool = True, progress: bool = False) -> dict:
+def assign_chunks(
+    X,
+    C,
+    *,
+    client=None,
+    normalize: bool = False,
+    chunk_rows: int | None = None,
+    labels: bool = True,
+    progress: bool = False,
+) -> dict:
     """Assign every row of X (numpy, Zarr or Dask; on disk or in memory) to ``C``, chunk by chunk.
 
     With ``client`` (a ``distributed.Client``, a scheduler address string or a cluster object: LocalCluster,
@@ -688,8 +765,17 @@ def assign_chunks(X, C, *, client=None, normalize: bool = False, chunk_rows: int
     return out
 
 
-def lloyd_chunks(X, C0, *, n_iter: int = 10, client=None, normalize: bool = False, chunk_rows: int | None = None,
-                 tol: float = 0.0, progress: bool = False):
+def lloyd_chunks(
+    X,
+    C0,
+    *,
+    n_iter: int = 10,
+    client=None,
+    normalize: bool = False,
+    chunk_rows: int | None = None,
+    tol: float = 0.0,
+    progress: bool = False,
+):
     """Lloyd iterations over every row of X by chunks (out of core; on a Dask cluster with ``client``).
 
     Each iteration is one :func:`assign_chunks` pass returning only partial counts/sums/inertia per chunk
@@ -705,16 +791,19 @@ def lloyd_chunks(X, C0, *, n_iter: int = 10, client=None, normalize: bool = Fals
     client = _as_client(client) if client is not None else None
     history = []
     for it in range(int(n_iter)):
-        st = assign_chunks(X, C, client=client, normalize=normalize, chunk_rows=chunk_rows, labels=False,
-                           progress=progress)
+        st = assign_chunks(
+            X, C, client=client, normalize=normalize, chunk_rows=chunk_rows, labels=False, progress=progress
+        )
         history.append(st["inertia"])
         nz = st["counts"] > 0
         C[nz] = (st["sums"][nz] / st["counts"][nz, None]).astype(np.float32)
-        log.info("lloyd over chunks: iteration %d, inertia %.6g, %d empty clusters", it + 1, st["inertia"],
-                 int((~nz).sum()))
+        log.info(
+            "lloyd over chunks: iteration %d, inertia %.6g, %d empty clusters", it + 1, st["inertia"], int((~nz).sum())
+        )
         if tol > 0 and len(history) > 1 and abs(history[-2] - history[-1]) <= tol * abs(history[-2]):
             break
-    final = assign_chunks(X, C, client=client, normalize=normalize, chunk_rows=chunk_rows, labels=True,
-                          progress=progress)
+    final = assign_chunks(
+        X, C, client=client, normalize=normalize, chunk_rows=chunk_rows, labels=True, progress=progress
+    )
     history.append(final["inertia"])
     return C, final["labels"], final["sqdist"], history

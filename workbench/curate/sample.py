@@ -20,6 +20,7 @@ Example
 >>> HierarchicalSampler(3, strategy="random").fit(labels).indices_.size
 3
 """
+
 from __future__ import annotations
 
 import json
@@ -232,8 +233,17 @@ class StratifiedBatchSampler:
     ``seen_`` (N,) counts draws over all epochs so far.
     """
 
-    def __init__(self, labels, batch_size: int, *, level: int | None = None, slide_ids=None,
-                 max_slides_per_epoch: int | None = None, n_batches: int | None = None, random_state=0):
+    def __init__(
+        self,
+        labels,
+        batch_size: int,
+        *,
+        level: int | None = None,
+        slide_ids=None,
+        max_slides_per_epoch: int | None = None,
+        n_batches: int | None = None,
+        random_state=0,
+    ):
         from workbench.validate import check_int, check_optional
 
         labels = np.asarray(labels)
@@ -309,7 +319,7 @@ class StratifiedBatchSampler:
         out = []
         while want > 0:
             q, cur = queues[c], int(cursors[c])
-            chosen = q[cur:cur + want]
+            chosen = q[cur : cur + want]
             self.seen_[chosen] += 1
             out.append(chosen)
             want -= len(chosen)
@@ -378,8 +388,17 @@ def balance_metrics(labels_subset, labels_full, classes=None, *, class_names=Non
 # =========================================================================== store glue
 
 
-def sample_store(store_path, tree_run: str, run: str | None, n: int, *, strategy: str = "random",
-                 level: int | None = None, random_state=0, overwrite: bool = False) -> np.ndarray:
+def sample_store(
+    store_path,
+    tree_run: str,
+    run: str | None,
+    n: int,
+    *,
+    strategy: str = "random",
+    level: int | None = None,
+    random_state=0,
+    overwrite: bool = False,
+) -> np.ndarray:
     """Sample ``n`` tiles from ``tree/<tree_run>`` and save them as the named run ``samples/<run>``.
 
     Saved: ``indices`` (m,) int64 global tile ids, and each tile's stable key (``slide`` (m,) int32 index
@@ -395,17 +414,16 @@ def sample_store(store_path, tree_run: str, run: str | None, n: int, *, strategy
     if run is not None:
         st.check_name(run, "sample run")
     tree = load_tree(store_path, tree_run)  # refuses a stale tree
-    params = {"tree_run": tree_run, "n": int(n), "strategy": strategy, "level": level,
-              "random_state": random_state}
+    params = {"tree_run": tree_run, "n": int(n), "strategy": strategy, "level": level, "random_state": random_state}
     run = f"{tree_run}-n{int(n)}-{st.sha_digest(params)[:8]}" if run is None else run
     key = st.Key.sample(run)
     root = st.open_store(store_path, mode="r")
     ids = st.slide_ids(root)
-    identity = {"params": params, "tree_digest": tree.attrs.get("digest"),
-                "tiling_digest": st.tiling_digest(root, ids)}
+    identity = {"params": params, "tree_digest": tree.attrs.get("digest"), "tiling_digest": st.tiling_digest(root, ids)}
     existing = st.run_key(root, key)
-    if st.is_complete(root, existing) and dict(root[existing].attrs.get("identity", {})) == \
-            json.loads(json.dumps(identity, sort_keys=True)):
+    if st.is_complete(root, existing) and dict(root[existing].attrs.get("identity", {})) == json.loads(
+        json.dumps(identity, sort_keys=True)
+    ):
         log.info("sample %r: same parameters from the same tree: reusing it", run)
         return load_sample(store_path, run)
     sampler = HierarchicalSampler(n, strategy=strategy, level=level, random_state=random_state).fit(tree)
@@ -419,10 +437,17 @@ def sample_store(store_path, tree_run: str, run: str | None, n: int, *, strategy
         st.write_array(g, "slide", rows["slide_id"].map(slide_pos).to_numpy(np.int32))
         st.write_array(g, "xy", rows[["x", "y"]].to_numpy(np.int32).reshape(-1, 2))
         g.attrs["slide_ids"] = ids
-        g.attrs["lineage"] = {"tree_run": tree_run, "tree_digest": identity["tree_digest"],
-                              "tiling_digest": identity["tiling_digest"]}
-        g.attrs["parameters"] = {**params, "n_sampled": int(len(idx)), "cut": sampler.cut_,
-                                 "encoder": tree.attrs.get("encoder")}
+        g.attrs["lineage"] = {
+            "tree_run": tree_run,
+            "tree_digest": identity["tree_digest"],
+            "tiling_digest": identity["tiling_digest"],
+        }
+        g.attrs["parameters"] = {
+            **params,
+            "n_sampled": int(len(idx)),
+            "cut": sampler.cut_,
+            "encoder": tree.attrs.get("encoder"),
+        }
 
     st.write_run(store_path, key, identity, build, overwrite=overwrite, what="sample")
     log.info("sample %r: %d tiles from tree %r", run, len(idx), tree_run)
@@ -441,8 +466,9 @@ def load_sample(store_path, run: str, *, check_tree: bool = True) -> np.ndarray:
     root = st.open_store(store_path, mode="r")
     key = st.run_key(root, st.Key.sample(run))
     if not st.is_complete(root, key):
-        raise st.StoreError(f"sample {run!r} is missing or incomplete in {st.as_path(store_path)}: "
-                            "run sample_store first")
+        raise st.StoreError(
+            f"sample {run!r} is missing or incomplete in {st.as_path(store_path)}: run sample_store first"
+        )
     g = root[key]
     idx = g["indices"][:].astype(np.int64)
     lineage = g.attrs.get("lineage")
@@ -461,8 +487,10 @@ def load_sample(store_path, run: str, *, check_tree: bool = True) -> np.ndarray:
         if digest != lineage["tree_digest"]:
             raise st.StaleError(
                 f"sample {run!r} was drawn from tree {tree_run!r} as it was; that tree was "
-                + ("removed" if digest is None else "replaced") + " since: re-run sample_store(..., overwrite=True) "
-                "(or load_sample(..., check_tree=False) for the tiles alone)")
+                + ("removed" if digest is None else "replaced")
+                + " since: re-run sample_store(..., overwrite=True) "
+                "(or load_sample(..., check_tree=False) for the tiles alone)"
+            )
     if lineage["tiling_digest"] == st.tiling_digest(root):
         return idx
     saved_ids = list(g.attrs["slide_ids"])
@@ -476,7 +504,8 @@ def load_sample(store_path, run: str, *, check_tree: bool = True) -> np.ndarray:
         raise st.StaleError(
             f"sample {run!r}: {len(bad)} of {len(out)} sampled tiles no longer exist in {st.as_path(store_path)} "
             f"(e.g. slide {slides[bad[0]]!r} at x={int(xy[bad[0], 0])}, y={int(xy[bad[0], 1])}): the slides were "
-            "re-tiled; refit the tree and re-run sample_store")
+            "re-tiled; refit the tree and re-run sample_store"
+        )
     log.warning("sample %r: the slides were re-tiled or reordered since; ids re-derived from the saved tile keys", run)
     return out
 
@@ -494,8 +523,9 @@ def demo_tile_classes(store_path) -> np.ndarray:
     from workbench.search.evaluate import synthetic_tile_labels
 
     root = st.open_store(store_path)
-    return synthetic_tile_labels(SimpleNamespace(store=str(store_path),
-                                                 slides=pd.DataFrame({"slide_id": st.slide_ids(root)})))
+    return synthetic_tile_labels(
+        SimpleNamespace(store=str(store_path), slides=pd.DataFrame({"slide_id": st.slide_ids(root)}))
+    )
 
 
 def tile_metadata(store_path, column: str) -> np.ndarray:

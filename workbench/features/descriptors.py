@@ -20,6 +20,7 @@ block dominates distances):
 The weights digest of the encoder is the sha256 of :meth:`StainTexture.definition` (version, block sizes,
 stain ranges, gradient bin edges, colour bits), so it changes only when the definition does.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -64,11 +65,15 @@ def _luts() -> dict:
     _LUTS.update(
         stain=[bins(hed[:, c], STAIN_RANGES[c], 12) for c in range(3)],
         joint=bins(hed[:, 0], STAIN_RANGES[0], 6) * 6 + bins(hed[:, 1], STAIN_RANGES[1], 6),
-        hue=bins(hue, 1.0, 12), sat_bin=bins(sat, 1.0, 6), sat=sat.astype(np.float32),
+        hue=bins(hue, 1.0, 12),
+        sat_bin=bins(sat, 1.0, 6),
+        sat=sat.astype(np.float32),
         hed=(hed / np.array(STAIN_RANGES)).astype(np.float32),
-        white=((grey > 0.85) & (sat < 0.15)).astype(np.float32), lbp=lbp,
+        white=((grey > 0.85) & (sat < 0.15)).astype(np.float32),
+        lbp=lbp,
         mag=np.searchsorted(np.array(_MAG_EDGES), np.arange(2048), side="right").astype(np.uint8),
-        orient=np.clip((np.arctan2(gy, gx) % np.pi) / np.pi * 8, 0, 7).astype(np.uint8).reshape(-1))
+        orient=np.clip((np.arctan2(gy, gx) % np.pi) / np.pi * 8, 0, 7).astype(np.uint8).reshape(-1),
+    )
     return _LUTS
 
 
@@ -84,7 +89,7 @@ def _texture(g: np.ndarray, luts: dict) -> list:
     c = g[:, 1:-1, 1:-1]
     code, tmp = np.zeros(c.shape, np.uint8), np.empty(c.shape, bool)
     for bit, (dy, dx) in enumerate([(0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0), (1, 0)]):
-        np.greater_equal(g[:, dy:dy + h - 2, dx:dx + w - 2], c, out=tmp)
+        np.greater_equal(g[:, dy : dy + h - 2, dx : dx + w - 2], c, out=tmp)
         code |= tmp.view(np.uint8) << bit
     g16 = g.astype(np.int16)
     dx_ = g16[:, :, 2:] - g16[:, :, :-2]
@@ -93,8 +98,11 @@ def _texture(g: np.ndarray, luts: dict) -> list:
     gy = dy_[:, :, :-2] + 2 * dy_[:, :, 1:-1] + dy_[:, :, 2:]
     mag = np.abs(gx) + np.abs(gy)
     orient = ((gx >> 5) + 32) * 64 + ((gy >> 5) + 32)
-    return [_hist(luts["lbp"][code], 10, n), _hist(luts["mag"][np.minimum(mag >> 2, 2047)], 8, n),
-            _hist(luts["orient"][orient], 8, n, mag.astype(np.float32))]
+    return [
+        _hist(luts["lbp"][code], 10, n),
+        _hist(luts["mag"][np.minimum(mag >> 2, 2047)], 8, n),
+        _hist(luts["orient"][orient], 8, n, mag.astype(np.float32)),
+    ]
 
 
 def stain_texture_features(tiles: np.ndarray) -> np.ndarray:
@@ -111,18 +119,29 @@ def stain_texture_features(tiles: np.ndarray) -> np.ndarray:
     c = tiles[:, ::2, ::2]
     q = ((c[..., 0] >> 3).astype(np.uint16) << 10) | ((c[..., 1] >> 3).astype(np.uint16) << 5) | (c[..., 2] >> 3)
     blocks = [_hist(luts["stain"][k][q], 12, n) for k in range(3)]
-    blocks += [_hist(luts["joint"][q], 36, n), _hist(luts["hue"][q], 12, n, luts["sat"][q]),
-               _hist(luts["sat_bin"][q], 6, n)]
+    blocks += [
+        _hist(luts["joint"][q], 36, n),
+        _hist(luts["hue"][q], 12, n, luts["sat"][q]),
+        _hist(luts["sat_bin"][q], 6, n),
+    ]
     grey = cv2.cvtColor(tiles.reshape(n * h, w, 3), cv2.COLOR_RGB2GRAY).reshape(n, h, w)
     half = cv2.resize(grey.reshape(n * h, w), (w // 2, n * (h // 2)), interpolation=cv2.INTER_AREA)
     half = half.reshape(n, h // 2, w // 2)
     blocks += _texture(grey, luts) + _texture(half, luts)
     hed = luts["hed"][q].reshape(n, -1, 3)
     gf = half.reshape(n, -1)
-    stats = np.concatenate([
-        hed.mean(1), hed.std(1), gf.mean(1, keepdims=True) / 255, gf.std(1, keepdims=True) * (4 / 255),
-        luts["sat"][q].reshape(n, -1).mean(1, keepdims=True), luts["white"][q].reshape(n, -1).mean(1, keepdims=True),
-        (gf < 51).mean(1, keepdims=True)], axis=1)
+    stats = np.concatenate(
+        [
+            hed.mean(1),
+            hed.std(1),
+            gf.mean(1, keepdims=True) / 255,
+            gf.std(1, keepdims=True) * (4 / 255),
+            luts["sat"][q].reshape(n, -1).mean(1, keepdims=True),
+            luts["white"][q].reshape(n, -1).mean(1, keepdims=True),
+            (gf < 51).mean(1, keepdims=True),
+        ],
+        axis=1,
+    )
     out = [np.sqrt(b / np.maximum(b.sum(1, keepdims=True), 1e-12)) for b in blocks]
     return np.concatenate(out + [stats], axis=1).astype(np.float32)
 
@@ -141,8 +160,14 @@ def stain_texture_module_class():
         num_features = sum(_BLOCKS) + _N_STATS
 
         def definition(self) -> dict:
-            return {"version": self.version, "blocks": list(_BLOCKS), "n_stats": _N_STATS,
-                    "stain_ranges": list(STAIN_RANGES), "mag_edges": list(_MAG_EDGES), "colour_bits": 5}
+            return {
+                "version": self.version,
+                "blocks": list(_BLOCKS),
+                "n_stats": _N_STATS,
+                "stain_ranges": list(STAIN_RANGES),
+                "mag_edges": list(_MAG_EDGES),
+                "colour_bits": 5,
+            }
 
         def forward(self, x):
             arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)

@@ -25,13 +25,13 @@ lock for the whole run). One worker per GPU: ``dask_cuda.LocalCUDACluster()`` wh
     with LocalCUDACluster() as cluster, Client(cluster) as client:
         embed_slides("data.zarr", "uni", client=client)
 """
+
 from __future__ import annotations
 
 import logging
 import multiprocessing
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -67,8 +67,11 @@ class TileBatches:
         self.slides, self.batch_size = slides, int(batch_size)
         self.time_limit = time_limit  # seconds of reading per slide (per loader worker); None: no limit
         self._started: dict = {}
-        self.items = [(k, start, min(start + self.batch_size, len(s["coords"])))
-                      for k, s in enumerate(slides) for start in range(0, len(s["coords"]), self.batch_size)]
+        self.items = [
+            (k, start, min(start + self.batch_size, len(s["coords"])))
+            for k, s in enumerate(slides)
+            for start in range(0, len(s["coords"]), self.batch_size)
+        ]
         self._open = None  # (slide index, TileReader)
 
     def __len__(self):
@@ -96,9 +99,15 @@ class TileBatches:
             remaining = self.time_limit - (time.monotonic() - self._started.setdefault(k, time.monotonic()))
         try:
             if remaining is not None and remaining <= 0:
-                return k, start, torch.zeros(0, dtype=torch.uint8), (
-                    f"SlideTimeoutError: slide {self.slides[k]['slide_id']!r}: timed out after the per-slide time "
-                    f"limit of {self.time_limit:g} s (raise time_limit to allow more)")
+                return (
+                    k,
+                    start,
+                    torch.zeros(0, dtype=torch.uint8),
+                    (
+                        f"SlideTimeoutError: slide {self.slides[k]['slide_id']!r}: timed out after the per-slide time "
+                        f"limit of {self.time_limit:g} s (raise time_limit to allow more)"
+                    ),
+                )
             with deadline(remaining, self.slides[k]["slide_id"], self.time_limit):
                 tiles = self._reader(k).read(self.slides[k]["coords"][start:stop])
         except Exception as exc:  # reported per slide by the consumer, never silently dropped
@@ -176,15 +185,41 @@ def slide_job(root, slide_id: str, enc) -> dict:
     attrs = st.check_slide_file(root, slide_id)  # StaleError if the file is not the one that was tiled
     px, mpp = read_geometry(attrs, root.attrs.get("tiling", {}), enc.input_px)
     if enc.mpp is not None and abs(float(attrs.get("tile_mpp", 0.5)) - enc.mpp) > 1e-6:
-        log.warning("slide %r: tiles are at %s mpp, encoder %r was trained at %s mpp; each tile's footprint is "
-                    "resized to %d px", slide_id, attrs.get("tile_mpp"), enc.name, enc.mpp, enc.input_px)
+        log.warning(
+            "slide %r: tiles are at %s mpp, encoder %r was trained at %s mpp; each tile's footprint is "
+            "resized to %d px",
+            slide_id,
+            attrs.get("tile_mpp"),
+            enc.name,
+            enc.mpp,
+            enc.input_px,
+        )
     coords = g["coords"]
-    return {"slide_id": slide_id, "path": attrs["path"], "mpp": attrs.get("mpp"), "coords": coords[:],
-            "coords_digest": st.array_digest_of(coords), "read_px": px, "read_mpp": mpp, "attrs": attrs}
+    return {
+        "slide_id": slide_id,
+        "path": attrs["path"],
+        "mpp": attrs.get("mpp"),
+        "coords": coords[:],
+        "coords_digest": st.array_digest_of(coords),
+        "read_px": px,
+        "read_mpp": mpp,
+        "attrs": attrs,
+    }
 
 
-def run_slides(root, jobs: list[dict], enc, model, device: str, *, batch_size: int, num_workers: int,
-               on_error: str = "skip", progress=None, time_limit: float | None = None) -> list[dict]:
+def run_slides(
+    root,
+    jobs: list[dict],
+    enc,
+    model,
+    device: str,
+    *,
+    batch_size: int,
+    num_workers: int,
+    on_error: str = "skip",
+    progress=None,
+    time_limit: float | None = None,
+) -> list[dict]:
     """Embed slides through one DataLoader and write each slide's features as soon as it is complete."""
     import torch
 
@@ -197,8 +232,14 @@ def run_slides(root, jobs: list[dict], enc, model, device: str, *, batch_size: i
             rows.append(write_features(root, job, enc, np.zeros((0, enc.dim), np.float32), device, 0.0))
     jobs = [j for j in jobs if len(j["coords"])]
     ds = TileBatches(jobs, batch_size, time_limit)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
-                                         pin_memory=cuda, prefetch_factor=4 if num_workers else None)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=cuda,
+        prefetch_factor=4 if num_workers else None,
+    )
     try:
         with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=amp):
             for k, start, tiles, err in loader:
@@ -214,11 +255,13 @@ def run_slides(root, jobs: list[dict], enc, model, device: str, *, batch_size: i
                         state["out"] = np.empty((len(job["coords"]), enc.dim), np.float32)
                     try:
                         feats = model(enc.preprocess(tiles.to(device, non_blocking=True)))
-                        state["out"][int(start):stop] = feats.float().cpu().numpy()
-                    except Exception as exc:  # noqa: BLE001 — one slide's batch failing costs that slide's row
+                        state["out"][int(start) : stop] = feats.float().cpu().numpy()
+                    except Exception as exc:
                         if on_error == "raise":
                             raise
-                        state["error"] = f"{type(exc).__name__}: slide {job['slide_id']!r}, tiles {int(start)}–{stop}: {exc}"
+                        state["error"] = (
+                            f"{type(exc).__name__}: slide {job['slide_id']!r}, tiles {int(start)}–{stop}: {exc}"
+                        )
                 state["done"] += stop - int(start)
                 if progress is not None:
                     progress.update(stop - int(start))
@@ -227,8 +270,9 @@ def run_slides(root, jobs: list[dict], enc, model, device: str, *, batch_size: i
                     if state["error"] is not None:
                         rows.append(_row(job["slide_id"], "error", len(job["coords"]), error=state["error"]))
                     else:
-                        rows.append(write_features(root, job, enc, state["out"], device,
-                                                   time.perf_counter() - state["t0"]))
+                        rows.append(
+                            write_features(root, job, enc, state["out"], device, time.perf_counter() - state["t0"])
+                        )
     finally:
         ds.close()
     return rows
@@ -248,14 +292,35 @@ def write_features(root, job: dict, enc, feats: np.ndarray, device: str, seconds
     fg = root.require_group(st.Key.features_group(slide_id))
     name = st.Key.features(slide_id, enc.name).rsplit("/", 1)[1]
     cuda = device.startswith("cuda")
-    arr = st.write_array(fg, name, half, chunk_rows=chunk_rows, attrs={
-        **enc.attrs(), "tile_px": attrs.get("tile_px"), "tile_mpp": attrs.get("tile_mpp"),
-        "read_px": job["read_px"], "device": device, "precision": enc.precision if cuda else "fp32",
-        "n_tiles": int(n), "n_nonfinite": int(len(bad)), "nonfinite_rows": bad.tolist(),
-        "seconds": round(seconds, 3), "coords_digest": job.get("coords_digest")})
+    arr = st.write_array(
+        fg,
+        name,
+        half,
+        chunk_rows=chunk_rows,
+        attrs={
+            **enc.attrs(),
+            "tile_px": attrs.get("tile_px"),
+            "tile_mpp": attrs.get("tile_mpp"),
+            "read_px": job["read_px"],
+            "device": device,
+            "precision": enc.precision if cuda else "fp32",
+            "n_tiles": int(n),
+            "n_nonfinite": int(len(bad)),
+            "nonfinite_rows": bad.tolist(),
+            "seconds": round(seconds, 3),
+            "coords_digest": job.get("coords_digest"),
+        },
+    )
     st.mark_complete(arr)
-    return {"slide_id": slide_id, "status": "embedded", "n_tiles": int(n), "n_nonfinite": int(len(bad)),
-            "seconds": seconds, "tiles_per_s": n / seconds if seconds > 0 else float("nan"), "error": msg}
+    return {
+        "slide_id": slide_id,
+        "status": "embedded",
+        "n_tiles": int(n),
+        "n_nonfinite": int(len(bad)),
+        "seconds": seconds,
+        "tiles_per_s": n / seconds if seconds > 0 else float("nan"),
+        "error": msg,
+    }
 
 
 def _is_done(root, slide_id: str, enc) -> bool:
@@ -275,8 +340,16 @@ def _is_done(root, slide_id: str, enc) -> bool:
     return True
 
 
-def _slide_task(store_path: str, slide_id: str, name: str, weights, device: str | None, batch_size: int | None,
-                num_workers: int | None, compile: bool) -> dict:
+def _slide_task(
+    store_path: str,
+    slide_id: str,
+    name: str,
+    weights,
+    device: str | None,
+    batch_size: int | None,
+    num_workers: int | None,
+    compile: bool,
+) -> dict:
     """One slide on a dask worker: build (or reuse) the encoder, embed, write the slide's own group."""
     device = pick_device(device)
     enc, model = _prepared(name, weights, device, compile)
@@ -286,8 +359,7 @@ def _slide_task(store_path: str, slide_id: str, name: str, weights, device: str 
     bs = batch_size or auto_batch_size(enc, device)
     nw = _default_workers(device) if num_workers is None else num_workers
     try:
-        return run_slides(root, [slide_job(root, slide_id, enc)], enc, model, device, batch_size=bs,
-                          num_workers=nw)[0]
+        return run_slides(root, [slide_job(root, slide_id, enc)], enc, model, device, batch_size=bs, num_workers=nw)[0]
     except Exception as exc:  # reported per slide to the driver, which records it
         return _row(slide_id, "error", 0, error=f"{type(exc).__name__}: {exc}")
 
@@ -317,20 +389,41 @@ def gpu_cluster(gpus="all", *, n_visible: int | None = None):
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError as err:
-        raise ImportError("embed_slides(gpus=...) starts one worker per GPU with dask-cuda, which is not installed: "
-                          "pip install dask-cuda (or pass client= with your own cluster)") from err
+        raise ImportError(
+            "embed_slides(gpus=...) starts one worker per GPU with dask-cuda, which is not installed: "
+            "pip install dask-cuda (or pass client= with your own cluster)"
+        ) from err
     return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(map(str, devices)), threads_per_worker=1)
 
 
 def _row(slide_id, status, n_tiles, *, error=None) -> dict:
-    return {"slide_id": slide_id, "status": status, "n_tiles": n_tiles, "n_nonfinite": 0, "seconds": 0.0,
-            "tiles_per_s": float("nan"), "error": error}
+    return {
+        "slide_id": slide_id,
+        "status": status,
+        "n_tiles": n_tiles,
+        "n_nonfinite": 0,
+        "seconds": 0.0,
+        "tiles_per_s": float("nan"),
+        "error": error,
+    }
 
 
-def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", *, weights=None,
-                 device: str | None = None, batch_size: int | None = None, num_workers: int | None = None,
-                 compile: bool = False, on_error: str = "skip", client=None, progress: bool = True,
-                 retry_failed: bool = False, time_limit: float | None = 1800.0, gpus=None) -> pd.DataFrame:
+def embed_slides(
+    store_path: str | os.PathLike,
+    encoder: str = "stain-texture",
+    *,
+    weights=None,
+    device: str | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    compile: bool = False,
+    on_error: str = "skip",
+    client=None,
+    progress: bool = True,
+    retry_failed: bool = False,
+    time_limit: float | None = 1800.0,
+    gpus=None,
+) -> pd.DataFrame:
     """Embed every complete slide of a store with one encoder (resumable; see the module docstring).
 
     Parameters
@@ -372,10 +465,20 @@ def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", 
 
         with gpu_cluster(gpus) as cluster, Client(cluster) as gpu_client:
             log.info("embedding on %d GPU workers (dask-cuda)", len(cluster.workers))
-            return embed_slides(store_path, encoder, weights=weights, device=device, batch_size=batch_size,
-                                num_workers=num_workers, compile=compile, on_error=on_error, client=gpu_client,
-                                progress=progress, retry_failed=retry_failed,
-                                time_limit=time_limit)
+            return embed_slides(
+                store_path,
+                encoder,
+                weights=weights,
+                device=device,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                compile=compile,
+                on_error=on_error,
+                client=gpu_client,
+                progress=progress,
+                retry_failed=retry_failed,
+                time_limit=time_limit,
+            )
     store_path = str(st.as_path(store_path))
     root = st.open_store(store_path, mode="a")
     ids = st.slide_ids(root)
@@ -388,8 +491,22 @@ def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", 
     t0 = time.perf_counter()
     with st.write_lock(store_path):
         if client is not None:
-            futures = [client.submit(_slide_task, store_path, s, encoder, weights, device, batch_size, num_workers,
-                                     compile, pure=False, key=f"embed-{encoder}-{s}") for s in ids]
+            futures = [
+                client.submit(
+                    _slide_task,
+                    store_path,
+                    s,
+                    encoder,
+                    weights,
+                    device,
+                    batch_size,
+                    num_workers,
+                    compile,
+                    pure=False,
+                    key=f"embed-{encoder}-{s}",
+                )
+                for s in ids
+            ]
             rows = client.gather(futures)
             enc = None
             dev = device or "dask workers"
@@ -402,19 +519,36 @@ def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", 
             nw = _default_workers(dev) if num_workers is None else num_workers
             todo = [s for s in ids if not _is_done(root, s, enc)]
             bar = _progress(progress, int(st.tile_counts(root, todo).sum()) if todo else 0, enc.name)
-            log.info("embedding %d slides (%d already done) with %s on %s, batch %d, %d workers", len(todo),
-                     len(ids) - len(todo), enc.name, dev, bs, nw)
+            log.info(
+                "embedding %d slides (%d already done) with %s on %s, batch %d, %d workers",
+                len(todo),
+                len(ids) - len(todo),
+                enc.name,
+                dev,
+                bs,
+                nw,
+            )
             rows = [_row(s, "skipped", int(root[st.Key.coords(s)].shape[0])) for s in ids if s not in todo]
             jobs = []
             for s in todo:
                 try:
                     jobs.append(slide_job(root, s, enc))
-                except Exception as exc:  # noqa: BLE001 — one slide's bad attrs cost its row only
+                except Exception as exc:
                     if on_error == "raise":
                         raise
                     rows.append(_row(s, "error", 0, error=f"{type(exc).__name__}: slide {s!r}: {exc}"))
-            rows += run_slides(root, jobs, enc, model, dev, batch_size=bs, num_workers=nw, on_error=on_error,
-                               progress=bar, time_limit=time_limit)
+            rows += run_slides(
+                root,
+                jobs,
+                enc,
+                model,
+                dev,
+                batch_size=bs,
+                num_workers=nw,
+                on_error=on_error,
+                progress=bar,
+                time_limit=time_limit,
+            )
             order = {s: i for i, s in enumerate(ids)}
             rows.sort(key=lambda r: order[r["slide_id"]])
             if bar is not None:
@@ -433,8 +567,14 @@ def embed_slides(store_path: str | os.PathLike, encoder: str = "stain-texture", 
     summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     done = summary[summary.status == "embedded"]
     seconds = time.perf_counter() - t0
-    summary.attrs.update({"encoder": encoder, "weights_digest": enc.weights_digest if enc else None, "device": dev,
-                          "tiles_per_s": float(done.n_tiles.sum() / seconds) if len(done) else float("nan")})
+    summary.attrs.update(
+        {
+            "encoder": encoder,
+            "weights_digest": enc.weights_digest if enc else None,
+            "device": dev,
+            "tiles_per_s": float(done.n_tiles.sum() / seconds) if len(done) else float("nan"),
+        }
+    )
     bad = summary[summary.status.isin(["error", "failed-earlier"])]
     if on_error == "raise" and len(bad):
         raise RuntimeError("embedding failed for " + "; ".join(f"{r.slide_id}: {r.error}" for r in bad.itertuples()))

@@ -17,6 +17,7 @@ network); the hub itself only with ``allow_download=True``. Keys must match the 
 (strict). ``weights="random"`` builds random weights, for tests and benchmarks only. When nothing is
 found the error says how to get the weights.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,17 +25,17 @@ import json
 import logging
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from workbench.errors import WeightsError
 from workbench.features.descriptors import (  # noqa: F401  (stain_texture_features re-exported for users)
     stain_texture_features,
     stain_texture_module_class,
 )
-from workbench.errors import WeightsError  # noqa: F401  (raised here; defined in workbench.errors)
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 RANDOM = "random"
-
-
 
 
 @dataclass(frozen=True)
@@ -92,9 +91,18 @@ class Encoder:
 
     def attrs(self) -> dict:
         """What every output written with this encoder records about it."""
-        return {"encoder": self.name, "architecture": self.architecture, "encoder_kind": self.kind,
-                "weights_digest": self.weights_digest, "weights_source": self.weights_source, "dim": int(self.dim),
-                "input_px": int(self.input_px), "encoder_mpp": self.mpp, "mean": list(self.mean), "std": list(self.std)}
+        return {
+            "encoder": self.name,
+            "architecture": self.architecture,
+            "encoder_kind": self.kind,
+            "weights_digest": self.weights_digest,
+            "weights_source": self.weights_source,
+            "dim": int(self.dim),
+            "input_px": int(self.input_px),
+            "encoder_mpp": self.mpp,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
     def encode(self, tiles: np.ndarray, *, device: str = "cpu") -> np.ndarray:
         """Features of (n, h, w, 3) uint8 tiles as (n, dim) float32 (fp32, no batching: for small inputs)."""
@@ -130,8 +138,11 @@ class Preprocess:
             import cv2
 
             arr = batch.cpu().numpy()
-            out = np.stack([cv2.resize(t, (px, px), interpolation=cv2.INTER_AREA) for t in arr]) if len(arr) else (
-                np.zeros((0, px, px, 3), np.uint8))
+            out = (
+                np.stack([cv2.resize(t, (px, px), interpolation=cv2.INTER_AREA) for t in arr])
+                if len(arr)
+                else (np.zeros((0, px, px, 3), np.uint8))
+            )
             return torch.from_numpy(out).to(batch.device)
         x = batch.permute(0, 3, 1, 2).float().div_(255.0)
         if tuple(x.shape[-2:]) != (px, px):
@@ -139,8 +150,10 @@ class Preprocess:
         if self.mean != (0.0, 0.0, 0.0) or self.std != (1.0, 1.0, 1.0):
             key = str(x.device)
             if key not in self._stats:  # built once per device: no host-to-device copy per batch
-                self._stats[key] = (torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1),
-                                    torch.tensor(self.std, device=x.device).view(1, 3, 1, 1))
+                self._stats[key] = (
+                    torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1),
+                    torch.tensor(self.std, device=x.device).view(1, 3, 1, 1),
+                )
             mean, std = self._stats[key]
             x = (x - mean) / std
         return x.contiguous()
@@ -186,8 +199,18 @@ def _timm_spec(name: str) -> EncoderSpec:
     def build(**kw):
         return timm.create_model(arch, pretrained=False, num_classes=0, **kw)
 
-    return EncoderSpec(name=name, architecture=f"timm {arch}", input_px=int(size), mpp=None, dim=-1, mean=mean,
-                       std=std, build=build, hub=hub, how_to_get=f"timm's pretrained weights for {arch}")
+    return EncoderSpec(
+        name=name,
+        architecture=f"timm {arch}",
+        input_px=int(size),
+        mpp=None,
+        dim=-1,
+        mean=mean,
+        std=std,
+        build=build,
+        hub=hub,
+        how_to_get=f"timm's pretrained weights for {arch}",
+    )
 
 
 def get_spec(name: str) -> EncoderSpec:
@@ -202,11 +225,29 @@ def list_encoders():
     """The registry as a table: name, architecture, input px, mpp, dim, weights, hub."""
     import pandas as pd
 
-    rows = [{"name": s.name, "architecture": s.architecture, "input_px": s.input_px, "mpp": s.mpp, "dim": s.dim,
-             "weights": "none (hand-crafted)" if s.checkpoint_free else ("gated" if s.gated else "open"),
-             "hub": s.hub or ""} for s in _REGISTRY.values()]
-    rows.append({"name": "timm:<model>", "architecture": "any timm model", "input_px": None, "mpp": None,
-                 "dim": None, "weights": "timm hub / file", "hub": "timm/<model>"})
+    rows = [
+        {
+            "name": s.name,
+            "architecture": s.architecture,
+            "input_px": s.input_px,
+            "mpp": s.mpp,
+            "dim": s.dim,
+            "weights": "none (hand-crafted)" if s.checkpoint_free else ("gated" if s.gated else "open"),
+            "hub": s.hub or "",
+        }
+        for s in _REGISTRY.values()
+    ]
+    rows.append(
+        {
+            "name": "timm:<model>",
+            "architecture": "any timm model",
+            "input_px": None,
+            "mpp": None,
+            "dim": None,
+            "weights": "timm hub / file",
+            "hub": "timm/<model>",
+        }
+    )
     return pd.DataFrame(rows)
 
 
@@ -252,10 +293,19 @@ def _swin_key_filter(sd: dict, model) -> dict:
     return {k: v for k, v in sd.items() if not k.startswith("head.")}
 
 
-@register("h-optimus-0", architecture="ViT-g/14, 4 registers (timm vit_giant_patch14_reg4_dinov2)", input_px=224,
-          mpp=0.5, dim=1536, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, hub="hf-hub:bioptimus/H-optimus-0", gated=True,
-          how_to_get="accept the terms at https://huggingface.co/bioptimus/H-optimus-0, `huggingface-cli login`, "
-                     "`huggingface-cli download bioptimus/H-optimus-0`")
+@register(
+    "h-optimus-0",
+    architecture="ViT-g/14, 4 registers (timm vit_giant_patch14_reg4_dinov2)",
+    input_px=224,
+    mpp=0.5,
+    dim=1536,
+    mean=HOPTIMUS_MEAN,
+    std=HOPTIMUS_STD,
+    hub="hf-hub:bioptimus/H-optimus-0",
+    gated=True,
+    how_to_get="accept the terms at https://huggingface.co/bioptimus/H-optimus-0, `huggingface-cli login`, "
+    "`huggingface-cli download bioptimus/H-optimus-0`",
+)
 def _h_optimus_0(**kw):
     import timm
 
@@ -263,10 +313,19 @@ def _h_optimus_0(**kw):
     return timm.create_model("vit_giant_patch14_reg4_dinov2", pretrained=False, **{**args, **kw})
 
 
-@register("uni", architecture="ViT-L/16 (timm vit_large_patch16_224)", input_px=224, mpp=0.5, dim=1024,
-          mean=IMAGENET_MEAN, std=IMAGENET_STD, hub="hf-hub:MahmoodLab/uni", gated=True,
-          how_to_get="accept the terms at https://huggingface.co/MahmoodLab/UNI, `huggingface-cli login`, "
-                     "`huggingface-cli download MahmoodLab/UNI`")
+@register(
+    "uni",
+    architecture="ViT-L/16 (timm vit_large_patch16_224)",
+    input_px=224,
+    mpp=0.5,
+    dim=1024,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    hub="hf-hub:MahmoodLab/uni",
+    gated=True,
+    how_to_get="accept the terms at https://huggingface.co/MahmoodLab/UNI, `huggingface-cli login`, "
+    "`huggingface-cli download MahmoodLab/UNI`",
+)
 def _uni(**kw):
     import timm
 
@@ -274,19 +333,38 @@ def _uni(**kw):
     return timm.create_model("vit_large_patch16_224", pretrained=False, **{**args, **kw})
 
 
-@register("ctranspath", architecture="Swin-T with convolutional stem (CTransPath), head removed", input_px=224,
-          mpp=1.0, dim=768, mean=IMAGENET_MEAN, std=IMAGENET_STD, hub=None, gated=True, key_filter=_swin_key_filter,
-          how_to_get="download ctranspath.pth from https://github.com/Xiyue-Wang/TransPath and pass weights=<path>")
+@register(
+    "ctranspath",
+    architecture="Swin-T with convolutional stem (CTransPath), head removed",
+    input_px=224,
+    mpp=1.0,
+    dim=768,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    hub=None,
+    gated=True,
+    key_filter=_swin_key_filter,
+    how_to_get="download ctranspath.pth from https://github.com/Xiyue-Wang/TransPath and pass weights=<path>",
+)
 def _ctranspath(**kw):
     import timm
 
-    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0,
-                             embed_layer=_conv_stem_class(), **kw)
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, num_classes=0, embed_layer=_conv_stem_class(), **kw
+    )
 
 
-@register("stain-texture", architecture="hand-crafted: H&E stain histograms + LBP/gradient texture (2 scales)",
-          input_px=112, mpp=None, dim=153, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), checkpoint_free=True,
-          precision="fp32")
+@register(
+    "stain-texture",
+    architecture="hand-crafted: H&E stain histograms + LBP/gradient texture (2 scales)",
+    input_px=112,
+    mpp=None,
+    dim=153,
+    mean=(0.0, 0.0, 0.0),
+    std=(1.0, 1.0, 1.0),
+    checkpoint_free=True,
+    precision="fp32",
+)
 def _stain_texture(**kw):
     return stain_texture_module_class()(**kw)
 
@@ -351,7 +429,7 @@ def load_state_dict(path: str | os.PathLike) -> dict:
     if bad:
         raise WeightsError(f"weights file {path}: entries that are not tensors: {bad[:5]}")
     if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
@@ -368,8 +446,10 @@ def apply_state_dict(model, sd: dict, *, name: str, source: str) -> None:
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:4]})")
         if wrong:
-            parts.append("shape mismatch for " + ", ".join(
-                f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:3]))
+            parts.append(
+                "shape mismatch for "
+                + ", ".join(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:3])
+            )
         raise WeightsError(f"weights {source} do not match encoder {name!r}: " + "; ".join(parts))
     model.load_state_dict(sd, strict=True)
 
@@ -379,8 +459,13 @@ def _find_local(name: str) -> Path | None:
     if not root:
         return None
     stem = name.replace(":", "-").replace("/", "__")
-    for cand in (f"{stem}.safetensors", f"{stem}.pth", f"{stem}.bin", f"{stem}/model.safetensors",
-                 f"{stem}/pytorch_model.bin"):
+    for cand in (
+        f"{stem}.safetensors",
+        f"{stem}.pth",
+        f"{stem}.bin",
+        f"{stem}/model.safetensors",
+        f"{stem}/pytorch_model.bin",
+    ):
         p = Path(root) / cand
         if p.is_file():
             return p
@@ -410,8 +495,13 @@ def _find_cached(hub: str | None, *, allow_download: bool) -> Path | None:
     return None
 
 
-def get_encoder(name: str = "stain-texture", *, weights: str | os.PathLike | None = None,
-                allow_download: bool = False, model_kwargs: dict | None = None) -> Encoder:
+def get_encoder(
+    name: str = "stain-texture",
+    *,
+    weights: str | os.PathLike | None = None,
+    allow_download: bool = False,
+    model_kwargs: dict | None = None,
+) -> Encoder:
     """Build a registered encoder with its weights (see the module docstring for where they are found).
 
     Parameters
@@ -434,13 +524,17 @@ def get_encoder(name: str = "stain-texture", *, weights: str | os.PathLike | Non
         digest = f"random-init:{name}:{json.dumps(model_kwargs or {}, sort_keys=True)}"
         source = "random initialisation (no pretrained weights; for tests and benchmarks only)"
     else:
-        path = Path(weights) if weights is not None else _find_local(name) or _find_cached(
-            spec.hub, allow_download=allow_download)
+        path = (
+            Path(weights)
+            if weights is not None
+            else _find_local(name) or _find_cached(spec.hub, allow_download=allow_download)
+        )
         if path is None:
             raise WeightsError(
                 f"no weights found for encoder {name!r}: not given (weights=...), not in $WORKBENCH_WEIGHTS_DIR, "
                 f"not in the Hugging Face cache{f' for {spec.hub}' if spec.hub else ''}. To get them: "
-                f"{spec.how_to_get or 'download a checkpoint and pass weights=<path>'}; or pass weights=<file>")
+                f"{spec.how_to_get or 'download a checkpoint and pass weights=<path>'}; or pass weights=<file>"
+            )
         sd = load_state_dict(path)
         if spec.key_filter is not None:
             sd = spec.key_filter(sd, model)
@@ -453,10 +547,21 @@ def get_encoder(name: str = "stain-texture", *, weights: str | os.PathLike | Non
         raise WeightsError(f"encoder {name!r} built with dim {dim}, registry says {spec.dim}")
     log.info("encoder %s: %s, weights %s (%s)", name, spec.architecture, source, digest[:19])
     preprocess = Preprocess(spec.input_px, spec.mean, spec.std, raw=spec.checkpoint_free)
-    return Encoder(name=name, model=model, preprocess=preprocess, dim=dim, input_px=spec.input_px, mpp=spec.mpp,
-                   mean=spec.mean, std=spec.std, precision=spec.precision, weights_digest=digest,
-                   weights_source=source, architecture=spec.architecture,
-                   checkpoint_free=spec.checkpoint_free)
+    return Encoder(
+        name=name,
+        model=model,
+        preprocess=preprocess,
+        dim=dim,
+        input_px=spec.input_px,
+        mpp=spec.mpp,
+        mean=spec.mean,
+        std=spec.std,
+        precision=spec.precision,
+        weights_digest=digest,
+        weights_source=source,
+        architecture=spec.architecture,
+        checkpoint_free=spec.checkpoint_free,
+    )
 
 
 def _drop_timm_classifier(sd: dict, model) -> dict:

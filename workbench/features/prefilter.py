@@ -10,6 +10,7 @@ scaler, the encoder and weights digest it expects) — never pickled. :func:`sco
 Labels for ``fit`` come from the synthetic ground truth (:func:`truth_labels`: pen fraction ≥ 0.3 →
 marker) or from napari QC labels (:func:`qc_training_labels`: 1 = marker, 0 = keep, -1 unlabelled).
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,14 @@ class MarkerPrefilter:
     True
     """
 
-    def __init__(self, threshold: float = 0.75, C: float = 1.0, class_weight="balanced", random_state=0,
-                 encoder: str | None = None):
+    def __init__(
+        self,
+        threshold: float = 0.75,
+        C: float = 1.0,
+        class_weight="balanced",
+        random_state=0,
+        encoder: str | None = None,
+    ):
         self.threshold, self.C, self.class_weight = threshold, C, class_weight
         self.random_state, self.encoder = random_state, encoder
 
@@ -75,8 +82,9 @@ class MarkerPrefilter:
         self.mean_ = X.mean(0)
         self.scale_ = X.std(0)
         self.scale_[self.scale_ == 0] = 1.0
-        lr = LogisticRegression(C=float(self.C), class_weight=self.class_weight, random_state=self.random_state,
-                                max_iter=2000)
+        lr = LogisticRegression(
+            C=float(self.C), class_weight=self.class_weight, random_state=self.random_state, max_iter=2000
+        )
         lr.fit((X - self.mean_) / self.scale_, y)
         self.coef_ = lr.coef_.ravel().astype(np.float64)
         self.intercept_ = float(lr.intercept_[0])
@@ -108,22 +116,34 @@ class MarkerPrefilter:
         return np.nan_to_num(p, nan=-1.0) >= self.threshold
 
     def get_params(self, deep=True) -> dict:
-        return {"threshold": self.threshold, "C": self.C, "class_weight": self.class_weight,
-                "random_state": self.random_state, "encoder": self.encoder}
+        return {
+            "threshold": self.threshold,
+            "C": self.C,
+            "class_weight": self.class_weight,
+            "random_state": self.random_state,
+            "encoder": self.encoder,
+        }
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the fitted model as JSON (floats round-trip exactly); no pickle."""
         self._check(np.zeros((1, getattr(self, "n_features_in_", 0))))
-        obj = {"format": FORMAT, "params": self.get_params(), "coef": self.coef_.tolist(),
-               "intercept": self.intercept_, "mean": self.mean_.tolist(), "scale": self.scale_.tolist(),
-               "n_features_in": self.n_features_in_, "weights_digest": self.weights_digest_}
+        obj = {
+            "format": FORMAT,
+            "params": self.get_params(),
+            "coef": self.coef_.tolist(),
+            "intercept": self.intercept_,
+            "mean": self.mean_.tolist(),
+            "scale": self.scale_.tolist(),
+            "n_features_in": self.n_features_in_,
+            "weights_digest": self.weights_digest_,
+        }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         st.write_json_atomic(path, obj)
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "MarkerPrefilter":
+    def load(cls, path: str | os.PathLike) -> MarkerPrefilter:
         obj = json.loads(Path(path).read_text())
         if obj.get("format") != FORMAT:
             raise ValueError(f"{path} is not a saved MarkerPrefilter (format {obj.get('format')!r})")
@@ -151,16 +171,20 @@ def marker_metrics(y_true, scores, threshold: float = 0.75) -> dict:
     flagged = s >= threshold
     tp = int((flagged & y).sum())
     auc = float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else float("nan")
-    return {"marker_auc": auc, "precision": float(tp / flagged.sum()) if flagged.any() else float("nan"),
-            "recall": float(tp / y.sum()) if y.any() else float("nan"), "n_flagged": int(flagged.sum()),
-            "n_tiles": int(len(y)), "n_markers": int(y.sum())}
+    return {
+        "marker_auc": auc,
+        "precision": float(tp / flagged.sum()) if flagged.any() else float("nan"),
+        "recall": float(tp / y.sum()) if y.any() else float("nan"),
+        "n_flagged": int(flagged.sum()),
+        "n_tiles": int(len(y)),
+        "n_markers": int(y.sum()),
+    }
 
 
 # --------------------------------------------------------------------------- labels and store glue
 
 
-def truth_labels(root, paths: dict | None = None, *, pen_threshold: float = 0.3,
-                 ids: list[str] | None = None) -> dict:
+def truth_labels(root, paths: dict | None = None, *, pen_threshold: float = 0.3, ids: list[str] | None = None) -> dict:
     """Per slide (n,) int8 labels from the synthetic ground truth: 1 if pen fraction ≥ ``pen_threshold``.
 
     ``paths`` maps slide_id → slide file (default: the path the store recorded for the slide).
@@ -206,8 +230,14 @@ def training_data(root, encoder: str, labels: dict) -> tuple[np.ndarray, np.ndar
     return np.concatenate(Xs), np.concatenate(ys), np.concatenate(gs)
 
 
-def score_store(store_path: str | os.PathLike, prefilter: MarkerPrefilter, encoder: str | None = None, *,
-                name: str = "marker", drop: bool = False) -> pd.DataFrame:
+def score_store(
+    store_path: str | os.PathLike,
+    prefilter: MarkerPrefilter,
+    encoder: str | None = None,
+    *,
+    name: str = "marker",
+    drop: bool = False,
+) -> pd.DataFrame:
     """Score every slide with complete ``encoder`` features; write ``prefilter/<name>`` (complete last).
 
     ``drop=True`` records that later stages should remove flagged tiles; the default keeps them with the
@@ -236,14 +266,26 @@ def score_store(store_path: str | os.PathLike, prefilter: MarkerPrefilter, encod
             feats = root[key]
             digest = feats.attrs.get("weights_digest")
             if prefilter.weights_digest_ and digest != prefilter.weights_digest_:
-                raise ValueError(f"slide {s!r}: features made with weights {digest}, the prefilter expects "
-                                 f"{prefilter.weights_digest_}")
+                raise ValueError(
+                    f"slide {s!r}: features made with weights {digest}, the prefilter expects "
+                    f"{prefilter.weights_digest_}"
+                )
             scores = prefilter.predict_proba(feats[:]).astype(np.float32)
             flagged = int((np.nan_to_num(scores, nan=-1.0) >= prefilter.threshold).sum())
             g = root.require_group(st.Key.prefilters(s))
-            arr = st.write_array(g, name, scores, attrs={
-                "threshold": float(prefilter.threshold), "drop": bool(drop), "encoder": encoder,
-                "weights_digest": digest, "n_flagged": flagged, "method": "logistic regression on features"})
+            arr = st.write_array(
+                g,
+                name,
+                scores,
+                attrs={
+                    "threshold": float(prefilter.threshold),
+                    "drop": bool(drop),
+                    "encoder": encoder,
+                    "weights_digest": digest,
+                    "n_flagged": flagged,
+                    "method": "logistic regression on features",
+                },
+            )
             st.mark_complete(arr)
             rows.append({"slide_id": s, "n_tiles": len(scores), "n_flagged": flagged, "status": "scored"})
     return pd.DataFrame(rows, columns=["slide_id", "n_tiles", "n_flagged", "status"])
@@ -291,21 +333,30 @@ def score_table(root, name: str = "marker", labels: dict | None = None) -> pd.Da
             continue
         arr = root[key]
         coords = root[st.Key.coords(s)][:]
-        df = pd.DataFrame({"slide_id": s, "tile": np.arange(len(coords)), "x": coords[:, 0], "y": coords[:, 1],
-                           "score": arr[:]})
+        df = pd.DataFrame(
+            {"slide_id": s, "tile": np.arange(len(coords)), "x": coords[:, 0], "y": coords[:, 1], "score": arr[:]}
+        )
         df["flagged"] = np.nan_to_num(df.score.to_numpy(), nan=-1.0) >= float(arr.attrs["threshold"])
         if labels is not None and s in labels:
             df["label"] = np.asarray(labels[s])
         frames.append(df)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["slide_id", "tile", "x", "y", "score", "flagged"])
+    return (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["slide_id", "tile", "x", "y", "score", "flagged"])
+    )
 
 
 def threshold_sweep(y_true, scores, thresholds=None) -> pd.DataFrame:
     """Precision, recall and n_flagged at each threshold (for the notebook's slider and table)."""
     thresholds = np.round(np.arange(0.05, 1.0, 0.05), 2) if thresholds is None else thresholds
-    rows = [{"threshold": float(t), **{k: v for k, v in marker_metrics(y_true, scores, t).items()
-                                        if k in ("precision", "recall", "n_flagged")}} for t in thresholds]
+    rows = [
+        {
+            "threshold": float(t),
+            **{k: v for k, v in marker_metrics(y_true, scores, t).items() if k in ("precision", "recall", "n_flagged")},
+        }
+        for t in thresholds
+    ]
     return pd.DataFrame(rows)
 
 
@@ -319,7 +370,9 @@ def tile_images(root, table: pd.DataFrame, *, tile_px: int = 128) -> np.ndarray:
         st.check_slide_file(root, s)  # never read pixels of another file at these coordinates
         coords = g["coords"][:][rows["tile"].to_numpy()]
         px_mpp = float(g.attrs["tile_mpp"]) * int(g.attrs["tile_px"]) / tile_px
-        with open_slide(g.attrs["path"], slide_id=s, mpp=g.attrs.get("mpp")) as slide, \
-                TileReader(slide, tile_px=tile_px, tile_mpp=px_mpp) as reader:
+        with (
+            open_slide(g.attrs["path"], slide_id=s, mpp=g.attrs.get("mpp")) as slide,
+            TileReader(slide, tile_px=tile_px, tile_mpp=px_mpp) as reader,
+        ):
             out[[table.index.get_loc(i) for i in rows.index]] = reader.read(coords)
     return out

@@ -10,6 +10,7 @@ Pure functions of a batch of RGB tiles (n, h, w, 3) uint8, each returning (n,) f
 They are filters and features next to the learned marker prefilter (``workbench.features.prefilter``), not a
 replacement for it: ``compute_store`` writes them to ``slides/<id>/pixel_qc/<metric>`` for every slide.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,8 +40,14 @@ def tile_qc(tiles: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def compute_store(store_path, *, batch: int = 256, progress: bool = True, retry_failed: bool = False,
-                  time_limit: float | None = 1800.0) -> dict[str, int]:
+def compute_store(
+    store_path,
+    *,
+    batch: int = 256,
+    progress: bool = True,
+    retry_failed: bool = False,
+    time_limit: float | None = 1800.0,
+) -> dict[str, int]:
     """Compute the QC metrics of every complete slide's tiles and write them as store columns.
 
     Slides whose QC columns are complete are skipped; returns {slide_id: n_tiles computed}. A slide that
@@ -48,8 +55,8 @@ def compute_store(store_path, *, batch: int = 256, progress: bool = True, retry_
     ``qc``) and the others go on; a re-run skips recorded failures unless ``retry_failed=True``.
     """
     from workbench.io.slides import TileReader, deadline, open_slide
-    from workbench.validate import check_bool, check_float, check_int, check_optional
     from workbench.progress import progress_bar
+    from workbench.validate import check_bool, check_float, check_int, check_optional
 
     check_int("batch", batch, 1, 65536)
     check_bool("retry_failed", retry_failed)
@@ -68,12 +75,15 @@ def compute_store(store_path, *, batch: int = 256, progress: bool = True, retry_
                 st.check_slide_file(root, sid)  # never measure pixels of another file at these coordinates
                 coords = info["coords"]
                 cols = {m: np.zeros(len(coords), np.float32) for m in METRICS}
-                with deadline(time_limit, sid), open_slide(info["path"], slide_id=sid, mpp=info["mpp"]) as slide, \
-                        TileReader(slide, tile_px=info["tile_px"], tile_mpp=info["tile_mpp"]) as reader:
+                with (
+                    deadline(time_limit, sid),
+                    open_slide(info["path"], slide_id=sid, mpp=info["mpp"]) as slide,
+                    TileReader(slide, tile_px=info["tile_px"], tile_mpp=info["tile_mpp"]) as reader,
+                ):
                     for start in range(0, len(coords), batch):
-                        for m, v in tile_qc(reader.read(coords[start:start + batch])).items():
-                            cols[m][start:start + len(v)] = v
-            except Exception as exc:  # noqa: BLE001 — one slide's failure is its row, never the batch's
+                        for m, v in tile_qc(reader.read(coords[start : start + batch])).items():
+                            cols[m][start : start + len(v)] = v
+            except Exception as exc:
                 st.record_failure(root, sid, "qc", exc)
                 continue
             group = root.require_group(f"{st.Key.slide(sid)}/pixel_qc")

@@ -9,10 +9,10 @@ slide table (slide_id, workflow_id, tiles_h5_path, features_tensor_path) as CSV 
 Import: :func:`import_coords_h5` reads a CLAM/TRIDENT coords file into a slide's ``coords``, after
 checking its shape, values and that its tile footprint matches the store's tiling.
 """
+
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +46,15 @@ def write_coords_h5(path, coords: np.ndarray, *, patch_size: int, patch_level: i
     _atomic(Path(path), write)
 
 
-def export_mussel(store_path, out_dir, encoder: str, *, workflow_id: str | None = None, dtype: str = "float32",
-                  ids: list[str] | None = None) -> pd.DataFrame:
+def export_mussel(
+    store_path,
+    out_dir,
+    encoder: str,
+    *,
+    workflow_id: str | None = None,
+    dtype: str = "float32",
+    ids: list[str] | None = None,
+) -> pd.DataFrame:
     """Write per-slide feature tensors + coords HDF5 and the slide table; returns the table.
 
     ``dtype`` of the tensors: ``"float32"`` (as Mussel writes) or ``"float16"`` (as stored).
@@ -68,14 +75,28 @@ def export_mussel(store_path, out_dir, encoder: str, *, workflow_id: str | None 
         a = dict(g.attrs)
         feats = torch.from_numpy(np.asarray(root[key][:]).astype(dtype))
         fpath, hpath = out / "features" / f"{s}.pt", out / "tiles" / f"{s}.h5"
-        _atomic(fpath, lambda tmp: torch.save(feats, str(tmp)))
+        _atomic(fpath, lambda tmp, feats=feats: torch.save(feats, str(tmp)))
         level = int(a.get("read_level", 0))
         ds = _level_downsample(a, level)
-        write_coords_h5(hpath, g["coords"][:], patch_size=int(round(a["size0"] / ds)), patch_level=level,
-                        patch_size_level0=int(a["size0"]), tile_px=int(a["tile_px"]), tile_mpp=float(a["tile_mpp"]),
-                        mpp=float(a["mpp"]), slide_path=str(a["path"]))
-        rows.append({"slide_id": s, "workflow_id": workflow_id, "tiles_h5_path": str(hpath.resolve()),
-                     "features_tensor_path": str(fpath.resolve())})
+        write_coords_h5(
+            hpath,
+            g["coords"][:],
+            patch_size=int(round(a["size0"] / ds)),
+            patch_level=level,
+            patch_size_level0=int(a["size0"]),
+            tile_px=int(a["tile_px"]),
+            tile_mpp=float(a["tile_mpp"]),
+            mpp=float(a["mpp"]),
+            slide_path=str(a["path"]),
+        )
+        rows.append(
+            {
+                "slide_id": s,
+                "workflow_id": workflow_id,
+                "tiles_h5_path": str(hpath.resolve()),
+                "features_tensor_path": str(fpath.resolve()),
+            }
+        )
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     _atomic(out / "slides.csv", lambda tmp: table.to_csv(tmp, index=False))
     _atomic(out / "slides.parquet", lambda tmp: table.to_parquet(tmp, index=False))
@@ -133,8 +154,10 @@ def import_coords_h5(store_path, slide_id: str, h5_path, *, overwrite: bool = Fa
     else:
         theirs = float(attrs["patch_size"]) * _level_downsample(a, int(attrs["patch_level"]))
     if abs(theirs / size0 - 1) > 0.02:
-        raise ValueError(f"{h5_path}: tiles of {theirs:.0f} level-0 px, but the store tiles slide {slide_id!r} "
-                         f"with {size0} level-0 px ({a['tile_px']} px at {a['tile_mpp']} mpp)")
+        raise ValueError(
+            f"{h5_path}: tiles of {theirs:.0f} level-0 px, but the store tiles slide {slide_id!r} "
+            f"with {size0} level-0 px ({a['tile_px']} px at {a['tile_mpp']} mpp)"
+        )
     w, h = int(a["width"]), int(a["height"])
     outside = (coords[:, 0] + size0 > w) | (coords[:, 1] + size0 > h)
     if outside.any():
@@ -191,10 +214,12 @@ def export_tile_pngs(store_path, out_dir, *, slide_ids: list[str] | None = None,
         coords = info["coords"]
         names = [folder / f"{sid}_x{x}_y{y}.png" for x, y in coords]
         if not (folder / ".complete").exists():
-            with open_slide(info["path"], slide_id=sid, mpp=info["mpp"]) as slide, \
-                    TileReader(slide, tile_px=info["tile_px"], tile_mpp=info["tile_mpp"]) as reader:
+            with (
+                open_slide(info["path"], slide_id=sid, mpp=info["mpp"]) as slide,
+                TileReader(slide, tile_px=info["tile_px"], tile_mpp=info["tile_mpp"]) as reader,
+            ):
                 for start in range(0, len(coords), batch):
-                    for name, tile in zip(names[start:start + batch], reader.read(coords[start:start + batch])):
+                    for name, tile in zip(names[start : start + batch], reader.read(coords[start : start + batch])):
                         if not cv2.imwrite(str(name), cv2.cvtColor(tile, cv2.COLOR_RGB2BGR)):
                             raise OSError(f"slide {sid!r}: could not write {name}")
             (folder / ".complete").write_text(str(len(coords)))

@@ -17,6 +17,7 @@ case-insensitive filesystems).
 database under another patient) unless ``allow_duplicates=True``; otherwise duplicates are logged and
 listed in ``duplicate_of``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,10 +30,11 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
+from workbench.errors import ManifestError
+
 REQUIRED = ("slide_id", "path")
 OPTIONAL_TEXT = ("patient_id", "site", "diagnosis")
 SLIDE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]*$"
-from workbench.errors import ManifestError  # noqa: F401  (raised here; defined in workbench.errors)
 
 log = logging.getLogger(__name__)
 ZARR_RESERVED = {"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"}
@@ -53,8 +55,10 @@ def slide_id_problem(sid) -> str | None:
         return "is a name Zarr reserves (zarr.json, .zarray, .zgroup, .zattrs, .zmetadata, __*)"
     if not sid.isascii():
         norm = unicodedata.normalize("NFKC", sid)
-        return (f"has non-ASCII characters (Unicode normalises it to {norm!r}, which can clash with another "
-                "id on some filesystems); use letters, digits, '.', '_' and '-'")
+        return (
+            f"has non-ASCII characters (Unicode normalises it to {norm!r}, which can clash with another "
+            "id on some filesystems); use letters, digits, '.', '_' and '-'"
+        )
     if len(sid) > 200:
         return "is longer than 200 characters"
     return None
@@ -69,8 +73,6 @@ def file_fingerprint(path: str | os.PathLike) -> str:
             fh.seek(size - FINGERPRINT_BYTES)
         tail = fh.read(FINGERPRINT_BYTES)
     return f"{size}-{hashlib.sha1(head + tail).hexdigest()[:16]}"
-
-
 
 
 def _schema() -> pa.DataFrameSchema:
@@ -113,8 +115,14 @@ def _read_table(path: Path) -> pd.DataFrame:
         raise ManifestError(f"manifest {path} is not a readable CSV: {exc}") from None
 
 
-def validate_manifest(df: pd.DataFrame, *, base_dir: str | os.PathLike | None = None, check_files: bool = True,
-                      source: str = "manifest", allow_duplicates: bool = False) -> pd.DataFrame:
+def validate_manifest(
+    df: pd.DataFrame,
+    *,
+    base_dir: str | os.PathLike | None = None,
+    check_files: bool = True,
+    source: str = "manifest",
+    allow_duplicates: bool = False,
+) -> pd.DataFrame:
     """Validate a manifest table; returns a clean copy with absolute paths and float mpp.
 
     Raises :class:`ManifestError` listing every problem (row, slide_id, column, what is wrong).
@@ -133,9 +141,16 @@ def validate_manifest(df: pd.DataFrame, *, base_dir: str | os.PathLike | None = 
             continue
         fold = unicodedata.normalize("NFKC", str(sid)).casefold()
         if fold in seen_fold and df["slide_id"].iloc[seen_fold[fold]] != sid:
-            problems.append((i, sid, "slide_id", f"differs from slide id {df['slide_id'].iloc[seen_fold[fold]]!r} "
-                             "(row {}) only by letter case or Unicode form: they clash on case-insensitive "
-                             "filesystems".format(seen_fold[fold])))
+            problems.append(
+                (
+                    i,
+                    sid,
+                    "slide_id",
+                    f"differs from slide id {df['slide_id'].iloc[seen_fold[fold]]!r} "
+                    "(row {}) only by letter case or Unicode form: they clash on case-insensitive "
+                    "filesystems".format(seen_fold[fold]),
+                )
+            )
         seen_fold.setdefault(fold, i)
     if "mpp" in df.columns:
         raw = df["mpp"]
@@ -169,8 +184,9 @@ def validate_manifest(df: pd.DataFrame, *, base_dir: str | os.PathLike | None = 
             elif full.is_dir():
                 problems.append((i, df["slide_id"].iloc[i], "path", f"is a directory, not a slide file: {full}"))
             elif not full.is_file():
-                problems.append((i, df["slide_id"].iloc[i], "path", f"is not a regular file (a device, pipe or "
-                                 f"socket): {full}"))
+                problems.append(
+                    (i, df["slide_id"].iloc[i], "path", f"is not a regular file (a device, pipe or socket): {full}")
+                )
             elif full.stat().st_size == 0:
                 problems.append((i, df["slide_id"].iloc[i], "path", f"file is empty: {full}"))
             else:
@@ -210,10 +226,16 @@ def _duplicates(df: pd.DataFrame, keys: dict, problems: list, allow: bool) -> di
         out[i] = str(df["slide_id"].iloc[j])
         both = not (pd.isna(a) or pd.isna(b) or str(a) == "" or str(b) == "")
         if both and str(a) != str(b) and not allow:
-            problems.append((i, df["slide_id"].iloc[i], "path",
-                             f"is the same file as slide {df['slide_id'].iloc[j]!r} (row {j}) under another "
-                             f"patient ({b!r} vs {a!r}): leave-one-patient-out would find the query in its own "
-                             "database; fix the manifest or pass allow_duplicates=True"))
+            problems.append(
+                (
+                    i,
+                    df["slide_id"].iloc[i],
+                    "path",
+                    f"is the same file as slide {df['slide_id'].iloc[j]!r} (row {j}) under another "
+                    f"patient ({b!r} vs {a!r}): leave-one-patient-out would find the query in its own "
+                    "database; fix the manifest or pass allow_duplicates=True",
+                )
+            )
         else:
             log.warning("slide %r is the same file as slide %r", df["slide_id"].iloc[i], df["slide_id"].iloc[j])
     return out
@@ -236,8 +258,13 @@ def duplicate_files(records: list[dict]) -> list[tuple[str, str]]:
 def read_manifest(path: str | os.PathLike, *, check_files: bool = True, allow_duplicates: bool = False) -> pd.DataFrame:
     """Read and validate a CSV or Parquet manifest (paths relative to the manifest's folder)."""
     path = Path(path)
-    return validate_manifest(_read_table(path), base_dir=path.parent, check_files=check_files,
-                             source=f"manifest {path}", allow_duplicates=allow_duplicates)
+    return validate_manifest(
+        _read_table(path),
+        base_dir=path.parent,
+        check_files=check_files,
+        source=f"manifest {path}",
+        allow_duplicates=allow_duplicates,
+    )
 
 
 def to_records(df: pd.DataFrame) -> list[dict]:
@@ -246,6 +273,10 @@ def to_records(df: pd.DataFrame) -> list[dict]:
     cols += [c for c in ("file_key",) if c in df.columns and df[c].notna().any()]
     out = []
     for rec in df[cols].to_dict("records"):
-        out.append({k: (None if (v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA) else v)
-                    for k, v in rec.items()})
+        out.append(
+            {
+                k: (None if (v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA) else v)
+                for k, v in rec.items()
+            }
+        )
     return out

@@ -16,6 +16,7 @@ to the image's downsample. The mask is the kept contours filled, minus their kep
 
 All functions are pure: an RGB array in, a mask and contours out.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -38,7 +39,7 @@ class SegmentParams:
     seg_level: int = -1  # pyramid level segmented; -1: CLAM's/Mussel's choice (downsample <= 64, level 0 if one level)
     mask_mpp: float | None = None  # segment a fixed-mpp image instead of a pyramid level (µm/px); None: seg_level
 
-    def validate(self) -> "SegmentParams":
+    def validate(self) -> SegmentParams:
         from workbench.errors import ParameterError
         from workbench.validate import check_float, check_int
 
@@ -48,8 +49,9 @@ class SegmentParams:
             check_float("threshold", self.threshold, 0, 255)
         check_int("median_ksize", self.median_ksize, 1, 255)
         if self.median_ksize % 2 == 0:
-            raise ParameterError(f"median_ksize={self.median_ksize} is not allowed: median_ksize must be an odd "
-                                 "positive integer")
+            raise ParameterError(
+                f"median_ksize={self.median_ksize} is not allowed: median_ksize must be an odd positive integer"
+            )
         check_int("close_kernel", self.close_kernel, 0, 1024)
         check_int("max_holes", self.max_holes, 0)
         check_int("ref_patch_px", self.ref_patch_px, 1)
@@ -58,8 +60,10 @@ class SegmentParams:
         if self.mask_mpp is not None:
             check_float("mask_mpp", self.mask_mpp, 0, 1000, lo_open=True)
         if isinstance(self.seg_level, bool) or not isinstance(self.seg_level, (int, np.integer)) or self.seg_level < -1:
-            raise ParameterError(f"seg_level={self.seg_level!r} is not allowed: seg_level must be -1 (the reference "
-                                 "level) or a level index >= 0")
+            raise ParameterError(
+                f"seg_level={self.seg_level!r} is not allowed: seg_level must be -1 (the reference "
+                "level) or a level index >= 0"
+            )
         return self
 
     def to_dict(self) -> dict:
@@ -108,7 +112,7 @@ def filter_contours(binary: np.ndarray, downsample: float, params: SegmentParams
         return [], []
     hierarchy = hierarchy[0]  # (n, 4): next, previous, first child, parent
     sx, sy = (downsample, downsample) if np.isscalar(downsample) else downsample
-    ref_area = int(params.ref_patch_px ** 2 / (sx * sy))  # CLAM: the reference patch's area at this level, truncated
+    ref_area = int(params.ref_patch_px**2 / (sx * sy))  # CLAM: the reference patch's area at this level, truncated
     min_tissue, min_hole = params.tissue_area * ref_area, params.hole_area * ref_area
     tissue, holes = [], []
     kids: dict[int, list[int]] = {}
@@ -166,13 +170,15 @@ def tissue_mask(rgb: np.ndarray, downsample: float, params: SegmentParams | None
     return render_mask(binary.shape, tissue, holes), tissue, holes
 
 
-def contours_geojson(tissue: list, holes: list, downsample: float, *, slide_id: str | None = None,
-                     simplify: float = 1.0) -> dict:
+def contours_geojson(
+    tissue: list, holes: list, downsample: float, *, slide_id: str | None = None, simplify: float = 1.0
+) -> dict:
     """Tissue contours (with their holes) as a GeoJSON FeatureCollection in level-0 pixel coordinates.
 
     One Polygon feature per tissue piece: the outer ring first, then its kept holes (QuPath and
     shapely read this directly). Rings are simplified (Douglas-Peucker) to within ``simplify`` mask pixels.
     """
+
     def ring(contour) -> list:
         if simplify > 0:
             contour = cv2.approxPolyDP(contour, simplify, True)
@@ -181,12 +187,18 @@ def contours_geojson(tissue: list, holes: list, downsample: float, *, slide_id: 
 
     features = []
     for i, (outer, hs) in enumerate(zip(tissue, holes)):
-        features.append({
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [ring(outer)] + [ring(h) for h in hs]},
-            "properties": {"objectType": "annotation", "classification": {"name": "Tissue"}, "piece": i,
-                           **({"slide_id": slide_id} if slide_id else {})},
-        })
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [ring(outer)] + [ring(h) for h in hs]},
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": "Tissue"},
+                    "piece": i,
+                    **({"slide_id": slide_id} if slide_id else {}),
+                },
+            }
+        )
     return {"type": "FeatureCollection", "features": features}
 
 

@@ -14,6 +14,7 @@ batch touches exactly once, in a thread pool straight from the file (imagecodecs
 cuts the tiles from the decoded blocks — about 3–5× faster than one ``read_region`` per tile
 (``benchmarks/tiling.py``). Anything else goes through OpenSlide's ``read_region``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,15 +29,14 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from workbench.errors import SlideError, SlideTimeoutError  # noqa: F401  (raised here; defined in workbench.errors)
+
+from workbench.errors import SlideError, SlideTimeoutError
 
 log = logging.getLogger(__name__)
 
 MPP_TOLERANCE = 0.02  # relative: a level within 2 % of the target mpp is read as is
 MAX_SEG_PIXELS = 2**30  # a segmentation level larger than this (3 GiB as RGB) is refused: use mask_mpp
 WHITE = 255
-
-
 
 
 # ---- per-slide time limit: a deadline set by the stage's per-slide task, checked inside the read loops
@@ -67,8 +67,10 @@ def deadline(seconds: float | None, slide_id: str = "slide", limit: float | None
 def check_deadline(slide_id: str | None = None) -> None:
     value = getattr(_DEADLINE, "value", None)
     if value is not None and time.monotonic() > value[0]:
-        raise SlideTimeoutError(f"slide {slide_id or value[2]!r}: timed out after the per-slide time limit of "
-                                f"{value[1]:g} s (raise time_limit to allow more)")
+        raise SlideTimeoutError(
+            f"slide {slide_id or value[2]!r}: timed out after the per-slide time limit of "
+            f"{value[1]:g} s (raise time_limit to allow more)"
+        )
 
 
 def _composite_white(rgba: np.ndarray) -> np.ndarray:
@@ -130,14 +132,18 @@ def resolve_mpp(properties: dict, override: float | None = None) -> float | None
         return None
     x, y, source = found
     if y is not None and abs(x - y) > ANISOTROPY_TOLERANCE * max(x, y):
-        raise SlideError(f"anisotropic pixels: {source} give x {x:.4g} µm/px and y {y:.4g} µm/px; square tiles "
-                         "would be distorted, and this workbench tiles square pixels only (give the mpp in the "
-                         "manifest to override, only if the tags are wrong)")
+        raise SlideError(
+            f"anisotropic pixels: {source} give x {x:.4g} µm/px and y {y:.4g} µm/px; square tiles "
+            "would be distorted, and this workbench tiles square pixels only (give the mpp in the "
+            "manifest to override, only if the tags are wrong)"
+        )
     lo, hi = FILE_MPP_RANGE
     if not (lo <= x <= hi):
-        raise SlideError(f"{source} give {x:.4g} µm/px, which is not a microscope scan's resolution "
-                         f"({lo}–{hi} µm/px; e.g. a 300-dpi tag reads as 84.7 µm/px); give the slide's mpp in the "
-                         "manifest's 'mpp' column if the file is right")
+        raise SlideError(
+            f"{source} give {x:.4g} µm/px, which is not a microscope scan's resolution "
+            f"({lo}–{hi} µm/px; e.g. a 300-dpi tag reads as 84.7 µm/px); give the slide's mpp in the "
+            "manifest's 'mpp' column if the file is right"
+        )
     return x
 
 
@@ -255,14 +261,16 @@ class Slide:
             try:
                 return tiff.whole(workers or min(8, os.cpu_count() or 1))
             except Exception as exc:
-                raise SlideError(f"slide {self.slide_id!r} ({self.path}): decoding level {level} failed: {exc}") from None
+                raise SlideError(
+                    f"slide {self.slide_id!r} ({self.path}): decoding level {level} failed: {exc}"
+                ) from None
             finally:
                 tiff.close()
         out = np.empty((lh, lw, 3), np.uint8)
         for by in range(0, lh, block):
             for bx in range(0, lw, block):
                 bw, bh = min(block, lw - bx), min(block, lh - by)
-                out[by:by + bh, bx:bx + bw] = self.read_region(round(bx * ds), round(by * ds), level, bw, bh)
+                out[by : by + bh, bx : bx + bw] = self.read_region(round(bx * ds), round(by * ds), level, bw, bh)
         return out
 
     def segmentation_image(self, seg_level: int = -1, mask_mpp: float | None = None):
@@ -276,13 +284,17 @@ class Slide:
             return thumb, (self.dimensions[0] / thumb.shape[1], self.dimensions[1] / thumb.shape[0]), None
         level = self.reference_seg_level() if seg_level < 0 else int(seg_level)
         if level >= self.level_count:
-            raise SlideError(f"slide {self.slide_id!r} ({self.path}): seg_level {level} does not exist "
-                             f"(the slide has {self.level_count} levels)")
+            raise SlideError(
+                f"slide {self.slide_id!r} ({self.path}): seg_level {level} does not exist "
+                f"(the slide has {self.level_count} levels)"
+            )
         lw, lh = self.level_dimensions[level]
         if lw * lh > MAX_SEG_PIXELS:
-            raise SlideError(f"slide {self.slide_id!r} ({self.path}): segmentation level {level} is {lw}x{lh} px "
-                             f"(over {MAX_SEG_PIXELS:,} px); give SegmentParams(mask_mpp=...) to segment a "
-                             "fixed-mpp image read in blocks instead")
+            raise SlideError(
+                f"slide {self.slide_id!r} ({self.path}): segmentation level {level} is {lw}x{lh} px "
+                f"(over {MAX_SEG_PIXELS:,} px); give SegmentParams(mask_mpp=...) to segment a "
+                "fixed-mpp image read in blocks instead"
+            )
         return self.level_image(level), self.level_downsample_xy(level), level
 
     def thumbnail(self, mpp: float) -> tuple[np.ndarray, float]:
@@ -342,8 +354,10 @@ def tile_footprint(slide_mpp: float, tile_px: int, tile_mpp: float) -> int:
         return int(tile_px)
     size0 = int(round(tile_px * ratio))
     if size0 < 1:
-        raise SlideError(f"a {tile_px}-px tile at {tile_mpp} µm/px covers {tile_px * ratio:.3g} level-0 pixels of a "
-                         f"{slide_mpp} µm/px slide: less than one pixel; use a larger tile_mpp or check the slide's mpp")
+        raise SlideError(
+            f"a {tile_px}-px tile at {tile_mpp} µm/px covers {tile_px * ratio:.3g} level-0 pixels of a "
+            f"{slide_mpp} µm/px slide: less than one pixel; use a larger tile_mpp or check the slide's mpp"
+        )
     return size0
 
 
@@ -467,7 +481,7 @@ class _TiffLevel:
             row, col = divmod(index, self.across)
             y0, x0 = row * self.th, col * self.tw
             h, w = min(self.th, self.height - y0), min(self.tw, self.width - x0)
-            out[y0:y0 + h, x0:x0 + w] = self._decode_one(index)[:h, :w]
+            out[y0 : y0 + h, x0 : x0 + w] = self._decode_one(index)[:h, :w]
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             list(pool.map(paste, range(self.across * down)))
@@ -515,8 +529,16 @@ class TileReader:
     ``read(coords)`` takes (n, 2) level-0 x, y of tile top-left corners and returns (n, tile_px, tile_px, 3) uint8.
     """
 
-    def __init__(self, slide: Slide, *, tile_px: int = 224, tile_mpp: float = 0.5, workers: int = 2, fast: bool = True,
-                 cache_tiles: int = 256):
+    def __init__(
+        self,
+        slide: Slide,
+        *,
+        tile_px: int = 224,
+        tile_mpp: float = 0.5,
+        workers: int = 2,
+        fast: bool = True,
+        cache_tiles: int = 256,
+    ):
         self.slide = slide
         self.tile_px, self.tile_mpp = int(tile_px), float(tile_mpp)
         self.size0 = tile_footprint(slide.mpp, tile_px, tile_mpp)

@@ -24,6 +24,7 @@ Memory: the level-0 RGB image (3 bytes/px: 805 MB at 16384²) plus per-block tem
 (peak RSS measured 1.3 GB at 16384²). Cost: ~2–2.5 CPU-seconds per 8192² slide (render ~1.5 s single-threaded,
 JPEG encoding on 2 threads), ~8 CPU-seconds at 16384²; :func:`make_demo_set` writes slides in 2 processes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,12 +61,13 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float
     g = cv2.GaussianBlur(rng.standard_normal((gh, gw)).astype(np.float32), (0, 0), 1.0)
     up = cv2.resize(g, (int(gw * step), int(gh * step)), interpolation=cv2.INTER_CUBIC)
     oy, ox = int(2 * step), int(2 * step)
-    out = up[oy:oy + h, ox:ox + w]
+    out = up[oy : oy + h, ox : ox + w]
     return ((out - out.mean()) / (out.std() + 1e-6)).astype(np.float32)
 
 
-def _periodic_noise(rng: np.random.Generator, period: int, sigma: float, angle: float | None = None,
-                    ratio: float = 1.0) -> np.ndarray:
+def _periodic_noise(
+    rng: np.random.Generator, period: int, sigma: float, angle: float | None = None, ratio: float = 1.0
+) -> np.ndarray:
     """(period, period) float32 periodic Gaussian-filtered noise, unit std; with ``angle`` (rad), streaks
     along that direction, ``ratio`` times longer than wide. Smooth isotropic fields are made on a coarser
     periodic grid and upsampled (cheaper, still periodic)."""
@@ -74,7 +76,7 @@ def _periodic_noise(rng: np.random.Generator, period: int, sigma: float, angle: 
         small = _periodic_noise(rng, period // f, sigma / f)
         wrapped = np.pad(small, 1, mode="wrap")
         up = cv2.resize(wrapped, (wrapped.shape[1] * f, wrapped.shape[0] * f), interpolation=cv2.INTER_CUBIC)
-        out = up[f:f + period, f:f + period]
+        out = up[f : f + period, f : f + period]
         return out / (out.std() + 1e-6)
     f = np.fft.fftfreq(period).astype(np.float32)
     fy, fx = f[:, None], np.fft.rfftfreq(period).astype(np.float32)[None, :]
@@ -110,7 +112,7 @@ def _fat_membranes(rng: np.random.Generator, period: int, cell_px: float) -> np.
     edge = np.zeros(lab.shape, np.uint8)
     edge[1:, :] |= lab[1:, :] != lab[:-1, :]
     edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
-    edge = edge[m:m + period, m:m + period] * np.uint8(255)
+    edge = edge[m : m + period, m : m + period] * np.uint8(255)
     edge = cv2.resize(edge, (2 * period, 2 * period), interpolation=cv2.INTER_LINEAR)
     edge = cv2.GaussianBlur(cv2.dilate(edge, np.ones((3, 3), np.uint8)), (0, 0), 1.0)
     return edge.astype(np.float32) / 255.0
@@ -160,13 +162,25 @@ class _Nuclei:
         return canvas.astype(np.float32) * (1 / 255.0)
 
 
-def _nuclei(rng, weight: np.ndarray, ds: int, size: tuple[int, int], *, spacing: float, radius: tuple[float, float],
-            elong: tuple[float, float] = (1.0, 1.0), irregular: float = 0.05, jitter: float = 0.35,
-            angle_field: np.ndarray | None = None, grid: bool = True, values=(200, 225, 255)) -> _Nuclei:
+def _nuclei(
+    rng,
+    weight: np.ndarray,
+    ds: int,
+    size: tuple[int, int],
+    *,
+    spacing: float,
+    radius: tuple[float, float],
+    elong: tuple[float, float] = (1.0, 1.0),
+    irregular: float = 0.05,
+    jitter: float = 0.35,
+    angle_field: np.ndarray | None = None,
+    grid: bool = True,
+    values=(200, 225, 255),
+) -> _Nuclei:
     """Nuclei of a class where its low-res ``weight`` > 0: a jittered grid (crowded) or Poisson points."""
     w, h = size
     if grid:
-        gy, gx = np.mgrid[0:int(h / spacing) + 1, 0:int(w / spacing) + 1].astype(np.float32)
+        gy, gx = np.mgrid[0 : int(h / spacing) + 1, 0 : int(w / spacing) + 1].astype(np.float32)
         gx += 0.5 * (gy % 2)
         c = (np.stack([gx.ravel(), gy.ravel()], 1) + rng.uniform(-jitter, jitter, (gx.size, 2))) * spacing
     else:
@@ -196,8 +210,9 @@ def _layout(rng, hl: int, wl: int, px_lr: float, n_pieces: int, dominant: int) -
     if hl > wl:
         rows, cols = cols, rows
     cw, ch = wl / cols, hl / rows
-    rough = (0.15 * _smooth_noise(rng, (hl, wl), 0.15 * short_side)
-             + 0.05 * _smooth_noise(rng, (hl, wl), 0.03 * short_side))
+    rough = 0.15 * _smooth_noise(rng, (hl, wl), 0.15 * short_side) + 0.05 * _smooth_noise(
+        rng, (hl, wl), 0.03 * short_side
+    )
     for p in range(n_pieces):
         r_, c_ = divmod(p, cols)
         cx = (c_ + 0.5 + rng.uniform(-0.08, 0.08)) * cw
@@ -266,8 +281,15 @@ def _pen_strokes(rng, tissue: np.ndarray, px_lr: float) -> list[tuple[np.ndarray
             xy += np.array([cx, cy]) - xy[60]
         canvas = np.zeros((hl, wl), np.uint8)
         width = rng.uniform(50, 90) / px_lr  # ~50–90 µm wide
-        cv2.polylines(canvas, [(xy * 4).round().astype(np.int32)], False, 255, thickness=max(1, int(round(width))),
-                      lineType=cv2.LINE_AA, shift=2)
+        cv2.polylines(
+            canvas,
+            [(xy * 4).round().astype(np.int32)],
+            False,
+            255,
+            thickness=max(1, int(round(width))),
+            lineType=cv2.LINE_AA,
+            shift=2,
+        )
         strokes.append((cv2.GaussianBlur(canvas, (0, 0), 0.7).astype(np.float32) / 255.0, od))
     return strokes
 
@@ -296,9 +318,9 @@ def _up(field: np.ndarray, y0: int, y1: int, x0: int, x1: int, ds: int) -> np.nd
     start), identical to upsampling the whole field then cropping. ``field`` is edge-padded by 1 px."""
     ly0, lx0 = y0 // ds, x0 // ds
     ly1, lx1 = -(-y1 // ds), -(-x1 // ds)
-    win = np.ascontiguousarray(field[ly0:ly1 + 2, lx0:lx1 + 2])
+    win = np.ascontiguousarray(field[ly0 : ly1 + 2, lx0 : lx1 + 2])
     up = cv2.resize(win, (win.shape[1] * ds, win.shape[0] * ds), interpolation=cv2.INTER_LINEAR)
-    return up[ds:ds + y1 - y0, ds:ds + x1 - x0]
+    return up[ds : ds + y1 - y0, ds : ds + x1 - x0]
 
 
 def _smoothstep(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -348,8 +370,9 @@ class _Renderer:
         self.fine = [_wrap_pad(_periodic_noise(rng, 512, 1.2)) for _ in range(2)]
         grain = 0.006 * self.fine[1][:_BLOCK, :_BLOCK]
         z = np.zeros_like(grain)
-        self.background = cv2.convertScaleAbs(cv2.exp(-cv2.transform(cv2.merge([z, z, grain]), self.od_matrix)),
-                                              alpha=255.0)  # (B, B, 3) periodic background RGB
+        self.background = cv2.convertScaleAbs(
+            cv2.exp(-cv2.transform(cv2.merge([z, z, grain]), self.od_matrix)), alpha=255.0
+        )  # (B, B, 3) periodic background RGB
         self.background = np.pad(self.background, ((0, _BLOCK), (0, _BLOCK), (0, 0)), mode="wrap")
         if _NECROSIS in present:
             self.mottle = _wrap_pad(_periodic_noise(rng, 512, 10 * 0.25 / mpp))
@@ -368,29 +391,91 @@ class _Renderer:
             period = 2048 if max(width, height) > 2048 else 1024  # small slides: a smaller tessellation
             self.fat = _wrap_pad(_fat_membranes(rng, period, rng.uniform(55, 75) * um))
         # nuclei, only where each class is
-        wts = {c: cv2.dilate(self.weights[c][1:-1, 1:-1], np.ones((3, 3))) if c in self.weights
-               else np.zeros(tissue.shape, np.float32) for c in range(1, 6)}
+        wts = {
+            c: cv2.dilate(self.weights[c][1:-1, 1:-1], np.ones((3, 3)))
+            if c in self.weights
+            else np.zeros(tissue.shape, np.float32)
+            for c in range(1, 6)
+        }
         sz = (width, height)
         self.nuclei = {
-            _TUMOUR: _nuclei(rng, wts[_TUMOUR], ds, sz, spacing=14 * um, radius=(4.8 * um, 7.6 * um), elong=(1, 2.4),
-                             irregular=0.16, jitter=0.35, values=(170, 200, 230, 255)),
-            _STROMA: _nuclei(rng, wts[_STROMA], ds, sz, spacing=40 * um, radius=(3.2 * um, 4.5 * um), elong=(9, 20),
-                             irregular=0.05, grid=False, values=(190, 230),
-                             angle_field=fibre_angle if _STROMA in present else None),
-            _FAT: _nuclei(rng, wts[_FAT], ds, sz, spacing=110 * um, radius=(2.5 * um, 3.5 * um), elong=(6, 12),
-                          irregular=0.05, grid=False, values=(180, 220)),
-            _LYMPH: _nuclei(rng, wts[_LYMPH], ds, sz, spacing=7.0 * um, radius=(2.6 * um, 3.4 * um), irregular=0.07,
-                            jitter=0.38, values=(200, 230, 255)),
-            _NECROSIS: _nuclei(rng, wts[_NECROSIS], ds, sz, spacing=7 * um, radius=(0.4 * um, 1.5 * um), elong=(1, 3),
-                               irregular=0.35, grid=False, values=(110, 160, 220)),
+            _TUMOUR: _nuclei(
+                rng,
+                wts[_TUMOUR],
+                ds,
+                sz,
+                spacing=14 * um,
+                radius=(4.8 * um, 7.6 * um),
+                elong=(1, 2.4),
+                irregular=0.16,
+                jitter=0.35,
+                values=(170, 200, 230, 255),
+            ),
+            _STROMA: _nuclei(
+                rng,
+                wts[_STROMA],
+                ds,
+                sz,
+                spacing=40 * um,
+                radius=(3.2 * um, 4.5 * um),
+                elong=(9, 20),
+                irregular=0.05,
+                grid=False,
+                values=(190, 230),
+                angle_field=fibre_angle if _STROMA in present else None,
+            ),
+            _FAT: _nuclei(
+                rng,
+                wts[_FAT],
+                ds,
+                sz,
+                spacing=110 * um,
+                radius=(2.5 * um, 3.5 * um),
+                elong=(6, 12),
+                irregular=0.05,
+                grid=False,
+                values=(180, 220),
+            ),
+            _LYMPH: _nuclei(
+                rng,
+                wts[_LYMPH],
+                ds,
+                sz,
+                spacing=7.0 * um,
+                radius=(2.6 * um, 3.4 * um),
+                irregular=0.07,
+                jitter=0.38,
+                values=(200, 230, 255),
+            ),
+            _NECROSIS: _nuclei(
+                rng,
+                wts[_NECROSIS],
+                ds,
+                sz,
+                spacing=7 * um,
+                radius=(0.4 * um, 1.5 * um),
+                elong=(1, 3),
+                irregular=0.35,
+                grid=False,
+                values=(110, 160, 220),
+            ),
         }
-        self.ghosts = _nuclei(rng, wts[_NECROSIS], ds, sz, spacing=16 * um, radius=(3.5 * um, 5.5 * um), grid=False,
-                              irregular=0.1, values=(70, 100))
+        self.ghosts = _nuclei(
+            rng,
+            wts[_NECROSIS],
+            ds,
+            sz,
+            spacing=16 * um,
+            radius=(3.5 * um, 5.5 * um),
+            grid=False,
+            irregular=0.1,
+            values=(70, 100),
+        )
 
     def _tex(self, tex: np.ndarray, k: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         p = tex.shape[0] - _BLOCK
         oy, ox = (y0 + self.offsets[k, 0]) % p, (x0 + self.offsets[k, 1]) % p
-        return tex[oy:oy + h, ox:ox + w]
+        return tex[oy : oy + h, ox : ox + w]
 
     def _class_maps(self, c, by, bx, y0, x0, h, w):
         """Haematoxylin, eosin and grey concentration maps (h, w) float32 of class ``c`` over a block."""
@@ -404,8 +489,9 @@ class _Renderer:
             ee = (0.40 + 0.06 * f2) * (1 - 0.6 * d)
         elif c == _STROMA:
             mix = _up(self.fibre_mix, y0, y0 + h, x0, x0 + w, self.ds)
-            fib = (self._tex(self.fibres[0], 2, y0, x0, h, w) * mix
-                   + self._tex(self.fibres[1], 3, y0, x0, h, w) * (1 - mix))
+            fib = self._tex(self.fibres[0], 2, y0, x0, h, w) * mix + self._tex(self.fibres[1], 3, y0, x0, h, w) * (
+                1 - mix
+            )
             ee = np.clip(0.50 + 0.30 * fib + 0.04 * f1, 0.08, None) * (1 - 0.5 * d)
             hh = 0.035 + 0.01 * f2 + d * 1.0
         elif c == _FAT:
@@ -435,7 +521,7 @@ class _Renderer:
         strokes = [(s, ink) for s, ink in self.strokes if s[ly0:ly1, lx0:lx1].max() > 0.3]
         if f_win.max() <= -0.02 and not strokes:
             p = _BLOCK
-            return self.background[y0 % p:y0 % p + h, x0 % p:x0 % p + w]
+            return self.background[y0 % p : y0 % p + h, x0 % p : x0 % p + w]
         hh = np.zeros((h, w), np.float32)
         ee = np.zeros((h, w), np.float32)
         gg = np.zeros((h, w), np.float32)
@@ -456,7 +542,7 @@ class _Renderer:
             hh *= s
             ee *= s
             gg *= s
-        gg += 0.006 * self.fine[1][y0 % _BLOCK:y0 % _BLOCK + h, x0 % _BLOCK:x0 % _BLOCK + w]  # as self.background
+        gg += 0.006 * self.fine[1][y0 % _BLOCK : y0 % _BLOCK + h, x0 % _BLOCK : x0 % _BLOCK + w]  # as self.background
         od = cv2.transform(cv2.merge([hh, ee, gg]), self.od_matrix)
         for s_field, ink in strokes:
             a = _smoothstep(_up(s_field, y0, y1, x0, x1, ds), 0.3, 0.7)
@@ -486,16 +572,27 @@ def _write_tiff(path: Path, img: np.ndarray, mpp: float, tile: int, quality: int
     levels = [img]
     while max(levels[-1].shape[:2]) > 1024:
         prev = levels[-1]
-        levels.append(cv2.resize(prev, (max(1, prev.shape[1] // 4), max(1, prev.shape[0] // 4)),
-                                 interpolation=cv2.INTER_AREA))
+        levels.append(
+            cv2.resize(prev, (max(1, prev.shape[1] // 4), max(1, prev.shape[0] // 4)), interpolation=cv2.INTER_AREA)
+        )
     bigtiff = sum(lv.nbytes for lv in levels) > 2**31
     with tifffile.TiffWriter(path, bigtiff=bigtiff) as tw:
         for i, lv in enumerate(levels):
             ds = img.shape[1] / lv.shape[1]
             res = 1e4 / (mpp * ds)  # pixels per centimetre
-            tw.write(lv, tile=(tile, tile), compression="jpeg", compressionargs={"level": int(quality)},
-                     photometric="rgb", resolution=(res, res), resolutionunit="CENTIMETER",
-                     subfiletype=1 if i else 0, metadata=None, maxworkers=2, software="workbench.io.synthetic")
+            tw.write(
+                lv,
+                tile=(tile, tile),
+                compression="jpeg",
+                compressionargs={"level": int(quality)},
+                photometric="rgb",
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+                subfiletype=1 if i else 0,
+                metadata=None,
+                maxworkers=2,
+                software="workbench.io.synthetic",
+            )
     return len(levels)
 
 
@@ -512,12 +609,23 @@ def _check(width, height, mpp, dominant, n_pieces, where):
     if dominant not in CLASS_NAMES[1:]:
         raise ValueError(f"{where}: dominant must be one of {CLASS_NAMES[1:]}, got {dominant!r}")
     if width < 256 or height < 256 or not mpp > 0 or n_pieces < 1:
-        raise ValueError(f"{where}: need width, height >= 256, mpp > 0 and n_pieces >= 1; got width={width}, "
-                         f"height={height}, mpp={mpp}, n_pieces={n_pieces}")
+        raise ValueError(
+            f"{where}: need width, height >= 256, mpp > 0 and n_pieces >= 1; got width={width}, "
+            f"height={height}, mpp={mpp}, n_pieces={n_pieces}"
+        )
 
 
-def render_slide(*, width: int = 8192, height: int = 8192, mpp: float = 0.25, seed: int = 0, dominant: str = "tumour",
-                 n_pieces: int = 2, pen: bool = True, blur: bool = True) -> tuple[np.ndarray, dict]:
+def render_slide(
+    *,
+    width: int = 8192,
+    height: int = 8192,
+    mpp: float = 0.25,
+    seed: int = 0,
+    dominant: str = "tumour",
+    n_pieces: int = 2,
+    pen: bool = True,
+    blur: bool = True,
+) -> tuple[np.ndarray, dict]:
     """Render level 0 of a synthetic slide in memory (what :func:`make_slide` writes).
 
     Returns
@@ -541,22 +649,40 @@ def render_slide(*, width: int = 8192, height: int = 8192, mpp: float = 0.25, se
     img = np.empty((height, width, 3), np.uint8)
     for by in range(-(-height // _BLOCK)):
         for bx in range(-(-width // _BLOCK)):
-            img[by * _BLOCK:(by + 1) * _BLOCK, bx * _BLOCK:(bx + 1) * _BLOCK] = renderer.block(by, bx)
+            img[by * _BLOCK : (by + 1) * _BLOCK, bx * _BLOCK : (bx + 1) * _BLOCK] = renderer.block(by, bx)
     if blur:
         _apply_blur(img, blur_lr, ds, sigma=blur_sigma)
     pen_lr = np.zeros((hl, wl), bool)
     for stroke, _ in strokes:
         pen_lr |= stroke > 0.5
-    truth = {"tissue": layout["tissue"], "classes": layout["labels"], "pen": pen_lr, "blur": blur_lr > 0.5,
-             "downsample": ds, "mpp": float(mpp)}
-    log.debug("rendered %dx%d (seed %d): layout %.2f s, pixels %.2f s", width, height, seed, t1 - t0,
-              time.perf_counter() - t1)
+    truth = {
+        "tissue": layout["tissue"],
+        "classes": layout["labels"],
+        "pen": pen_lr,
+        "blur": blur_lr > 0.5,
+        "downsample": ds,
+        "mpp": float(mpp),
+    }
+    log.debug(
+        "rendered %dx%d (seed %d): layout %.2f s, pixels %.2f s", width, height, seed, t1 - t0, time.perf_counter() - t1
+    )
     return img, truth
 
 
-def make_slide(path, *, width: int = 8192, height: int = 8192, mpp: float = 0.25, seed: int = 0,
-               dominant: str = "tumour", n_pieces: int = 2, pen: bool = True, blur: bool = True, tile: int = 256,
-               quality: int = 90) -> dict:
+def make_slide(
+    path,
+    *,
+    width: int = 8192,
+    height: int = 8192,
+    mpp: float = 0.25,
+    seed: int = 0,
+    dominant: str = "tumour",
+    n_pieces: int = 2,
+    pen: bool = True,
+    blur: bool = True,
+    tile: int = 256,
+    quality: int = 90,
+) -> dict:
     """Write a synthetic H&E-like slide (pyramidal JPEG TIFF) and its ground truth; return the truth.
 
     Parameters
@@ -584,8 +710,9 @@ def make_slide(path, *, width: int = 8192, height: int = 8192, mpp: float = 0.25
     if tile < 16 or tile % 16 or not 1 <= quality <= 100:
         raise ValueError(f"{path}: tile must be a positive multiple of 16 and quality 1–100; got {tile}, {quality}")
     t0 = time.perf_counter()
-    img, truth = render_slide(width=width, height=height, mpp=mpp, seed=seed, dominant=dominant,
-                              n_pieces=n_pieces, pen=pen, blur=blur)
+    img, truth = render_slide(
+        width=width, height=height, mpp=mpp, seed=seed, dominant=dominant, n_pieces=n_pieces, pen=pen, blur=blur
+    )
     t1 = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
     n_levels = _write_tiff(path, img, mpp, tile, quality)
@@ -593,8 +720,15 @@ def make_slide(path, *, width: int = 8192, height: int = 8192, mpp: float = 0.25
 
     with atomic_path(truth_path(path)) as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, **truth)
-    log.info("%s: %dx%d, %d levels, render %.2f s, write %.2f s", path.name, width, height, n_levels, t1 - t0,
-             time.perf_counter() - t1)
+    log.info(
+        "%s: %dx%d, %d levels, render %.2f s, write %.2f s",
+        path.name,
+        width,
+        height,
+        n_levels,
+        t1 - t0,
+        time.perf_counter() - t1,
+    )
     return truth
 
 
@@ -652,16 +786,22 @@ def tile_truth(truth: dict, coords, size0: float) -> dict:
     fg = counts[:, 1:]
     cls = np.where(fg.sum(1) > 0, fg.argmax(1) + 1, 0).astype(np.uint8)
     purity = np.where(fg.sum(1) > 0, fg.max(1) / np.maximum(fg.sum(1), 1), 0)
-    return {"tissue": tissue.astype(np.float32), "pen": pen.astype(np.float32), "cls": cls,
-            "purity": purity.astype(np.float32), "class_fraction": (counts / area[:, None]).astype(np.float32)}
+    return {
+        "tissue": tissue.astype(np.float32),
+        "pen": pen.astype(np.float32),
+        "cls": cls,
+        "purity": purity.astype(np.float32),
+        "class_fraction": (counts / area[:, None]).astype(np.float32),
+    }
 
 
 def _make_slide_job(path, kw):
     make_slide(path, **kw)
 
 
-def make_demo_set(out_dir, *, n_slides: int = 16, size: int = 8192, seed: int = 0, manifest_path=None,
-                  workers: int | None = None) -> pd.DataFrame:
+def make_demo_set(
+    out_dir, *, n_slides: int = 16, size: int = 8192, seed: int = 0, manifest_path=None, workers: int | None = None
+) -> pd.DataFrame:
     """Write ``n_slides`` synthetic slides ``demo_000.tiff`` … into ``out_dir``; return their manifest.
 
     Diagnoses cycle through :data:`DEMO_DIAGNOSES` (balanced; the diagnosis is the slide's dominant class);
@@ -693,10 +833,32 @@ def make_demo_set(out_dir, *, n_slides: int = 16, size: int = 8192, seed: int = 
         slide_seed = int(seed) * 10_000 + i
         pen = (k % 2 == 0) if (DEMO_DIAGNOSES.index(diag) % 2 == 0) else (k % 2 == 1)
         path = out_dir / f"demo_{i:03d}.tiff"
-        jobs.append((path, dict(width=size, height=size, mpp=0.25, seed=slide_seed, dominant=diag,
-                                n_pieces=int(rng.integers(1, 4)), pen=pen, blur=bool(rng.random() < 0.5))))
-        records.append({"slide_id": path.stem, "path": str(path), "patient_id": f"patient_{pid:03d}",
-                        "site": DEMO_SITES[pid % len(DEMO_SITES)], "diagnosis": diag, "mpp": np.nan, "pen": pen})
+        jobs.append(
+            (
+                path,
+                dict(
+                    width=size,
+                    height=size,
+                    mpp=0.25,
+                    seed=slide_seed,
+                    dominant=diag,
+                    n_pieces=int(rng.integers(1, 4)),
+                    pen=pen,
+                    blur=bool(rng.random() < 0.5),
+                ),
+            )
+        )
+        records.append(
+            {
+                "slide_id": path.stem,
+                "path": str(path),
+                "patient_id": f"patient_{pid:03d}",
+                "site": DEMO_SITES[pid % len(DEMO_SITES)],
+                "diagnosis": diag,
+                "mpp": np.nan,
+                "pen": pen,
+            }
+        )
     workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))
     if workers == 1 or len(jobs) == 1:
         for path, kw in jobs:

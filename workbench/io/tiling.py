@@ -39,6 +39,7 @@ than ``max_tiles`` tiles is refused by name before any pixel is read, and every 
 ``time_limit`` seconds (checked inside the read loops: a slide past it stops within one read, is recorded
 as ``SlideTimeoutError`` with status ``timeout``, and the worker goes on to the next slide).
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,10 +54,10 @@ import pandas as pd
 import zarr
 
 from workbench import store as st
+from workbench.errors import ParameterError
 from workbench.io.manifest import read_manifest, to_records, validate_manifest
 from workbench.io.segment import SegmentParams, contours_geojson, render_mask, tissue_mask
 from workbench.io.slides import SlideError, SlideTimeoutError, deadline, open_slide, tile_footprint
-from workbench.errors import ParameterError
 from workbench.validate import check_choice, check_float, check_int, check_optional
 
 MAX_PIXELS = 4 * 10**10  # level-0 pixels of one slide (200k x 200k); the largest scans are about 1.5e10
@@ -79,7 +80,7 @@ class TilingParams:
     overlap_px: int = 0
     tile_rule: str = "mussel"
 
-    def validate(self) -> "TilingParams":
+    def validate(self) -> TilingParams:
         check_int("tile_px", self.tile_px, 16, 65536)
         check_float("tile_mpp", self.tile_mpp, 0.05, 100)
         check_int("overlap_px", self.overlap_px, 0, int(self.tile_px) - 1)
@@ -106,8 +107,9 @@ def _xy(downsample) -> tuple[float, float]:
     return (float(downsample), float(downsample)) if np.isscalar(downsample) else tuple(map(float, downsample))
 
 
-def tissue_fractions(mask: np.ndarray, downsample, coords: np.ndarray, size0: int,
-                     integral: np.ndarray | None = None) -> np.ndarray:
+def tissue_fractions(
+    mask: np.ndarray, downsample, coords: np.ndarray, size0: int, integral: np.ndarray | None = None
+) -> np.ndarray:
     """Share of each tile's footprint covered by ``mask`` (bool, at ``downsample`` × level 0).
 
     Footprint edges are rounded to mask pixels (at least one pixel wide); parts outside the mask count
@@ -127,12 +129,18 @@ def tissue_fractions(mask: np.ndarray, downsample, coords: np.ndarray, size0: in
     fx0, fx1 = np.round(xs / sx), np.maximum(np.round((xs + size0) / sx), np.round(xs / sx) + 1)
     fy0, fy1 = np.round(ys / sy), np.maximum(np.round((ys + size0) / sy), np.round(ys / sy) + 1)
     area = (fx1 - fx0) * (fy1 - fy0)
-    inside = (integral[y1, x1].astype(np.int64) - integral[y0, x1] - integral[y1, x0] + integral[y0, x0])
+    inside = integral[y1, x1].astype(np.int64) - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
     return (inside / area).astype(np.float32)
 
 
-def tile_grid(mask: np.ndarray, downsample: float, slide_size: tuple[int, int], size0: int, min_tissue: float,
-              stride0: int | None = None):
+def tile_grid(
+    mask: np.ndarray,
+    downsample: float,
+    slide_size: tuple[int, int],
+    size0: int,
+    min_tissue: float,
+    stride0: int | None = None,
+):
     """The ``tissue_fraction`` rule: grid from the slide's corner, keep tiles with enough tissue.
 
     Parameters
@@ -154,7 +162,7 @@ def tile_grid(mask: np.ndarray, downsample: float, slide_size: tuple[int, int], 
     width, height = slide_size
     check_int("size0", size0, 1)
     stride0 = check_int("stride0", int(stride0 or size0), 1)
-    for d in (downsample if isinstance(downsample, (tuple, list)) else (downsample,)):
+    for d in downsample if isinstance(downsample, (tuple, list)) else (downsample,):
         check_float("downsample", d, 0, lo_open=True)  # one factor, or (x, y)
     if mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"mask must be a non-empty 2-D array, got shape {mask.shape}")
@@ -174,8 +182,9 @@ def _level0(contour: np.ndarray, downsample) -> np.ndarray:
     return np.array(contour * np.array([sx, sy]), dtype=np.int32)
 
 
-def grid_mussel(tissue: list, holes: list, mask_shape: tuple[int, int], downsample, size0: int,
-                stride0: int | None = None) -> np.ndarray:
+def grid_mussel(
+    tissue: list, holes: list, mask_shape: tuple[int, int], downsample, size0: int, stride0: int | None = None
+) -> np.ndarray:
     """The Mussel reference run's rule (``partition`` in ``mussel/utils/segment.py``); see the module doc.
 
     ``tissue``/``holes``: contours in mask pixels (:func:`workbench.io.segment.filter_contours`). Returns
@@ -213,8 +222,11 @@ def grid_clam(tissue: list, holes: list, downsample, size0: int, stride0: int | 
     """
     stride0 = int(stride0 or size0)
     half, shift = size0 // 2, int(size0 // 2 * 0.5)
-    offsets = np.array([(-shift, -shift), (shift, shift), (shift, -shift), (-shift, shift)]) if shift > 0 else \
-        np.zeros((1, 2), int)
+    offsets = (
+        np.array([(-shift, -shift), (shift, shift), (shift, -shift), (-shift, shift)])
+        if shift > 0
+        else np.zeros((1, 2), int)
+    )
     kept = []
     for cont, hs in zip(tissue, holes):
         c0 = _level0(cont, downsample)
@@ -223,8 +235,9 @@ def grid_clam(tissue: list, holes: list, downsample, size0: int, stride0: int | 
         for ty in range(y, y + h, stride0):
             for tx in range(x, x + w, stride0):
                 cx, cy = tx + half, ty + half
-                if not any(cv2.pointPolygonTest(c0, (float(cx + dx), float(cy + dy)), False) >= 0
-                           for dx, dy in offsets):
+                if not any(
+                    cv2.pointPolygonTest(c0, (float(cx + dx), float(cy + dy)), False) >= 0 for dx, dy in offsets
+                ):
                     continue
                 centre = (tx + size0 / 2, ty + size0 / 2)
                 if any(cv2.pointPolygonTest(hole, centre, False) > 0 for hole in h0):
@@ -236,8 +249,15 @@ def grid_clam(tissue: list, holes: list, downsample, size0: int, stride0: int | 
     return coords[np.lexsort((coords[:, 0], coords[:, 1]))].astype(np.int32)
 
 
-def tile_slide(path: str, params: TilingParams, *, slide_id: str | None = None, mpp: float | None = None,
-               max_pixels: int = MAX_PIXELS, max_tiles: int = MAX_TILES) -> dict:
+def tile_slide(
+    path: str,
+    params: TilingParams,
+    *,
+    slide_id: str | None = None,
+    mpp: float | None = None,
+    max_pixels: int = MAX_PIXELS,
+    max_tiles: int = MAX_TILES,
+) -> dict:
     """Segment and grid one slide; returns arrays and attributes (no store I/O).
 
     Refuses (:class:`SlideError`, naming the slide) a slide over ``max_pixels`` level-0 pixels, a grid of
@@ -249,22 +269,30 @@ def tile_slide(path: str, params: TilingParams, *, slide_id: str | None = None, 
         name = f"slide {slide.slide_id!r} ({slide.path})"
         w, h = slide.dimensions
         if w < 1 or h < 1 or w * h > max_pixels:
-            raise SlideError(f"{name}: level-0 size {w} x {h} = {w * h:,} pixels is beyond the sanity limit of "
-                             f"{max_pixels:,} (max_pixels); raise it if this slide is real")
+            raise SlideError(
+                f"{name}: level-0 size {w} x {h} = {w * h:,} pixels is beyond the sanity limit of "
+                f"{max_pixels:,} (max_pixels); raise it if this slide is real"
+            )
         if params.tile_mpp * MAX_UPSAMPLE < slide.mpp:
-            raise SlideError(f"{name}: tile_mpp {params.tile_mpp} µm/px would upsample this {slide.mpp:.4g} µm/px "
-                             f"slide {slide.mpp / params.tile_mpp:.3g}x (at most {MAX_UPSAMPLE:g}x is allowed); use "
-                             "a coarser tile_mpp or check the slide's mpp")
+            raise SlideError(
+                f"{name}: tile_mpp {params.tile_mpp} µm/px would upsample this {slide.mpp:.4g} µm/px "
+                f"slide {slide.mpp / params.tile_mpp:.3g}x (at most {MAX_UPSAMPLE:g}x is allowed); use "
+                "a coarser tile_mpp or check the slide's mpp"
+            )
         size0 = tile_footprint(slide.mpp, params.tile_px, params.tile_mpp)
         stride0 = size0 - round(params.overlap_px * size0 / params.tile_px)
         if stride0 < 1:
-            raise SlideError(f"{name}: a tile covers {size0} level-0 pixel(s); with overlap_px={params.overlap_px} "
-                             "the step between tiles is below one pixel; use a larger tile_mpp or less overlap")
+            raise SlideError(
+                f"{name}: a tile covers {size0} level-0 pixel(s); with overlap_px={params.overlap_px} "
+                "the step between tiles is below one pixel; use a larger tile_mpp or less overlap"
+            )
         n_grid = ((w - size0) // stride0 + 1) * ((h - size0) // stride0 + 1) if w >= size0 and h >= size0 else 0
         if n_grid > max_tiles:
-            raise SlideError(f"{name}: {n_grid:,} tiles of {size0} level-0 px ({params.tile_px} px at "
-                             f"{params.tile_mpp} µm/px on a {slide.mpp:.4g} µm/px slide) is beyond the sanity limit "
-                             f"of {max_tiles:,} (max_tiles); check the slide's mpp or raise the limit")
+            raise SlideError(
+                f"{name}: {n_grid:,} tiles of {size0} level-0 px ({params.tile_px} px at "
+                f"{params.tile_mpp} µm/px on a {slide.mpp:.4g} µm/px slide) is beyond the sanity limit "
+                f"of {max_tiles:,} (max_tiles); check the slide's mpp or raise the limit"
+            )
         image, ds_xy, seg_level = slide.segmentation_image(seg.seg_level, seg.mask_mpp)
         mask, tissue, holes = tissue_mask(image, ds_xy, seg)
         del image
@@ -322,33 +350,63 @@ def _tile_task(store_path: str, rec: dict, params: TilingParams, limits: dict | 
     t0 = time.perf_counter()
     root = st.open_root(store_path, mode="a")
     if st.is_complete(root, st.Key.slide(sid)):
-        return {"slide_id": sid, "status": "skipped", "n_tiles": int(root[st.Key.coords(sid)].shape[0]),
-                "seconds": 0.0, "error": None}
+        return {
+            "slide_id": sid,
+            "status": "skipped",
+            "n_tiles": int(root[st.Key.coords(sid)].shape[0]),
+            "seconds": 0.0,
+            "error": None,
+        }
     if failed_before is not None:
         return {"slide_id": sid, "status": "failed-earlier", "n_tiles": 0, "seconds": 0.0, "error": failed_before}
     try:
         with deadline(time_limit, sid):
             result = tile_slide(rec["path"], params, slide_id=sid, mpp=rec.get("mpp"), **limits)
     except SlideTimeoutError as exc:
-        return {"slide_id": sid, "status": "timeout", "n_tiles": 0, "seconds": time.perf_counter() - t0,
-                "error": f"{type(exc).__name__}: {exc}", "error_class": type(exc).__name__}
+        return {
+            "slide_id": sid,
+            "status": "timeout",
+            "n_tiles": 0,
+            "seconds": time.perf_counter() - t0,
+            "error": f"{type(exc).__name__}: {exc}",
+            "error_class": type(exc).__name__,
+        }
     except MemoryError as exc:
-        return {"slide_id": sid, "status": "error", "n_tiles": 0, "seconds": time.perf_counter() - t0,
-                "error": f"MemoryError: slide {sid!r} needs more memory than is available ({exc})",
-                "error_class": "MemoryError"}
-    except Exception as exc:  # noqa: BLE001 — one slide's failure of any kind is its row, never the batch's
+        return {
+            "slide_id": sid,
+            "status": "error",
+            "n_tiles": 0,
+            "seconds": time.perf_counter() - t0,
+            "error": f"MemoryError: slide {sid!r} needs more memory than is available ({exc})",
+            "error_class": "MemoryError",
+        }
+    except Exception as exc:
         where = "" if isinstance(exc, (SlideError, OSError)) else f"slide {sid!r}: "
-        return {"slide_id": sid, "status": "error", "n_tiles": 0, "seconds": time.perf_counter() - t0,
-                "error": f"{type(exc).__name__}: {where}{exc}", "error_class": type(exc).__name__}
+        return {
+            "slide_id": sid,
+            "status": "error",
+            "n_tiles": 0,
+            "seconds": time.perf_counter() - t0,
+            "error": f"{type(exc).__name__}: {where}{exc}",
+            "error_class": type(exc).__name__,
+        }
     try:
         _write_slide(root, sid, result)
     except OSError as exc:  # a full disk or a lost mount is not the slide's fault: stop the run, by name
-        raise st.StoreError(f"slide {sid!r}: writing to store {store_path} failed ({exc}); the slide is left "
-                            "incomplete and the next run redoes it") from exc
+        raise st.StoreError(
+            f"slide {sid!r}: writing to store {store_path} failed ({exc}); the slide is left "
+            "incomplete and the next run redoes it"
+        ) from exc
     n = result["attrs"]["n_tiles"]
-    return {"slide_id": sid, "status": "tiled" if n else "empty", "n_tiles": n,
-            "seconds": time.perf_counter() - t0, "error": None if n else
-            f"no tile has tissue by the {params.tile_rule!r} rule (no tissue found, or slide smaller than one tile)"}
+    return {
+        "slide_id": sid,
+        "status": "tiled" if n else "empty",
+        "n_tiles": n,
+        "seconds": time.perf_counter() - t0,
+        "error": None
+        if n
+        else f"no tile has tissue by the {params.tile_rule!r} rule (no tissue found, or slide smaller than one tile)",
+    }
 
 
 def tile_slides(
@@ -423,9 +481,12 @@ def tile_slides(
         root = st.create_store(store_path, manifest=to_records(df), tiling=params.to_dict())
         failed = {} if retry_failed else st.failed_slides(root, "tile")
         limits = {"time_limit": time_limit, "max_pixels": int(max_pixels), "max_tiles": int(max_tiles)}
-        tasks = [dask.delayed(_tile_task, pure=False)(store_path, rec, params,
-                                                      {**limits, "failed_before": failed.get(rec["slide_id"])})
-                 for rec in to_records(df)]
+        tasks = [
+            dask.delayed(_tile_task, pure=False)(
+                store_path, rec, params, {**limits, "failed_before": failed.get(rec["slide_id"])}
+            )
+            for rec in to_records(df)
+        ]
         if client is not None:
             results = client.gather(client.compute(tasks))
         elif progress:
@@ -435,13 +496,17 @@ def tile_slides(
                 results = dask.compute(*tasks, scheduler=scheduler, num_workers=num_workers)
         else:
             results = dask.compute(*tasks, scheduler=scheduler, num_workers=num_workers)
-        summary = pd.DataFrame(list(results), columns=["slide_id", "status", "n_tiles", "seconds", "error",
-                                                       "error_class"])
+        summary = pd.DataFrame(
+            list(results), columns=["slide_id", "status", "n_tiles", "seconds", "error", "error_class"]
+        )
         recorded = st.failed_slides(root, "tile") if retry_failed else failed
         for row in summary.itertuples():
             if row.status in ("error", "empty", "timeout"):
-                cls = row.error_class if isinstance(row.error_class, str) else (
-                    "EmptySlide" if row.status == "empty" else None)
+                cls = (
+                    row.error_class
+                    if isinstance(row.error_class, str)
+                    else ("EmptySlide" if row.status == "empty" else None)
+                )
                 st.record_failure(root, row.slide_id, "tile", row.error, cls)
             elif row.status == "tiled" and row.slide_id in recorded:
                 st.clear_error(root, row.slide_id, "tile")

@@ -18,6 +18,7 @@ Leave-one-patient-out needs each file under one patient: :func:`check_duplicate_
 same size/header/directory fingerprint) under two exclusion groups, since the query would then find its
 own file in the database; ``allow_duplicate_files=True`` runs anyway.
 """
+
 from __future__ import annotations
 
 import logging
@@ -187,14 +188,24 @@ def check_duplicate_files(store_index, *, allow: bool = False) -> list[tuple[str
     pairs = [(a, b) for a, b in duplicate_files(records) if a in group and b in group and group[a] != group[b]]
     if pairs and not allow:
         text = "; ".join(f"{a!r} ({group[a]}) and {b!r} ({group[b]})" for a, b in pairs[:10])
-        raise ManifestError(f"store {store_index.store}: the same file is listed under different patients: {text}. "
-                            "Leave-one-patient-out would find each query in its own database; fix the manifest "
-                            "(one slide id per file, the right patient_id) or pass allow_duplicate_files=True")
+        raise ManifestError(
+            f"store {store_index.store}: the same file is listed under different patients: {text}. "
+            "Leave-one-patient-out would find each query in its own database; fix the manifest "
+            "(one slide id per file, the right patient_id) or pass allow_duplicate_files=True"
+        )
     return pairs
 
 
-def evaluate_tiles(store_index, tile_labels: np.ndarray, *, ks=(1, 5, 10), n_queries: int = 1000,
-                   query_ids: np.ndarray | None = None, random_state: int = 0, allow_duplicate_files: bool = False):
+def evaluate_tiles(
+    store_index,
+    tile_labels: np.ndarray,
+    *,
+    ks=(1, 5, 10),
+    n_queries: int = 1000,
+    query_ids: np.ndarray | None = None,
+    random_state: int = 0,
+    allow_duplicate_files: bool = False,
+):
     """Leave-one-patient-out tile retrieval over a :class:`~workbench.search.retrieval.StoreIndex`.
 
     ``tile_labels`` (N,) gives every tile's label (None/NaN = unlabelled, never a query). Queries are
@@ -221,9 +232,20 @@ def evaluate_tiles(store_index, tile_labels: np.ndarray, *, ks=(1, 5, 10), n_que
     return tile_retrieval_metrics(tile_labels[query_ids], got, ks), query_ms
 
 
-def evaluate_slides(store_index, *, label: str = "diagnosis", ks=(1, 5), k_tiles: int = 20, ranking: str = "sish",
-                    by: str = "colour", white_filter: bool = True, max_distance: float | None = None, slide_ids=None,
-                    allow_duplicate_files: bool = False, progress: bool = False):
+def evaluate_slides(
+    store_index,
+    *,
+    label: str = "diagnosis",
+    ks=(1, 5),
+    k_tiles: int = 20,
+    ranking: str = "sish",
+    by: str = "colour",
+    white_filter: bool = True,
+    max_distance: float | None = None,
+    slide_ids=None,
+    allow_duplicate_files: bool = False,
+    progress: bool = False,
+):
     """Leave-one-patient-out slide retrieval: every labelled slide queries the rest.
 
     ``by`` / ``white_filter`` choose the mosaic (:meth:`StoreIndex.mosaic`: SISH's colour histograms and
@@ -248,27 +270,42 @@ def evaluate_slides(store_index, *, label: str = "diagnosis", ks=(1, 5), k_tiles
 
     for sid in progress_bar(slide_ids, desc=f"slide queries ({ranking})", unit="slide", disable=not progress):
         t0 = time.perf_counter()
-        ranked = store_index.query_slide(sid, k_tiles=k_tiles, ranking=ranking, label=label, by=by,
-                                         white_filter=white_filter, max_distance=max_distance)
+        ranked = store_index.query_slide(
+            sid,
+            k_tiles=k_tiles,
+            ranking=ranking,
+            label=label,
+            by=by,
+            white_filter=white_filter,
+            max_distance=max_distance,
+        )
         dt = time.perf_counter() - t0
         rec = slides.loc[slides["slide_id"] == sid].iloc[0]
-        records.append({"slide_id": sid, "label": rec[label], "site": rec["site"],
-                        "retrieved": ranked["label"].tolist()[:kmax],
-                        "retrieved_slides": ranked["slide_id"].tolist()[:kmax], "query_s": dt})
+        records.append(
+            {
+                "slide_id": sid,
+                "label": rec[label],
+                "site": rec["site"],
+                "retrieved": ranked["label"].tolist()[:kmax],
+                "retrieved_slides": ranked["slide_id"].tolist()[:kmax],
+                "query_s": dt,
+            }
+        )
     per_query = pd.DataFrame(records)
     if per_query.empty:
         raise ValueError(f"no slides with a {label!r} label to query")
     sites = per_query["site"].to_numpy() if per_query["site"].notna().any() else None
-    table = slide_retrieval_metrics(per_query["label"].to_numpy(), labels_matrix(per_query["retrieved"], kmax), ks,
-                                    sites=sites)
+    table = slide_retrieval_metrics(
+        per_query["label"].to_numpy(), labels_matrix(per_query["retrieved"], kmax), ks, sites=sites
+    )
     return table, per_query, 1e3 * float(per_query["query_s"].mean())
 
 
 def synthetic_tile_labels(store_index) -> np.ndarray:
     """(N,) ground-truth class name of every tile of a store of synthetic slides (majority class of its
     footprint, from :func:`workbench.io.synthetic.tile_truth`); None where the truth is background."""
-    from workbench.store import open_store, read_slide
     from workbench.io.synthetic import CLASS_NAMES, load_truth, tile_truth
+    from workbench.store import open_store, read_slide
 
     root = open_store(store_index.store)
     parts = []

@@ -30,6 +30,7 @@ Slide search
     :mod:`workbench.search.slidesearch` and are re-exported here. :class:`StoreIndex` glues the index to a
     store: queries by global tile id, by tile image (encoded on the fly) or by whole slide.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,19 +44,46 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.search.slidesearch import (LABEL_WEIGHT_SUM, colour_histograms, label_weights, mean_similarity_rank, mosaic,
-                          near_white, sish_rank)
-from workbench.errors import IntegrityError, ParameterError, StaleError, StaleIndexError  # noqa: F401  (raised here)
+from workbench.errors import IntegrityError, ParameterError, StaleError, StaleIndexError
+from workbench.search.slidesearch import (
+    LABEL_WEIGHT_SUM,
+    colour_histograms,
+    label_weights,
+    mean_similarity_rank,
+    mosaic,
+    near_white,
+    sish_rank,
+)
 from workbench.validate import check_choice, check_int, check_optional
 
 __all__ = [
     # tile index
-    "KINDS", "METRICS", "IndexKind", "register_kind", "widen_search", "FeatureRows", "StaleIndexError", "TileIndex", "gpu_available", "l2_normalise", "array_digest",
+    "KINDS",
+    "METRICS",
+    "IndexKind",
+    "register_kind",
+    "widen_search",
+    "FeatureRows",
+    "StaleIndexError",
+    "TileIndex",
+    "gpu_available",
+    "l2_normalise",
+    "array_digest",
     # store glue
-    "index_path", "features_digest", "slide_table", "encode_images", "StoreIndex", "build_store_index",
+    "index_path",
+    "features_digest",
+    "slide_table",
+    "encode_images",
+    "StoreIndex",
+    "build_store_index",
     "load_store_index",
     # re-exported from workbench.search.slidesearch
-    "LABEL_WEIGHT_SUM", "near_white", "colour_histograms", "mosaic", "label_weights", "sish_rank",
+    "LABEL_WEIGHT_SUM",
+    "near_white",
+    "colour_histograms",
+    "mosaic",
+    "label_weights",
+    "sish_rank",
     "mean_similarity_rank",
 ]
 
@@ -63,8 +91,6 @@ log = logging.getLogger(__name__)
 
 METRICS = ("cosine", "ip", "l2")
 GPU_MAX_K = 2048  # faiss-gpu returns at most this many results per query (k and nprobe)
-
-
 
 
 def _faiss():
@@ -115,17 +141,17 @@ class IndexKind:
     trained = False
     reranked = False
 
-    def new(self, ti: "TileIndex", d: int, n: int):
+    def new(self, ti: TileIndex, d: int, n: int):
         raise NotImplementedError
 
-    def configure(self, ti: "TileIndex", index) -> None:
+    def configure(self, ti: TileIndex, index) -> None:
         """Apply query-time settings (after building and after loading)."""
 
-    def probes(self, ti: "TileIndex", index) -> tuple[int | None, int | None]:
+    def probes(self, ti: TileIndex, index) -> tuple[int | None, int | None]:
         """(cells probed, cells in all) for kinds whose probed lists can run dry, else (None, None)."""
         return None, None
 
-    def search(self, ti: "TileIndex", index, q: np.ndarray, k: int, nprobe: int | None):
+    def search(self, ti: TileIndex, index, q: np.ndarray, k: int, nprobe: int | None):
         return index.search(q, k)
 
 
@@ -135,8 +161,19 @@ class _KindRegistry(dict):
     def table(self):
         import pandas as pd
 
-        return pd.DataFrame([{"kind": n, "gpu": c.gpu, "trained": c.trained, "re-ranked": c.reranked,
-                              "parameters": ", ".join(c.params), "summary": c.summary} for n, c in self.items()])
+        return pd.DataFrame(
+            [
+                {
+                    "kind": n,
+                    "gpu": c.gpu,
+                    "trained": c.trained,
+                    "re-ranked": c.reranked,
+                    "parameters": ", ".join(c.params),
+                    "summary": c.summary,
+                }
+                for n, c in self.items()
+            ]
+        )
 
     def __str__(self) -> str:
         return self.table().to_string(index=False)
@@ -290,8 +327,19 @@ class IVFPQKind(IndexKind):
 # --------------------------------------------------------------------------- candidate widening
 
 
-def widen_search(raw, n_queries: int, k: int, *, possible, cap: int, keep=None, nprobe=None, nlist=None,
-                 fill: float = -np.inf, start: int | None = None):
+def widen_search(
+    raw,
+    n_queries: int,
+    k: int,
+    *,
+    possible,
+    cap: int,
+    keep=None,
+    nprobe=None,
+    nlist=None,
+    fill: float = -np.inf,
+    start: int | None = None,
+):
     """Search with over-fetching until every query has ``k`` results that survive ``keep``.
 
     The one widening loop of every index (CPU and GPU): ``raw(rows, fetch, nprobe)`` returns
@@ -371,16 +419,16 @@ class FeatureRows:
             paths = [base / enc.encode_chunk_key((i, 0)) for i in range(-(-x.shape[0] // chunks[0]))]
             if not all(p.exists() for p in paths):
                 return None
-            return {"paths": paths, "rows": int(chunks[0]), "dtype": np.dtype(x.dtype).newbyteorder("<"),
-                    "maps": {}}
-        except Exception:  # noqa: BLE001  (any other layout: the generic reader)
+            return {"paths": paths, "rows": int(chunks[0]), "dtype": np.dtype(x.dtype).newbyteorder("<"), "maps": {}}
+        except Exception:
             return None
 
     def _chunk_map(self, i: int) -> np.ndarray:
         m = self._maps["maps"].get(i)
         if m is None:
-            m = np.memmap(self._maps["paths"][i], dtype=self._maps["dtype"], mode="r",
-                          shape=(self._maps["rows"], self.shape[1]))
+            m = np.memmap(
+                self._maps["paths"][i], dtype=self._maps["dtype"], mode="r", shape=(self._maps["rows"], self.shape[1])
+            )
             self._maps["maps"][i] = m
         return m
 
@@ -455,11 +503,26 @@ class TileIndex:
     True
     """
 
-    def __init__(self, kind: str = "flat", *, nlist: int | None = None, nprobe: int = 16, M: int = 32,
-                 ef_construction: int = 40, ef_search: int = 64, pq_m: int | None = None, opq: bool = False,
-                 factory: str | None = None, rerank: int = 256, metric: str = "cosine", use_gpu="auto",
-                 train_size: int | None = None, batch_rows: int = 65536, progress: bool = False,
-                 random_state: int = 0):
+    def __init__(
+        self,
+        kind: str = "flat",
+        *,
+        nlist: int | None = None,
+        nprobe: int = 16,
+        M: int = 32,
+        ef_construction: int = 40,
+        ef_search: int = 64,
+        pq_m: int | None = None,
+        opq: bool = False,
+        factory: str | None = None,
+        rerank: int = 256,
+        metric: str = "cosine",
+        use_gpu="auto",
+        train_size: int | None = None,
+        batch_rows: int = 65536,
+        progress: bool = False,
+        random_state: int = 0,
+    ):
         self.kind = kind
         self.nlist = nlist
         self.nprobe = nprobe
@@ -478,9 +541,27 @@ class TileIndex:
         self.random_state = random_state
 
     def get_params(self) -> dict:
-        return {k: getattr(self, k) for k in ("kind", "nlist", "nprobe", "M", "ef_construction", "ef_search",
-                                               "pq_m", "opq", "factory", "rerank", "metric", "use_gpu",
-                                               "train_size", "batch_rows", "progress", "random_state")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "kind",
+                "nlist",
+                "nprobe",
+                "M",
+                "ef_construction",
+                "ef_search",
+                "pq_m",
+                "opq",
+                "factory",
+                "rerank",
+                "metric",
+                "use_gpu",
+                "train_size",
+                "batch_rows",
+                "progress",
+                "random_state",
+            )
+        }
 
     @property
     def spec(self) -> IndexKind:
@@ -496,8 +577,14 @@ class TileIndex:
         check_choice("use_gpu", self.use_gpu, ("auto", True, False))
         if n < 1:
             raise ParameterError("cannot build an index over 0 vectors")
-        for name, hi in (("nprobe", 1 << 20), ("M", 512), ("ef_construction", 1 << 16), ("ef_search", 1 << 16),
-                         ("batch_rows", 1 << 26), ("rerank", 1 << 20)):
+        for name, hi in (
+            ("nprobe", 1 << 20),
+            ("M", 512),
+            ("ef_construction", 1 << 16),
+            ("ef_search", 1 << 16),
+            ("batch_rows", 1 << 26),
+            ("rerank", 1 << 20),
+        ):
             check_int(name, getattr(self, name), 1, hi)
         check_optional(check_int, "nlist", self.nlist, 1, 1 << 24)
         check_optional(check_int, "train_size", self.train_size, 1)
@@ -547,7 +634,7 @@ class TileIndex:
         sample = self._prepare(FeatureRows(x)(rows) if not isinstance(x, np.ndarray) else x[rows])
         return sample[np.isfinite(sample).all(axis=1)]
 
-    def fit(self, x, *, groups=None, digest: str | None = None) -> "TileIndex":
+    def fit(self, x, *, groups=None, digest: str | None = None) -> TileIndex:
         """Build the index over ``x`` (N, d) (NumPy, Zarr or Dask; float16 is fine).
 
         ``groups`` (N,) holds each row's group (patient or slide) for leave-one-group-out search;
@@ -584,8 +671,13 @@ class TileIndex:
         if bar is not None:
             bar.close()
         if bad:
-            log.warning("%d of %d rows are non-finite (NaN/Inf) and were left out of the index: rows %s%s",
-                        len(bad), n, bad[:20], " …" if len(bad) > 20 else "")
+            log.warning(
+                "%d of %d rows are non-finite (NaN/Inf) and were left out of the index: rows %s%s",
+                len(bad),
+                n,
+                bad[:20],
+                " …" if len(bad) > 20 else "",
+            )
         self.row_ids_ = np.concatenate(kept).astype(np.int64) if bad else None
         self.nonfinite_rows_ = np.asarray(bad, np.int64)
         self.index_ = index
@@ -597,7 +689,7 @@ class TileIndex:
         log.info("built %s index over %d x %d in %.1f s", self.kind, n, d, self.build_seconds_)
         return self
 
-    def attach_features(self, x) -> "TileIndex":
+    def attach_features(self, x) -> TileIndex:
         """The (N, d) features re-ranked kinds re-score candidates from (kept by reference, or as float16).
 
         In-memory NumPy arrays are kept as a float16 copy; memmaps, Zarr and Dask arrays (or a
@@ -642,8 +734,11 @@ class TileIndex:
         scores, ids = self._to_rows(*spec.search(self, index, q, min(kk, int(index.ntotal)), nprobe))
         if feats is None:
             if not getattr(self, "_warned_no_features", False):
-                log.warning("%s index without features: scores come from the compressed codes; call "
-                            "attach_features() for the exact re-rank", self.kind)
+                log.warning(
+                    "%s index without features: scores come from the compressed codes; call "
+                    "attach_features() for the exact re-rank",
+                    self.kind,
+                )
                 self._warned_no_features = True
             return scores[:, :k], ids[:, :k]
         return self._rerank(q, ids, k, feats)
@@ -736,14 +831,27 @@ class TileIndex:
         def run(index, cap, rows):
             raw = lambda r, fetch, npb: self._raw_search(q[rows[r]], fetch, npb, index=index)  # noqa: E731
             kp = None if keep is None else (lambda r, i_: keep(rows[r], i_))
-            return widen_search(raw, len(rows), k, possible=possible[rows], cap=cap, keep=kp, nprobe=nprobe,
-                                nlist=nlist, fill=fill, start=start)
+            return widen_search(
+                raw,
+                len(rows),
+                k,
+                possible=possible[rows],
+                cap=cap,
+                keep=kp,
+                nprobe=nprobe,
+                nlist=nlist,
+                fill=fill,
+                start=start,
+            )
 
         scores, ids, short = run(self.index_, self._max_k(), np.arange(nq))
         self.cpu_fallbacks_ = 0
         if short.size and getattr(self, "on_gpu_", False):
-            log.info("%d queries need more than the GPU's %d candidates: searching them on the CPU",
-                     short.size, self._max_k())
+            log.info(
+                "%d queries need more than the GPU's %d candidates: searching them on the CPU",
+                short.size,
+                self._max_k(),
+            )
             s2, i2, _ = run(self._cpu_index(), int(self.index_.ntotal), short)
             scores[short], ids[short] = s2, i2
             self.cpu_fallbacks_ = int(short.size)
@@ -776,10 +884,17 @@ class TileIndex:
             files["rows"] = f"{path.stem}.{token}.rows.npy"
             with atomic_path(path.parent / files["rows"]) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, self.row_ids_)
-        meta = {"params": {**self.get_params(), "use_gpu": str(self.use_gpu)}, "n": self.n_, "dim": self.dim_,
-                "digest": self.digest_, "has_groups": self.groups_ is not None,
-                "n_indexed": int(index.ntotal), "has_row_ids": getattr(self, "row_ids_", None) is not None,
-                "build_seconds": self.build_seconds_, "files": files}
+        meta = {
+            "params": {**self.get_params(), "use_gpu": str(self.use_gpu)},
+            "n": self.n_,
+            "dim": self.dim_,
+            "digest": self.digest_,
+            "has_groups": self.groups_ is not None,
+            "n_indexed": int(index.ntotal),
+            "has_row_ids": getattr(self, "row_ids_", None) is not None,
+            "build_seconds": self.build_seconds_,
+            "files": files,
+        }
         sidecar = path.with_suffix(".json")
         try:
             old_files = set(json.loads(sidecar.read_text()).get("files", {}).values())
@@ -807,13 +922,13 @@ class TileIndex:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, expected_digest: str | None = None, use_gpu="auto",
-             features=None) -> "TileIndex":
+    def load(
+        cls, path: str | os.PathLike, *, expected_digest: str | None = None, use_gpu="auto", features=None
+    ) -> TileIndex:
         """Read an index saved by :meth:`save`; refuse it if its digest is not ``expected_digest``.
 
         ``features``: the (N, d) features a re-ranked kind re-scores from (see :meth:`attach_features`).
         """
-        faiss = _faiss()
         path = Path(path)
         sidecar = path.with_suffix(".json")
         if not sidecar.exists() or not (path.exists() or any(path.parent.glob(f"{path.stem}.*.faiss"))):
@@ -821,20 +936,23 @@ class TileIndex:
         try:
             meta = json.loads(sidecar.read_text())
             files = meta.get("files") or {}
-            meta["digest"], meta["dim"], meta["params"]  # noqa: B018 — required keys
+            meta["digest"], meta["dim"], meta["params"]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise IntegrityError(f"index sidecar {sidecar} is unreadable ({type(exc).__name__}: {exc}): "
-                                 "rebuild the index (build_store_index)") from None
+            raise IntegrityError(
+                f"index sidecar {sidecar} is unreadable ({type(exc).__name__}: {exc}): "
+                "rebuild the index (build_store_index)"
+            ) from None
         try:
             return cls._load(path, meta, files, expected_digest, use_gpu, features)
         except (StaleIndexError, ParameterError):
             raise
-        except Exception as exc:  # noqa: BLE001 — a damaged file (BadZipFile, faiss RuntimeError, ...) by name
-            raise IntegrityError(f"index {path} cannot be read ({type(exc).__name__}: {exc}): rebuild it "
-                                 "(build_store_index)") from None
+        except Exception as exc:
+            raise IntegrityError(
+                f"index {path} cannot be read ({type(exc).__name__}: {exc}): rebuild it (build_store_index)"
+            ) from None
 
     @classmethod
-    def _load(cls, path: Path, meta: dict, files: dict, expected_digest, use_gpu, features=None) -> "TileIndex":
+    def _load(cls, path: Path, meta: dict, files: dict, expected_digest, use_gpu, features=None) -> TileIndex:
         faiss = _faiss()
         if expected_digest is not None and meta["digest"] != expected_digest:
             raise StaleIndexError(
@@ -846,19 +964,24 @@ class TileIndex:
         self = cls(**params)
         index = faiss.read_index(str(path.parent / files["faiss"]) if "faiss" in files else str(path))
         if index.ntotal != meta.get("n_indexed", meta["n"]) or index.d != meta["dim"]:
-            raise StaleIndexError(f"index {path} holds {index.ntotal} x {index.d}, its sidecar says "
-                                  f"{meta.get('n_indexed', meta['n'])} x {meta['dim']}: rebuild it")
+            raise StaleIndexError(
+                f"index {path} holds {index.ntotal} x {index.d}, its sidecar says "
+                f"{meta.get('n_indexed', meta['n'])} x {meta['dim']}: rebuild it"
+            )
         self.row_ids_ = None
         if meta.get("has_row_ids"):
-            self.row_ids_ = np.load(path.parent / files["rows"] if "rows" in files else path.with_suffix(".rows.npy"),
-                                    allow_pickle=False)
+            self.row_ids_ = np.load(
+                path.parent / files["rows"] if "rows" in files else path.with_suffix(".rows.npy"), allow_pickle=False
+            )
         self.spec.configure(self, index)
         self.n_, self.dim_, self.digest_ = meta["n"], meta["dim"], meta["digest"]
         self.build_seconds_ = meta.get("build_seconds", float("nan"))
         self.index_ = self._maybe_gpu(index)
         if meta["has_groups"]:
-            with np.load(path.parent / files["groups"] if "groups" in files else path.with_suffix(".groups.npz"),
-                         allow_pickle=False) as z:
+            with np.load(
+                path.parent / files["groups"] if "groups" in files else path.with_suffix(".groups.npz"),
+                allow_pickle=False,
+            ) as z:
                 self.groups_, self.group_values_ = z["codes"].astype(np.int64), z["values"]
             self._group_sizes = np.bincount(self.groups_, minlength=len(self.group_values_))
         else:
@@ -890,8 +1013,9 @@ def features_digest(root, encoder: str, ids: list[str] | None = None) -> str:
 
     ids = st.slide_ids(root) if ids is None else ids
     groups = slide_table(root, ids)["group"].tolist()  # the leave-one-patient-out groups saved with the index
-    return hashlib.sha256(json.dumps([st.features_digest(root, encoder, ids), st.tiling_digest(root, ids), groups])
-                          .encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps([st.features_digest(root, encoder, ids), st.tiling_digest(root, ids), groups]).encode()
+    ).hexdigest()
 
 
 def slide_table(root, ids: list[str] | None = None):
@@ -942,8 +1066,9 @@ def encode_images(images: np.ndarray, encoder) -> np.ndarray:
         return out.float().cpu().numpy()
     if callable(encoder):
         return np.asarray(encoder(images), dtype=np.float32)
-    raise TypeError(f"encoder must be a name, have .encode or .preprocess + .model, or be callable; "
-                    f"got {type(encoder).__name__}")
+    raise TypeError(
+        f"encoder must be a name, have .encode or .preprocess + .model, or be callable; got {type(encoder).__name__}"
+    )
 
 
 @dataclass
@@ -957,7 +1082,7 @@ class StoreIndex:
     store: Path
     encoder: str
     index: TileIndex
-    slides: "object"  # pandas DataFrame from slide_table
+    slides: object  # pandas DataFrame from slide_table
     exclude: str | None = "patient"
     _features: object = field(default=None, repr=False)
 
@@ -979,14 +1104,16 @@ class StoreIndex:
         """Global tile ids as int64; ParameterError naming the first id outside [0, N)."""
         arr = np.asarray(tile_ids)
         if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-            raise ParameterError(f"tile_ids must be integers (global tile ids), got {arr.dtype} values "
-                                 f"{arr.ravel()[:5].tolist()}")
+            raise ParameterError(
+                f"tile_ids must be integers (global tile ids), got {arr.dtype} values {arr.ravel()[:5].tolist()}"
+            )
         arr = arr.astype(np.int64).ravel()
         n = int(self.slides["n_tiles"].sum())
         bad = arr[(arr < 0) | (arr >= n)]
         if bad.size:
-            raise ParameterError(f"tile id {int(bad[0])} is out of range: this store has tiles 0..{n - 1} "
-                                 f"({bad.size} id(s) outside)")
+            raise ParameterError(
+                f"tile id {int(bad[0])} is out of range: this store has tiles 0..{n - 1} ({bad.size} id(s) outside)"
+            )
         return arr
 
     def slide_of(self, tile_ids) -> np.ndarray:
@@ -1037,9 +1164,18 @@ class StoreIndex:
         tid = ids[q, r]
         srow = self.slide_of(tid)
         s = self.slides.iloc[srow]
-        return pd.DataFrame({"query": q, "rank": r, "tile_id": tid, "slide_id": s["slide_id"].to_numpy(),
-                             "tile": tid - s["start"].to_numpy(), "score": scores[q, r],
-                             "site": s["site"].to_numpy(), "diagnosis": s["diagnosis"].to_numpy()})
+        return pd.DataFrame(
+            {
+                "query": q,
+                "rank": r,
+                "tile_id": tid,
+                "slide_id": s["slide_id"].to_numpy(),
+                "tile": tid - s["start"].to_numpy(),
+                "score": scores[q, r],
+                "site": s["site"].to_numpy(),
+                "diagnosis": s["diagnosis"].to_numpy(),
+            }
+        )
 
     def read_tiles(self, tile_ids, *, tile_px: int | None = None) -> np.ndarray:
         """Images (n, px, px, 3) uint8 of global tile ids, read from their slides with :class:`TileReader`."""
@@ -1058,16 +1194,28 @@ class StoreIndex:
             px = int(tile_px or info["tile_px"])
             sel = np.flatnonzero(rows == row)
             local = tile_ids[sel] - self.slides["start"].iloc[row]
-            with open_slide(info["path"], slide_id=sid, mpp=info.get("mpp")) as slide, \
-                    TileReader(slide, tile_px=px, tile_mpp=info["tile_mpp"] * info["tile_px"] / px) as reader:
+            with (
+                open_slide(info["path"], slide_id=sid, mpp=info.get("mpp")) as slide,
+                TileReader(slide, tile_px=px, tile_mpp=info["tile_mpp"] * info["tile_px"] / px) as reader,
+            ):
                 images = reader.read(info["coords"][local])
             if out is None:
                 out = np.zeros((len(tile_ids),) + images.shape[1:], np.uint8)
             out[sel] = images
         return out if out is not None else np.zeros((0, tile_px or 224, tile_px or 224, 3), np.uint8)
 
-    def mosaic(self, slide_id: str, *, by: str = "colour", white_filter: bool = True, n_colour: int = 9,
-               rate: float = 0.05, min_tissue: float = 0.1, mpp_5x: float = 2.0, random_state: int = 0) -> np.ndarray:
+    def mosaic(
+        self,
+        slide_id: str,
+        *,
+        by: str = "colour",
+        white_filter: bool = True,
+        n_colour: int = 9,
+        rate: float = 0.05,
+        min_tissue: float = 0.1,
+        mpp_5x: float = 2.0,
+        random_state: int = 0,
+    ) -> np.ndarray:
         """Global tile ids of a slide's mosaic (:func:`mosaic`, SISH's two-stage k-means).
 
         ``by="colour"`` (default, as SISH) clusters RGB histograms (256 bins per channel) of the tiles read
@@ -1103,9 +1251,18 @@ class StoreIndex:
         local = mosaic(info["coords"], feats, keep=keep, n_colour=n_colour, rate=rate, random_state=random_state)
         return ids[local] if ids.size else ids
 
-    def query_slide(self, slide_id: str, *, k_tiles: int = 20, ranking: str = "sish", label: str = "diagnosis",
-                    by: str = "colour", white_filter: bool = True, max_distance: float | None = None,
-                    mosaic_ids: np.ndarray | None = None):
+    def query_slide(
+        self,
+        slide_id: str,
+        *,
+        k_tiles: int = 20,
+        ranking: str = "sish",
+        label: str = "diagnosis",
+        by: str = "colour",
+        white_filter: bool = True,
+        max_distance: float | None = None,
+        mosaic_ids: np.ndarray | None = None,
+    ):
         """Rank the database's slides for a query slide (its own patient excluded).
 
         The slide's mosaic tiles each retrieve ``k_tiles`` tiles; hits are ranked by :func:`sish_rank`
@@ -1123,22 +1280,30 @@ class StoreIndex:
             raise ValueError(f"ranking must be 'sish' or 'mean', not {ranking!r}")
         t0 = time.perf_counter()
         mids = self.mosaic(slide_id, by=by, white_filter=white_filter) if mosaic_ids is None else np.asarray(mosaic_ids)
-        scores, ids = self.query_tiles(mids, k_tiles) if mids.size else (np.empty((0, k_tiles)), np.empty((0, k_tiles), int))
+        scores, ids = (
+            self.query_tiles(mids, k_tiles) if mids.size else (np.empty((0, k_tiles)), np.empty((0, k_tiles), int))
+        )
         rows = self.slide_of(ids)
         slide_names = self.slides["slide_id"].to_numpy()
         labels = self.slides[label].to_numpy()
         dist = 1.0 - scores if self.index.metric != "l2" else scores
         value = dist if ranking == "sish" else scores
         near = dist <= (np.inf if max_distance is None else float(max_distance))
-        hits = [[(slide_names[rw], float(v), labels[rw]) for rw, v, ok in zip(rows[i], value[i], near[i]) if rw >= 0 and ok]
-                for i in range(len(ids))]
+        hits = [
+            [(slide_names[rw], float(v), labels[rw]) for rw, v, ok in zip(rows[i], value[i], near[i]) if rw >= 0 and ok]
+            for i in range(len(ids))
+        ]
         if ranking == "sish":
             ranked = sish_rank(hits, label_weights(labels))
         else:
             ranked = mean_similarity_rank(hits)
         self.last_query_seconds_ = time.perf_counter() - t0
-        out = pd.DataFrame(ranked, columns=["slide", "label", "entropy", "distance", "mosaic"] if ranking == "sish"
-                           else ["slide", "label", "score"]).rename(columns={"slide": "slide_id"})
+        out = pd.DataFrame(
+            ranked,
+            columns=["slide", "label", "entropy", "distance", "mosaic"]
+            if ranking == "sish"
+            else ["slide", "label", "score"],
+        ).rename(columns={"slide": "slide_id"})
         out.insert(0, "rank", np.arange(len(out)))
         return out
 
@@ -1154,8 +1319,15 @@ def open_for_index(store, encoder):
     return root, table
 
 
-def build_store_index(store: str | os.PathLike, encoder: str, kind: str = "flat", *, save: bool = True,
-                      exclude: str | None = "patient", **params) -> StoreIndex:
+def build_store_index(
+    store: str | os.PathLike,
+    encoder: str,
+    kind: str = "flat",
+    *,
+    save: bool = True,
+    exclude: str | None = "patient",
+    **params,
+) -> StoreIndex:
     """Build (and by default save next to the store) a ``kind`` index over the store's ``encoder`` features.
 
     ``params`` go to :class:`TileIndex` (nlist, nprobe, M, ef_search, metric, use_gpu, ...).
@@ -1178,8 +1350,11 @@ def build_store_index(store: str | os.PathLike, encoder: str, kind: str = "flat"
 
 def _index_files(path: Path) -> list[Path]:
     """The files of a saved index: ``<name>.faiss`` and its sidecars (``.json``, ``.groups.npz``, ``.rows.npy``)."""
-    return [p for p in (path, path.with_suffix(".json"), path.with_suffix(".groups.npz"), path.with_suffix(".rows.npy"))
-            if p.exists()]
+    return [
+        p
+        for p in (path, path.with_suffix(".json"), path.with_suffix(".groups.npz"), path.with_suffix(".rows.npy"))
+        if p.exists()
+    ]
 
 
 def _sum_file(path: Path) -> Path:
@@ -1201,27 +1376,34 @@ def _check_file_sums(path: Path) -> None:
     sums_path = _sum_file(path)
     if not sums_path.exists():
         if path.exists():
-            raise StaleIndexError(f"index {path} has no checksums ({sums_path.name}): it was saved by an older "
-                                  "workbench or its save was interrupted; rebuild it (build_store_index)")
+            raise StaleIndexError(
+                f"index {path} has no checksums ({sums_path.name}): it was saved by an older "
+                "workbench or its save was interrupted; rebuild it (build_store_index)"
+            )
         return
     sums = json.loads(sums_path.read_text())
     for name, want in sums.items():
         f = path.with_name(name)
         if not f.exists() or hashlib.sha256(f.read_bytes()).hexdigest() != want:
-            raise ChecksumError(f"index file {f} " + ("is missing" if not f.exists() else "fails its sha256 checksum")
-                                + " (the file changed since the index was saved): rebuild it (build_store_index)")
+            raise ChecksumError(
+                f"index file {f} "
+                + ("is missing" if not f.exists() else "fails its sha256 checksum")
+                + " (the file changed since the index was saved): rebuild it (build_store_index)"
+            )
 
 
-def load_store_index(store: str | os.PathLike, encoder: str, kind: str = "flat", *, use_gpu="auto",
-                     exclude: str | None = "patient") -> StoreIndex:
+def load_store_index(
+    store: str | os.PathLike, encoder: str, kind: str = "flat", *, use_gpu="auto", exclude: str | None = "patient"
+) -> StoreIndex:
     """Load the saved ``kind`` index of a store; raises :class:`StaleIndexError` if the features changed."""
     store = Path(store)
     root, table = open_for_index(store, encoder)
     try:
         digest = features_digest(root, encoder, list(table["slide_id"]))
     except StaleError as exc:
-        raise StaleIndexError(f"index {index_path(store, encoder, kind)} cannot be trusted: {exc}; then rebuild "
-                              "it (build_store_index)") from exc
+        raise StaleIndexError(
+            f"index {index_path(store, encoder, kind)} cannot be trusted: {exc}; then rebuild it (build_store_index)"
+        ) from exc
     _check_file_sums(index_path(store, encoder, kind))
     index = TileIndex.load(index_path(store, encoder, kind), expected_digest=digest, use_gpu=use_gpu)
     feats = None

@@ -44,6 +44,7 @@ Baseline (:func:`mean_similarity_rank`)
     its best similarity among the tile's hits, a slide absent from a tile's hits counting 0 for it;
     best first.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,8 +52,15 @@ from collections import defaultdict
 
 import numpy as np
 
-__all__ = ["LABEL_WEIGHT_SUM", "near_white", "colour_histograms", "mosaic", "label_weights", "sish_rank",
-           "mean_similarity_rank"]
+__all__ = [
+    "LABEL_WEIGHT_SUM",
+    "colour_histograms",
+    "label_weights",
+    "mean_similarity_rank",
+    "mosaic",
+    "near_white",
+    "sish_rank",
+]
 
 LABEL_WEIGHT_SUM = 10.0  # SISH normalises the inverse label frequencies to sum to 10
 
@@ -83,8 +91,16 @@ def colour_histograms(images: np.ndarray, *, bins: int = 256) -> np.ndarray:
     return hist / max(1, idx.shape[1])
 
 
-def mosaic(coords: np.ndarray, cluster_features: np.ndarray, *, keep: np.ndarray | None = None,
-           n_colour: int = 9, rate: float = 0.05, random_state: int = 0, n_init: int = 10) -> np.ndarray:
+def mosaic(
+    coords: np.ndarray,
+    cluster_features: np.ndarray,
+    *,
+    keep: np.ndarray | None = None,
+    n_colour: int = 9,
+    rate: float = 0.05,
+    random_state: int = 0,
+    n_init: int = 10,
+) -> np.ndarray:
     """Indices of a slide's mosaic tiles, following SISH's two-stage k-means (rule in the module docstring).
 
     Parameters
@@ -107,8 +123,9 @@ def mosaic(coords: np.ndarray, cluster_features: np.ndarray, *, keep: np.ndarray
         return np.empty(0, dtype=np.int64)
     feats = np.asarray(cluster_features, dtype=np.float64)[cand]
     k1 = min(n_colour, len(np.unique(feats, axis=0)))
-    colour = (KMeans(k1, n_init=n_init, random_state=random_state).fit_predict(feats) if k1 > 1
-              else np.zeros(len(cand), int))
+    colour = (
+        KMeans(k1, n_init=n_init, random_state=random_state).fit_predict(feats) if k1 > 1 else np.zeros(len(cand), int)
+    )
     chosen = []
     for c in range(k1):
         members = cand[colour == c]
@@ -120,8 +137,11 @@ def mosaic(coords: np.ndarray, cluster_features: np.ndarray, *, keep: np.ndarray
             continue
         xy = coords[members]
         k2 = min(k2, len(np.unique(xy, axis=0)))
-        centres = (KMeans(k2, n_init=n_init, random_state=random_state).fit(xy).cluster_centers_ if k2 > 1
-                   else xy.mean(0, keepdims=True))
+        centres = (
+            KMeans(k2, n_init=n_init, random_state=random_state).fit(xy).cluster_centers_
+            if k2 > 1
+            else xy.mean(0, keepdims=True)
+        )
         d2 = ((xy[None, :, :] - centres[:, None, :]) ** 2).sum(-1)  # (k2, n_c)
         chosen.append(members[d2.argmin(1)])
     return np.unique(np.concatenate(chosen)).astype(np.int64)

@@ -6,6 +6,7 @@ clusters), each cluster spread over its own random 24-dimensional subspace with 
 a little isotropic noise, L2-normalised (cosine): shaped like tile embeddings, not uniform noise.
 Latency is the median wall time of one single-vector query (nq = 1, the interactive case).
 """
+
 from __future__ import annotations
 
 import time
@@ -65,8 +66,16 @@ def run_size(n: int, dim: int, *, n_queries: int = 200, hnsw_max_n: int = 10**6,
     exact = TileIndex("flat").fit(x, digest="bench")
     _, truth = exact.search(q, 10)
     lat_q = q[: min(n_queries, 20 if n >= 10**5 else n_queries)]  # exact single queries are slow at 1e6
-    rows.append({"n": n, "index": "flat", "params": "", "build_s": exact.build_seconds_,
-                 "query_ms": single_query_ms(exact.index_, lat_q), "recall_at_10": 1.0})
+    rows.append(
+        {
+            "n": n,
+            "index": "flat",
+            "params": "",
+            "build_s": exact.build_seconds_,
+            "query_ms": single_query_ms(exact.index_, lat_q),
+            "recall_at_10": 1.0,
+        }
+    )
     del exact
     nlist = int(min(1024, max(8, 4 * np.sqrt(n))))
     ivf = TileIndex("ivf", nlist=nlist, nprobe=1).fit(x, digest="bench")
@@ -75,16 +84,32 @@ def run_size(n: int, dim: int, *, n_queries: int = 200, hnsw_max_n: int = 10**6,
             break
         ivf.index_.nprobe = nprobe
         _, ids = ivf.index_.search(q, 10)
-        rows.append({"n": n, "index": "ivf", "params": f"nlist={nlist},nprobe={nprobe}", "build_s": ivf.build_seconds_,
-                     "query_ms": single_query_ms(ivf.index_, q), "recall_at_10": recall_at(ids, truth)})
+        rows.append(
+            {
+                "n": n,
+                "index": "ivf",
+                "params": f"nlist={nlist},nprobe={nprobe}",
+                "build_s": ivf.build_seconds_,
+                "query_ms": single_query_ms(ivf.index_, q),
+                "recall_at_10": recall_at(ids, truth),
+            }
+        )
     del ivf
     if n <= hnsw_max_n:
         hnsw = TileIndex("hnsw", M=32, ef_construction=40).fit(x, digest="bench")
         for ef in (16, 32, 64, 128):
             hnsw.index_.hnsw.efSearch = ef
             _, ids = hnsw.index_.search(q, 10)
-            rows.append({"n": n, "index": "hnsw", "params": f"M=32,efSearch={ef}", "build_s": hnsw.build_seconds_,
-                         "query_ms": single_query_ms(hnsw.index_, q), "recall_at_10": recall_at(ids, truth)})
+            rows.append(
+                {
+                    "n": n,
+                    "index": "hnsw",
+                    "params": f"M=32,efSearch={ef}",
+                    "build_s": hnsw.build_seconds_,
+                    "query_ms": single_query_ms(hnsw.index_, q),
+                    "recall_at_10": recall_at(ids, truth),
+                }
+            )
     return rows
 
 

@@ -13,6 +13,7 @@ Writes take the store's write lock only for the write itself (:func:`write_label
 blocked and a long run holding the lock makes the write wait at most ``wait`` seconds, then fail with
 :class:`~workbench.store.StoreError` (the caller keeps its edits and retries).
 """
+
 from __future__ import annotations
 
 import logging
@@ -173,12 +174,17 @@ def read_info(root, slide_id: str) -> dict:
         attrs = dict(root[st.Key.qc_labels(slide_id)].attrs)
     except KeyError:
         return {"edit_count": 0, "last_edit": None, "last_edit_unix": None, "regions": []}
-    return {"edit_count": int(attrs.get("edit_count", 0)), "last_edit": attrs.get("last_edit"),
-            "last_edit_unix": attrs.get("last_edit_unix"), "regions": list(attrs.get("regions", []))}
+    return {
+        "edit_count": int(attrs.get("edit_count", 0)),
+        "last_edit": attrs.get("last_edit"),
+        "last_edit_unix": attrs.get("last_edit_unix"),
+        "regions": list(attrs.get("regions", [])),
+    }
 
 
-def write_labels(store: str | os.PathLike, slide_id: str, labels: np.ndarray, *, regions=None, edits: int = 1,
-                 wait: float = 2.0) -> dict:
+def write_labels(
+    store: str | os.PathLike, slide_id: str, labels: np.ndarray, *, regions=None, edits: int = 1, wait: float = 2.0
+) -> dict:
     """Save a slide's QC labels, counting ``edits`` more edits; returns the new audit attributes.
 
     Holds the store's write lock only while writing (milliseconds: n bytes and one attrs file).
@@ -209,8 +215,7 @@ def write_labels(store: str | os.PathLike, slide_id: str, labels: np.ndarray, *,
         }
         st.write_array(group, tmp, labels, attrs=info)
         st.swap_in(store / parent / tmp, store / key)
-    log.info("slide %r: saved QC labels (%d labelled, edit %d)", slide_id, int((labels >= 0).sum()),
-             info["edit_count"])
+    log.info("slide %r: saved QC labels (%d labelled, edit %d)", slide_id, int((labels >= 0).sum()), info["edit_count"])
     return info
 
 
@@ -224,9 +229,18 @@ def qc_table(root, ids: list[str] | None = None):
         labels = read_labels(root, s)
         info = read_info(root, s)
         c = counts(labels)
-        rows.append({"slide_id": s, "n_tiles": len(labels), "n_labelled": c["n_labelled"], "n_keep": c["n_keep"],
-                     "n_marker": c["n_marker"], "n_artefact": c["n_artefact"], "edit_count": info["edit_count"],
-                     "last_edit": info["last_edit"]})
+        rows.append(
+            {
+                "slide_id": s,
+                "n_tiles": len(labels),
+                "n_labelled": c["n_labelled"],
+                "n_keep": c["n_keep"],
+                "n_marker": c["n_marker"],
+                "n_artefact": c["n_artefact"],
+                "edit_count": info["edit_count"],
+                "last_edit": info["last_edit"],
+            }
+        )
     cols = ["slide_id", "n_tiles", "n_labelled", "n_keep", "n_marker", "n_artefact", "edit_count", "last_edit"]
     return pd.DataFrame(rows, columns=cols)
 

@@ -16,6 +16,7 @@ JupyterLab, Notebook 7 and VS Code send and papermill / nbclient do not), and no
 announced in the environment (``PAPERMILL_*``). ``static=True/False`` decides explicitly; ``widget()``
 returns the ipywidgets view without displaying it.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -37,7 +38,7 @@ def _parent_request(shell) -> dict:
     for get in getters:
         try:
             msg = get()
-        except Exception:  # noqa: BLE001 - the getters differ between ipykernel versions
+        except Exception:
             continue
         if msg:
             return msg
@@ -117,8 +118,12 @@ def threshold_summary(scores: np.ndarray, threshold: float, truth: np.ndarray | 
     """Tiles flagged at ``threshold`` (score ≥ threshold) and, with boolean ``truth``, precision and recall."""
     scores = np.asarray(scores, dtype=np.float64)
     flagged = scores >= threshold
-    out = {"threshold": float(threshold), "n_tiles": int(len(scores)), "n_flagged": int(flagged.sum()),
-           "frac_flagged": float(flagged.mean()) if len(scores) else 0.0}
+    out = {
+        "threshold": float(threshold),
+        "n_tiles": int(len(scores)),
+        "n_flagged": int(flagged.sum()),
+        "frac_flagged": float(flagged.mean()) if len(scores) else 0.0,
+    }
     if truth is not None:
         truth = np.asarray(truth, bool)
         tp = int((flagged & truth).sum())
@@ -160,8 +165,13 @@ class ThresholdSlider:
         if self.truth is None:
             ax.hist(self.scores, bins=edges, color="0.5")
         else:
-            ax.hist([self.scores[~self.truth], self.scores[self.truth]], bins=edges, stacked=True,
-                    color=["0.6", "tab:blue"], label=["other", "truth"])
+            ax.hist(
+                [self.scores[~self.truth], self.scores[self.truth]],
+                bins=edges,
+                stacked=True,
+                color=["0.6", "tab:blue"],
+                label=["other", "truth"],
+            )
             ax.legend(loc="upper center")
         ax.axvline(t, color="tab:red")
         s = self.summary(t)
@@ -179,8 +189,14 @@ class ThresholdSlider:
         import ipywidgets as ipw
 
         lo, hi = (float(self.scores.min()), float(self.scores.max())) if len(self.scores) else (0.0, 1.0)
-        slider = ipw.FloatSlider(value=self.threshold, min=lo, max=max(hi, lo + 1e-6), step=(hi - lo) / 200 or 0.01,
-                                 description="threshold", continuous_update=False)
+        slider = ipw.FloatSlider(
+            value=self.threshold,
+            min=lo,
+            max=max(hi, lo + 1e-6),
+            step=(hi - lo) / 200 or 0.01,
+            description="threshold",
+            continuous_update=False,
+        )
 
         def figure():
             self.threshold = float(slider.value)
@@ -232,8 +248,18 @@ class TileGallery:
     static : None (detect), True or False
     """
 
-    def __init__(self, store, *, by: str = "cluster", column: str | None = None, n: int = 16, ncols: int = 8,
-                 tile_px: int = 96, random_state: int = 0, static: bool | None = None):
+    def __init__(
+        self,
+        store,
+        *,
+        by: str = "cluster",
+        column: str | None = None,
+        n: int = 16,
+        ncols: int = 8,
+        tile_px: int = 96,
+        random_state: int = 0,
+        static: bool | None = None,
+    ):
         if by not in ("cluster", "score", "sample"):
             raise ValueError(f"by must be 'cluster', 'score' or 'sample', not {by!r}")
         self.store, self.by, self.column, self.n, self.ncols = store, by, column, int(n), int(ncols)
@@ -308,8 +334,10 @@ class TileGallery:
             sel = np.flatnonzero(slide_row == row)
             local = tile_ids[sel] - self.starts_[row]
             mpp = info["tile_mpp"] * info["tile_px"] / self.tile_px
-            with open_slide(info["path"], slide_id=sid, mpp=info.get("mpp")) as slide, \
-                    TileReader(slide, tile_px=self.tile_px, tile_mpp=mpp) as reader:
+            with (
+                open_slide(info["path"], slide_id=sid, mpp=info.get("mpp")) as slide,
+                TileReader(slide, tile_px=self.tile_px, tile_mpp=mpp) as reader,
+            ):
                 out[sel] = reader.read(info["coords"][local])
         return out
 
@@ -338,8 +366,9 @@ class TileGallery:
         if self.by == "cluster":
             pick = ipw.Dropdown(options=keys, value=key, description="cluster")
         else:
-            pick = ipw.IntSlider(value=int(key), min=0, max=max(0, len(keys) - 1), description="page",
-                                 continuous_update=False)
+            pick = ipw.IntSlider(
+                value=int(key), min=0, max=max(0, len(keys) - 1), description="page", continuous_update=False
+            )
         return _live(pick, lambda: self.figure(pick.value))
 
     def show(self, key=None) -> None:

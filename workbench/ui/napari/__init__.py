@@ -4,14 +4,36 @@
 registered as a napari plugin (``napari.yaml``: Plugins → Pathology QC). The layer data are computed by
 ``workbench.ui.napari._data`` (no Qt); the labels are read and written by :mod:`workbench.ui.qc`.
 """
+
 from __future__ import annotations
 
 import os
 
-__all__ = ["QCWidget", "make_qc_widget", "show", "display_available", "list_columns", "column_values", "run_column",
-           "pen_truth", "truth_path", "slide_range"]
-_DATA = ("list_columns", "column_values", "run_column", "pen_truth", "truth_path", "slide_range", "tile_grid",
-         "tile_raster", "slide_pyramid", "find_store_index", "nearest_tiles")
+__all__ = [
+    "QCWidget",
+    "column_values",
+    "display_available",
+    "list_columns",
+    "make_qc_widget",
+    "pen_truth",
+    "run_column",
+    "show",
+    "slide_range",
+    "truth_path",
+]
+_DATA = (
+    "list_columns",
+    "column_values",
+    "run_column",
+    "pen_truth",
+    "truth_path",
+    "slide_range",
+    "tile_grid",
+    "tile_raster",
+    "slide_pyramid",
+    "find_store_index",
+    "nearest_tiles",
+)
 
 
 def display_available() -> bool:
@@ -20,8 +42,11 @@ def display_available() -> bool:
 
     if importlib.util.find_spec("napari") is None or importlib.util.find_spec("qtpy") is None:
         return False
-    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
-                or os.environ.get("QT_QPA_PLATFORM") == "offscreen")
+    return bool(
+        os.environ.get("DISPLAY")
+        or os.environ.get("WAYLAND_DISPLAY")
+        or os.environ.get("QT_QPA_PLATFORM") == "offscreen"
+    )
 
 
 def __getattr__(name):

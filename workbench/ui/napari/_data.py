@@ -15,6 +15,7 @@ regions line up.
   prefilter scores, cluster labels of a tree level (sliced by the slide's global tile id range), sample
   membership, QC labels.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from workbench import store as st
-from workbench.dataset import run_column  # noqa: F401  (re-exported: public in workbench.ui.napari)
+from workbench.dataset import run_column
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,16 @@ def slide_pyramid(slide, *, chunk: int = CHUNK, fast: bool = True, min_side: int
         if level and max(w, h) < min_side:
             break
         arr = LevelArray(slide, level, fast=fast, chunk=chunk)
-        levels.append(da.from_array(arr, chunks=(chunk, chunk, 3), asarray=False, fancy=False, lock=False,
-                                    name=f"slide-{slide.slide_id}-level{level}-{id(arr)}"))
+        levels.append(
+            da.from_array(
+                arr,
+                chunks=(chunk, chunk, 3),
+                asarray=False,
+                fancy=False,
+                lock=False,
+                name=f"slide-{slide.slide_id}-level{level}-{id(arr)}",
+            )
+        )
         downsamples.append(float(slide.level_downsamples[level]))
     return levels, downsamples
 
@@ -214,7 +223,6 @@ def column_values(root, slide_id: str, name: str) -> np.ndarray:
     """(n,) values of one column (see :func:`list_columns`) for the slide's tiles, as float32 or int."""
     from workbench.ui import qc
 
-    n = root[st.Key.coords(slide_id)].shape[0]
     if name == "tissue":
         return np.asarray(root[st.Key.tissue(slide_id)][:], np.float32)
     if name == "qc":

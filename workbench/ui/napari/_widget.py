@@ -24,6 +24,7 @@ categorical column, a colour ramp with its range for a continuous one), colours 
 (else the QC labels once some exist, else tissue) and remembers the last store and column in
 ``settings_path()`` (a small JSON in the user's config folder).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,14 +35,19 @@ from pathlib import Path
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlider, Label, PushButton, TextEdit
 
-from workbench.ui import qc
 from workbench import store as st
+from workbench.ui import qc
 from workbench.ui.napari import _data
 
 log = logging.getLogger(__name__)
 
-QC_COLOURS = {0: (0, 0, 0, 0), 1: (0.1, 0.8, 0.2, 1), 2: (0.15, 0.35, 1.0, 1), 3: (1.0, 0.15, 0.1, 1),
-              None: (0, 0, 0, 0)}
+QC_COLOURS = {
+    0: (0, 0, 0, 0),
+    1: (0.1, 0.8, 0.2, 1),
+    2: (0.15, 0.35, 1.0, 1),
+    3: (1.0, 0.15, 0.1, 1),
+    None: (0, 0, 0, 0),
+}
 LABEL_CHOICES = ["marker", "artefact", "keep", "unlabelled"]
 RETRY_S = 5.0  # a save refused because another run holds the store's lock is retried after this
 MAX_WIDTH = 380  # px: the dock stays at most about a third of a laptop-sized napari window
@@ -155,8 +161,9 @@ class QCWidget(Container):
     fast : read pyramid chunks through the TIFF fast path where possible
     """
 
-    def __init__(self, napari_viewer, store: str | os.PathLike | None = None, slide_id: str | None = None, *,
-                 fast: bool = True):
+    def __init__(
+        self, napari_viewer, store: str | os.PathLike | None = None, slide_id: str | None = None, *, fast: bool = True
+    ):
         self._settings = load_settings()
         remembered_store = self._settings.get("store") if store is None else None
         self.store = FileEdit(label="store", mode="d", value=str(store or remembered_store or ""))
@@ -176,9 +183,23 @@ class QCWidget(Container):
         self.info.read_only = True
         self.status = Label(label="status", value="")
         self.legend = Label(label="legend", value="")
-        super().__init__(widgets=[self.store, self.open_button, self.slide, self.column, self.legend,
-                                  self.threshold, self.qc_label, self.mark_on_click, self.label_above,
-                                  self.apply_regions, self.save, self.info, self.status])
+        super().__init__(
+            widgets=[
+                self.store,
+                self.open_button,
+                self.slide,
+                self.column,
+                self.legend,
+                self.threshold,
+                self.qc_label,
+                self.mark_on_click,
+                self.label_above,
+                self.apply_regions,
+                self.save,
+                self.info,
+                self.status,
+            ]
+        )
         self._fit_width()
         self.viewer = napari_viewer
         self.fast = fast
@@ -258,7 +279,9 @@ class QCWidget(Container):
         from workbench.io.slides import open_slide
 
         if not self.flush():  # never drop unsaved labels of the open slide
-            self.status.value = f"cannot open {slide_id!r}: labels of {self.slide_id!r} are not saved yet (store locked)"
+            self.status.value = (
+                f"cannot open {slide_id!r}: labels of {self.slide_id!r} are not saved yet (store locked)"
+            )
             with self.slide.changed.blocked():
                 self.slide.value = self.slide_id
             return
@@ -269,7 +292,9 @@ class QCWidget(Container):
         self._cache = {}
         self.coords_ = info["coords"]
         self.size0_ = int(info["size0"])
-        self.rows_, self.cols_, self.grid_shape_ = _data.tile_grid(self.coords_, self.size0_, info["width"], info["height"])
+        self.rows_, self.cols_, self.grid_shape_ = _data.tile_grid(
+            self.coords_, self.size0_, info["width"], info["height"]
+        )
         self.labels_ = qc.read_labels(self.root, slide_id)
         saved = qc.read_info(self.root, slide_id)
         self.regions_ = saved["regions"]
@@ -280,38 +305,64 @@ class QCWidget(Container):
         self._slide = open_slide(info["path"], slide_id=slide_id, mpp=info.get("mpp"))
         levels, _ = _data.slide_pyramid(self._slide, fast=self.fast, min_side=256)
         if len(levels) > 1:
-            self.layers_["slide"] = v.add_image(levels, multiscale=True, rgb=True, name=f"slide {slide_id}",
-                                                contrast_limits=[0, 255])
+            self.layers_["slide"] = v.add_image(
+                levels, multiscale=True, rgb=True, name=f"slide {slide_id}", contrast_limits=[0, 255]
+            )
         else:
             self.layers_["slide"] = v.add_image(levels[0], rgb=True, name=f"slide {slide_id}", contrast_limits=[0, 255])
         g = self.root[st.Key.slide(slide_id)]
         if "mask" in g:
             ds = float(info.get("mask_downsample", 1.0))
-            layer = v.add_labels(np.asarray(g["mask"][:]).astype(np.uint8), name="tissue mask", scale=(ds, ds),
-                                 translate=((ds - 1) / 2, (ds - 1) / 2), opacity=0.8,
-                                 colormap=_direct_colormap({0: (0, 0, 0, 0), 1: (0.2, 0.9, 0.9, 1), None: (0, 0, 0, 0)}))
+            layer = v.add_labels(
+                np.asarray(g["mask"][:]).astype(np.uint8),
+                name="tissue mask",
+                scale=(ds, ds),
+                translate=((ds - 1) / 2, (ds - 1) / 2),
+                opacity=0.8,
+                colormap=_direct_colormap({0: (0, 0, 0, 0), 1: (0.2, 0.9, 0.9, 1), None: (0, 0, 0, 0)}),
+            )
             layer.contour = 2
             self.layers_["mask"] = layer
         truth = _data.pen_truth(info["path"])
         if truth is not None:
             pen, ds = truth
-            layer = v.add_labels(pen.astype(np.uint8), name="pen truth", scale=(ds, ds),
-                                 translate=((ds - 1) / 2, (ds - 1) / 2), visible=False,
-                                 colormap=_direct_colormap({0: (0, 0, 0, 0), 1: (1, 0.9, 0, 1), None: (0, 0, 0, 0)}))
+            layer = v.add_labels(
+                pen.astype(np.uint8),
+                name="pen truth",
+                scale=(ds, ds),
+                translate=((ds - 1) / 2, (ds - 1) / 2),
+                visible=False,
+                colormap=_direct_colormap({0: (0, 0, 0, 0), 1: (1, 0.9, 0, 1), None: (0, 0, 0, 0)}),
+            )
             layer.contour = 2
             self.layers_["pen"] = layer
         grid = dict(scale=(s, s), translate=((s - 1) / 2, (s - 1) / 2))
-        self.layers_["values"] = v.add_image(np.zeros(self.grid_shape_, np.float32), name="tile values",
-                                             colormap="viridis", opacity=0.35, **grid)
-        self.layers_["above"] = v.add_points(np.zeros((0, 2)), name="above threshold", symbol="square", size=s,
-                                             face_color="transparent", border_color=[1.0, 0.55, 0.0, 1.0],
-                                             border_width=0.08, border_width_is_relative=True)
-        self.layers_["qc"] = v.add_labels(self._qc_raster(), name="QC labels", opacity=0.6,
-                                          colormap=_direct_colormap(QC_COLOURS), **grid)
+        self.layers_["values"] = v.add_image(
+            np.zeros(self.grid_shape_, np.float32), name="tile values", colormap="viridis", opacity=0.35, **grid
+        )
+        self.layers_["above"] = v.add_points(
+            np.zeros((0, 2)),
+            name="above threshold",
+            symbol="square",
+            size=s,
+            face_color="transparent",
+            border_color=[1.0, 0.55, 0.0, 1.0],
+            border_width=0.08,
+            border_width_is_relative=True,
+        )
+        self.layers_["qc"] = v.add_labels(
+            self._qc_raster(), name="QC labels", opacity=0.6, colormap=_direct_colormap(QC_COLOURS), **grid
+        )
         self.layers_["qc"].events.paint.connect(self._on_paint)
         shapes = [np.asarray(r["vertices"], float)[:, ::-1] for r in self.regions_]
-        self.layers_["regions"] = v.add_shapes(shapes, shape_type="polygon", name="exclude regions",
-                                               edge_color="red", face_color=[1, 0, 0, 0.15], edge_width=s / 8)
+        self.layers_["regions"] = v.add_shapes(
+            shapes,
+            shape_type="polygon",
+            name="exclude regions",
+            edge_color="red",
+            face_color=[1, 0, 0, 0.15],
+            edge_width=s / 8,
+        )
         self.layers_["regions"].events.data.connect(self._on_regions)
         self._n_regions = len(shapes)
 
@@ -319,8 +370,11 @@ class QCWidget(Container):
             self._column_names = _data.list_columns(self.root, slide_id)
             self.column.reset_choices()
             current = self.column.value if getattr(self, "_column_chosen", False) else None
-            self.column.value = default_column(self._column_names, has_labels=bool((self.labels_ >= 0).any()),
-                                               remembered=current or self._settings.get("column"))
+            self.column.value = default_column(
+                self._column_names,
+                has_labels=bool((self.labels_ >= 0).any()),
+                remembered=current or self._settings.get("column"),
+            )
         self.show_column(self.column.value, remember=False)
         v.layers.selection.active = self.layers_["values"]  # its controls (opacity, colormap) on top
         self.fit_view()
@@ -388,7 +442,9 @@ class QCWidget(Container):
         centres = self.coords_[above][:, ::-1] + (self.size0_ - 1) / 2  # (row, col) of each tile's centre
         self.layers_["above"].data = centres.astype(np.float64)
         n = int(above.sum())
-        self._threshold_text = f"{n} of {len(above)} tiles ≥ {self.threshold.value:.3g} ({100 * n / max(1, len(above)):.1f} %)"
+        self._threshold_text = (
+            f"{n} of {len(above)} tiles ≥ {self.threshold.value:.3g} ({100 * n / max(1, len(above)):.1f} %)"
+        )
         self._update_status()
 
     # ------------------------------------------------------------------ QC edits
@@ -436,7 +492,7 @@ class QCWidget(Container):
         layer = self.layers_["regions"]
         n = len(layer.data)
         if n > self._n_regions:
-            new = self._polygons(layer.data[self._n_regions:], layer.shape_type[self._n_regions:])
+            new = self._polygons(layer.data[self._n_regions :], layer.shape_type[self._n_regions :])
             self._n_regions = n
             self._apply_polygons(new)
         else:
@@ -477,8 +533,14 @@ class QCWidget(Container):
         if not self.dirty_ or self.slide_id is None:
             return True
         try:
-            saved = qc.write_labels(self._store_path, self.slide_id, self.labels_, regions=self.regions_,
-                                    edits=self._pending_edits, wait=self.lock_wait)
+            saved = qc.write_labels(
+                self._store_path,
+                self.slide_id,
+                self.labels_,
+                regions=self.regions_,
+                edits=self._pending_edits,
+                wait=self.lock_wait,
+            )
         except st.StoreError as exc:
             self.status.value = f"NOT SAVED YET (retrying every {RETRY_S} s): {exc}"
             log.warning("QC labels of %r not saved yet: %s", self.slide_id, exc)
@@ -551,8 +613,10 @@ class QCWidget(Container):
             return
         c = qc.counts(self.labels_)
         saved = "unsaved edits" if self.dirty_ else f"saved, {self.edit_count_} edits"
-        self.status.value = (f"{c['n_labelled']} labelled (keep {c['n_keep']}, marker {c['n_marker']}, "
-                             f"artefact {c['n_artefact']}); {saved}. {getattr(self, '_threshold_text', '')}")
+        self.status.value = (
+            f"{c['n_labelled']} labelled (keep {c['n_keep']}, marker {c['n_marker']}, "
+            f"artefact {c['n_artefact']}); {saved}. {getattr(self, '_threshold_text', '')}"
+        )
 
     def close_slide(self) -> None:
         """Save and remove the slide's layers."""
