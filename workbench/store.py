@@ -553,22 +553,26 @@ def tile_index(root: zarr.Group, ids: list[str] | None = None):
     return pd.concat(frames, ignore_index=True)
 
 
+def complete_features(root: zarr.Group, encoder: str, ids: list[str] | None = None):
+    """(slide_id, array) of each slide's complete ``encoder`` features, in manifest order; raises naming the
+    first slide whose features are missing or incomplete."""
+    root = as_root(root)
+    for s in slide_ids(root) if ids is None else ids:
+        key = Key.features(s, encoder)
+        if not is_complete(root, key):
+            raise StoreError(f"slide {s!r} has no complete {encoder!r} features: run embedding first")
+        yield s, root[key]
+
+
 def features_array(root: zarr.Group, encoder: str, ids: list[str] | None = None):
     """All slides' features of one encoder stacked lazily into one (N, d) Dask array.
 
     Raises naming the first slide whose features are missing or incomplete.
     """
-    root = as_root(root)
     import dask.array as da
 
-    ids = slide_ids(root) if ids is None else ids
-    parts = []
-    for s in ids:
-        key = Key.features(s, encoder)
-        if not is_complete(root, key):
-            raise StoreError(f"slide {s!r} has no complete {encoder!r} features: run embedding first")
-        arr = root[key]
-        parts.append(da.from_zarr(arr))
+    root = as_root(root)
+    parts = [da.from_zarr(arr) for _, arr in complete_features(root, encoder, ids)]
     if not parts:
         raise StoreError(f"no slides with {encoder!r} features in {store_path(root)}")
     return da.concatenate(parts, axis=0)
@@ -887,14 +891,8 @@ def features_digest(root: zarr.Group, encoder: str, ids: list[str] | None = None
     With ``check`` (default) every features array is first checked against the chunks on disk
     (:func:`check_fresh`, a 4-byte read per chunk), so features rewritten in place are refused as stale.
     """
-    root = as_root(root)
-    ids = slide_ids(root) if ids is None else ids
     parts = []
-    for s in ids:
-        key = Key.features(s, encoder)
-        if not is_complete(root, key):
-            raise StoreError(f"slide {s!r} has no complete {encoder!r} features: run embedding first")
-        arr = root[key]
+    for s, arr in complete_features(root, encoder, ids):
         if check:
             check_fresh(arr, f"slide {s!r}, features {encoder!r}")
         parts.append([s, list(arr.shape), arr.attrs.get("weights_digest"), array_digest_of(arr) or _legacy_digest(arr)])
