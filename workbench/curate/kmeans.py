@@ -708,8 +708,8 @@ def assign_chunks(
     """Assign every row of X (numpy, Zarr or Dask; on disk or in memory) to ``C``, chunk by chunk.
 
     With ``client`` (a ``distributed.Client``, a scheduler address string or a cluster object: LocalCluster,
-    dask-jobqueue, dask-cuda) each chunk is one task on the cluster: the centroids are broadcast once
-    (``client.scatter(broadcast=True)``), each worker reads its chunks itself (Zarr arrays are pickled as
+    dask-jobqueue, dask-cuda) each chunk is one task on the cluster: the centroids are scattered once
+    (``client.scatter``: one copy per worker), each worker reads its chunks itself (Zarr arrays are pickled as
     references to the store, not as data) and returns its rows' labels and its partial counts, sums and
     inertia, which are added here in chunk order. Without ``client`` the same per-chunk function runs in
     this process, so both paths give identical labels, counts, sums and inertia.
@@ -738,14 +738,17 @@ def assign_chunks(
         from distributed import as_completed
 
         client = _as_client(client)
-        Cf = client.scatter(C, broadcast=True)  # sent to every worker once, not once per task
+        # Scattered once under a key of its own (hash=False: a content-hashed key is shared with any other
+        # scatter of equal centroids, and one client's release of it can cancel another's tasks as "lost
+        # dependencies"); each worker fetches it once and keeps it for all its tasks.
+        Cf = client.scatter(C, hash=False)
         if hasattr(X, "dask"):  # each task computes its own block of the Dask graph (reads from the store)
             import dask
 
             blocks = X.rechunk({1: -1}).to_delayed().ravel()
             futs = client.compute([dask.delayed(_partials_of)(blk, Cf, normalize, labels) for blk in blocks])
         else:
-            Xf = client.scatter(X, broadcast=True) if isinstance(X, np.ndarray) else X  # Zarr: a reference
+            Xf = client.scatter(X, hash=False) if isinstance(X, np.ndarray) else X  # Zarr: a reference
             futs = [client.submit(_task_partials, Xf, a, b, Cf, normalize, labels, pure=False) for a, b in bounds]
         index = {f.key: i for i, f in enumerate(futs)}
         for fut in as_completed(futs):
