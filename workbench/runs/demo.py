@@ -7,6 +7,7 @@ with paths relative to it. Each notebook is executed with papermill into ``<run-
 segmentation sweep (``sweeps/demo.yml``) runs into ``<run-dir>/sweep/``. A summary of all metrics is printed
 and written to ``<run-dir>/metrics.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,7 @@ import logging
 import time
 from pathlib import Path
 
-from workbench.runs.notebooks import numbered_notebooks, read_metrics, run_notebook
+from workbench.runs.notebooks import declared_types, numbered_notebooks, read_metrics, run_notebook
 
 log = logging.getLogger("workbench.runs.demo")
 
@@ -54,8 +55,13 @@ def main(argv=None) -> int:
     logging.getLogger("distributed").setLevel(logging.WARNING)
 
     run_dir = Path(args.run_dir).resolve()
-    manifest = build_demo_data(Path(args.data_dir).resolve(), Path(args.manifest).resolve(),
-                               n_slides=args.n_slides, size=args.size, seed=args.seed)
+    manifest = build_demo_data(
+        Path(args.data_dir).resolve(),
+        Path(args.manifest).resolve(),
+        n_slides=args.n_slides,
+        size=args.size,
+        seed=args.seed,
+    )
     store = run_dir / "demo.zarr"
     if args.fresh and store.exists():
         import shutil
@@ -73,6 +79,8 @@ def main(argv=None) -> int:
             from workbench.runs.sweep import run_demo_sweep
 
             nb_params = {**params, **run_demo_sweep(manifest, run_dir)}
+        declared = declared_types(nb)  # each notebook gets the demo parameters it declares, no others
+        nb_params = {k: v for k, v in nb_params.items() if k in declared}
         run_notebook(nb, run_dir, nb_params, relative=True)  # the executed copies carry run-relative paths
         log.info("%s done in %.1f s", nb.name, time.perf_counter() - t)
     metrics = read_metrics(run_dir)
