@@ -80,7 +80,7 @@ def _add_lineage(path: Path) -> None:
     """Lineage for a freshly copied store: slide file identities, features' coords digests, and the trees'
     and samples' inputs as they are now (a v1 store refused a tree over another slide set; that check is
     redone first)."""
-    from workbench.curate.cluster import lineage_digest, tree_lineage
+    from workbench.curate.cluster import FIT_PARAMS, lineage_digest, tree_lineage
 
     root = st.open_root(path, "a")
     ids = st.slide_ids(root)
@@ -110,7 +110,7 @@ def _add_lineage(path: Path) -> None:
         lineage = tree_lineage(root, enc)
         g.attrs["lineage"] = lineage
         g.attrs["identity"] = json.loads(
-            json.dumps({**lineage, "params": {k: v for k, v in params.items() if k in _FIT_KEYS}}, sort_keys=True)
+            json.dumps({**lineage, "params": {k: v for k, v in params.items() if k in FIT_PARAMS}}, sort_keys=True)
         )
     table = st.tile_index(root, ids)
     pos = {s: i for i, s in enumerate(ids)}
@@ -129,21 +129,6 @@ def _add_lineage(path: Path) -> None:
         tree_run = params.get("tree_run")
         tree_digest = st.node_digest(root[st.Key.tree(tree_run)]) if tree_run in st.run_names(root, "tree") else None
         g.attrs["lineage"] = {"tree_run": tree_run, "tree_digest": tree_digest, "tiling_digest": tiling}
-
-
-_FIT_KEYS = (
-    "levels",
-    "resampling_steps",
-    "sample_per_cluster",
-    "sample_strategy",
-    "init",
-    "n_iter",
-    "normalize",
-    "backend",
-    "chunk_size",
-    "fit_sample_per_cluster",
-    "random_state",
-)
 
 
 def migrate(path, *, _after_copy=None) -> str:

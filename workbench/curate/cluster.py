@@ -183,6 +183,23 @@ def _per_level(value, n_levels: int, name: str) -> list:
     return value
 
 
+# The parameters that decide what a fit computes (a tree's identity records them; ``device`` only says where,
+# and ``stream_iter`` is added when non-zero). ``workbench.migrate`` rebuilds old trees' identities from it.
+FIT_PARAMS = (
+    "levels",
+    "resampling_steps",
+    "sample_per_cluster",
+    "sample_strategy",
+    "init",
+    "n_iter",
+    "normalize",
+    "backend",
+    "chunk_size",
+    "fit_sample_per_cluster",
+    "random_state",
+)
+
+
 class HierarchicalKMeans:
     """Hierarchical k-means with resampling steps (scikit-learn style estimator).
 
@@ -255,20 +272,7 @@ class HierarchicalKMeans:
     # ------------------------------------------------------------------ params
 
     def get_params(self) -> dict:
-        keys = [
-            "levels",
-            "resampling_steps",
-            "sample_per_cluster",
-            "sample_strategy",
-            "init",
-            "n_iter",
-            "normalize",
-            "backend",
-            "device",
-            "chunk_size",
-            "fit_sample_per_cluster",
-            "random_state",
-        ]
+        keys = [*FIT_PARAMS, "device"]
         if int(self.stream_iter):
             keys.append("stream_iter")
         out = {}

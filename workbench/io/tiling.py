@@ -342,6 +342,18 @@ def _write_slide(root: zarr.Group, slide_id: str, result: dict) -> None:
     st.mark_complete(g)
 
 
+def _failed_row(sid: str, status: str, t0: float, error: str, error_class: str) -> dict:
+    """The summary row of a slide whose tiling failed (``status`` "error" or "timeout")."""
+    return {
+        "slide_id": sid,
+        "status": status,
+        "n_tiles": 0,
+        "seconds": time.perf_counter() - t0,
+        "error": error,
+        "error_class": error_class,
+    }
+
+
 def _tile_task(store_path: str, rec: dict, params: TilingParams, limits: dict | None = None) -> dict:
     sid = rec["slide_id"]
     limits = dict(limits or {})
@@ -363,33 +375,13 @@ def _tile_task(store_path: str, rec: dict, params: TilingParams, limits: dict | 
         with deadline(time_limit, sid):
             result = tile_slide(rec["path"], params, slide_id=sid, mpp=rec.get("mpp"), **limits)
     except SlideTimeoutError as exc:
-        return {
-            "slide_id": sid,
-            "status": "timeout",
-            "n_tiles": 0,
-            "seconds": time.perf_counter() - t0,
-            "error": f"{type(exc).__name__}: {exc}",
-            "error_class": type(exc).__name__,
-        }
+        return _failed_row(sid, "timeout", t0, f"{type(exc).__name__}: {exc}", type(exc).__name__)
     except MemoryError as exc:
-        return {
-            "slide_id": sid,
-            "status": "error",
-            "n_tiles": 0,
-            "seconds": time.perf_counter() - t0,
-            "error": f"MemoryError: slide {sid!r} needs more memory than is available ({exc})",
-            "error_class": "MemoryError",
-        }
+        msg = f"MemoryError: slide {sid!r} needs more memory than is available ({exc})"
+        return _failed_row(sid, "error", t0, msg, "MemoryError")
     except Exception as exc:
         where = "" if isinstance(exc, (SlideError, OSError)) else f"slide {sid!r}: "
-        return {
-            "slide_id": sid,
-            "status": "error",
-            "n_tiles": 0,
-            "seconds": time.perf_counter() - t0,
-            "error": f"{type(exc).__name__}: {where}{exc}",
-            "error_class": type(exc).__name__,
-        }
+        return _failed_row(sid, "error", t0, f"{type(exc).__name__}: {where}{exc}", type(exc).__name__)
     try:
         _write_slide(root, sid, result)
     except OSError as exc:  # a full disk or a lost mount is not the slide's fault: stop the run, by name
