@@ -37,6 +37,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_data import CHUNK, DEFAULT_PATH, exact_topk, mixture_store, queries
 
+from workbench.search.speed import recall_at, single_query_ms
+
 log = logging.getLogger("benchmarks.search_scale")
 TARGET_RECALL = 0.9
 RESULTS = Path(__file__).resolve().parent / "results" / "search_scale.json"
@@ -57,20 +59,6 @@ class Prefix:
 
     def get_orthogonal_selection(self, sel):
         return self.rows(sel[0])
-
-
-def recall_at(ids: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
-    return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(ids, truth)]))
-
-
-def single_query_ms(index, q: np.ndarray, k: int = 10) -> float:
-    index.search(q[:1], k)  # warm-up
-    times = []
-    for i in range(len(q)):
-        t0 = time.perf_counter()
-        index.search(q[i : i + 1], k)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
 
 
 def index_bytes(index) -> int:
