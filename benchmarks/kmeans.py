@@ -13,10 +13,15 @@ then times the whole job that yields centroids *and* every row's label: ``workbe
 start + ``--iters`` iterations, no subsampling: ``max_points_per_centroid = n``) + ``index.search(X, 1)``
 for the labels. Both sides use ``--threads`` threads (torch.set_num_threads / faiss.omp_set_num_threads and
 threadpoolctl over every BLAS). Final inertia = Σ squared distance of every row to its centroid (float64).
+Ours stops early when an assignment leaves every label unchanged (a fixed point: the result equals running all
+``--iters``; the iterations it made are in ``ours_iters``); faiss always runs ``--iters``.
 
 Sides, per k:
 * ``ours``        – our default start (k-means||), torch CPU (MKL inside torch).
-* ``ours_kmeanspp`` – today's full greedy k-means++ start, the quality reference (``--no-reference`` skips it).
+* ``ours_plain``  – the same start with plain Lloyd iterations (every row against every centroid), to show
+  what Hamerly's bounds save (``--no-plain`` skips it). ``ours`` and ``ours_kmeanspp`` use the bounds (exact:
+  the same labels and centroids as plain Lloyd up to float ties, see tests/test_cluster.py).
+* ``ours_kmeanspp`` – full greedy k-means++ start, the quality reference (``--no-reference`` skips it).
 * ``faiss``       – faiss on its bundled OpenBLAS with the CPU's own kernel: ``OPENBLAS_CORETYPE`` as in the
   environment when threadpoolctl reports a kernel other than ``Prescott``, else set to ``Haswell`` (the AVX2
   kernel; Zen CPUs use it too).
@@ -75,10 +80,20 @@ def run_side(side: str, n: int, dim: int, k: int, iters: int, threads: int, seed
 
         torch.set_num_threads(threads)
         init = "k-means++" if side == "ours_kmeanspp" else "k-means||"
+        bounds = side != "ours_plain"
+        stats = {}
         with threadpool_limits(threads):
             t0 = time.perf_counter()
             C, labels, dist, it = kmeans(
-                X, k, rng=np.random.default_rng(seed), init=init, n_iter=iters, backend="torch", device="cpu"
+                X,
+                k,
+                rng=np.random.default_rng(seed),
+                init=init,
+                n_iter=iters,
+                backend="torch",
+                device="cpu",
+                bounds=bounds,
+                stats=stats,
             )
             dt = time.perf_counter() - t0
         inertia = float(np.sum(dist, dtype=np.float64))
@@ -87,6 +102,10 @@ def run_side(side: str, n: int, dim: int, k: int, iters: int, threads: int, seed
             "seconds": dt,
             "inertia": inertia,
             "init": init,
+            "lloyd": "Hamerly bounds (exact)" if bounds else "every row every iteration",
+            "init_s": round(stats["init_s"], 2),
+            "lloyd_s": round(stats["lloyd_s"], 2),
+            "distance_fraction": round(stats["distance_fraction"], 3) if "distance_fraction" in stats else 1.0,
             "iters": it,
             "threads": torch.get_num_threads(),
             "blas": f"torch {torch.__version__} " + ("MKL" if torch.backends.mkl.is_available() else "own"),
@@ -189,6 +208,7 @@ def main(argv=None) -> dict:
         help="ks for the faiss run on the generic Prescott kernel (default: the first k)",
     )
     ap.add_argument("--no-reference", action="store_true", help="skip the full k-means++ reference fit")
+    ap.add_argument("--no-plain", action="store_true", help="skip ours with plain Lloyd (no bounds)")
     ap.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
     args = ap.parse_args(argv)
     if args.side:
@@ -221,9 +241,22 @@ def main(argv=None) -> dict:
                 d["faiss_generic_vs_faiss"] = round(r["faiss_generic"]["seconds"] / r["faiss"]["seconds"], 3)
             if "ours_kmeanspp" in r:
                 d["ratio_kmeanspp_vs_faiss"] = round(r["ours_kmeanspp"]["seconds"] / r["faiss"]["seconds"], 3)
+            if "ours_plain" in r:
+                d["ratio_plain_lloyd_vs_faiss"] = round(r["ours_plain"]["seconds"] / r["faiss"]["seconds"], 3)
+            for s, v in r.items():
+                for key in ("init_s", "lloyd_s", "distance_fraction", "iters"):
+                    if key in v and s.startswith("ours"):
+                        d[f"{s}_{key}"] = v[key]
             per_k[str(k)] = d
             for s, v in r.items():
-                sides.setdefault(s, {key: v[key] for key in v if key not in ("seconds", "inertia", "side", "iters")})
+                sides.setdefault(
+                    s,
+                    {
+                        key: v[key]
+                        for key in v
+                        if key not in ("seconds", "inertia", "side", "iters", "init_s", "lloyd_s", "distance_fraction")
+                    },
+                )
         ir = [v["inertia_ratio"] for v in per_k.values() if v["inertia_ratio"] is not None]
         return {
             "n": args.n,
@@ -232,6 +265,7 @@ def main(argv=None) -> dict:
             "iters": args.iters,
             "threads": args.threads,
             "init": "k-means||",
+            "lloyd": "Hamerly bounds (exact); faiss: every row every iteration",
             "ratio": max(v["ratio"] for v in per_k.values()),
             "inertia_ratio": max(ir) if ir else None,
             "inertia_ratio_vs_faiss": max(v["inertia_ratio_vs_faiss"] for v in per_k.values()),
@@ -244,6 +278,8 @@ def main(argv=None) -> dict:
 
     for k in args.ks:  # sides alternate so machine load hits both alike
         runs[k] = {"faiss": spawn("faiss", args, k, coretype), "ours": spawn("ours", args, k, coretype)}
+        if not args.no_plain:
+            runs[k]["ours_plain"] = spawn("ours_plain", args, k, coretype)
         if not args.no_reference:
             runs[k]["ours_kmeanspp"] = spawn("ours_kmeanspp", args, k, coretype)
         write("kmeans", finish("kmeans", {**summary(), "partial": True}))  # a long run leaves its figures so far

@@ -286,3 +286,40 @@ def test_weighted_kmeans_plusplus_never_picks_zero_weight_rows():
     # too few rows for the oversampling: falls back to full k-means++ and still returns k rows of X
     C = kmeans_parallel(X[:50], 20, np.random.default_rng(0), device="cpu").numpy()
     assert C.shape == (20, 8)
+
+
+def test_bounded_lloyd_gives_plain_lloyds_result_with_fewer_distances():
+    # Hamerly's bounds skip rows that provably keep their label: same labels, centroids, update count and
+    # inertia as the plain loop (every row against every centroid), on data where labels keep moving for many
+    # iterations (k above the number of blobs), and fewer distance rows
+    import torch
+
+    from workbench.curate.kmeans import kmeans_plusplus, lloyd_torch
+
+    X, _ = make_blobs(6000, n_features=24, centers=15, cluster_std=2.0, random_state=5)
+    X = X.astype(np.float32)
+    C0 = kmeans_plusplus(X, 40, np.random.default_rng(2), device="cpu")
+    Cp, lp, dp, itp = lloyd_torch(X, C0, n_iter=25, device="cpu", bounds=False)
+    stats = {}
+    Cb, lb, db, itb = lloyd_torch(X, C0, n_iter=25, device="cpu", bounds=True, stats=stats)
+    assert itb == itp and itp >= 5  # the same number of updates, and enough of them to test the bounds
+    assert torch.equal(lp, lb)
+    np.testing.assert_allclose(Cb.numpy(), Cp.numpy(), atol=1e-4)
+    np.testing.assert_allclose(float(db.double().sum()), float(dp.double().sum()), rtol=1e-5)
+    exact = ((X - Cb.numpy()[lb.numpy()]) ** 2).sum(1)  # returned distances are exact for the returned labels
+    np.testing.assert_allclose(db.numpy(), exact, rtol=1e-4, atol=1e-3)
+    assert stats["rows_recomputed"][0] == len(X)
+    # measured 0.58 (rows near the borders between the sub-clusters of one blob keep moving); no pruning is 1.0
+    assert stats["distance_fraction"] < 0.7, stats
+    assert min(stats["rows_recomputed"]) < 0.25 * len(X)
+
+
+def test_kmeans_plusplus_same_centres_with_and_without_the_distance_matrix():
+    from workbench.curate.kmeans import kmeans_plusplus
+
+    X = np.random.default_rng(0).normal(size=(900, 16)).astype(np.float32)
+    w = np.random.default_rng(1).random(900)
+    for weight in (None, w):
+        a = kmeans_plusplus(X, 50, np.random.default_rng(4), device="cpu", sample_weight=weight, gram_bytes=0)
+        b = kmeans_plusplus(X, 50, np.random.default_rng(4), device="cpu", sample_weight=weight)
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -1,7 +1,8 @@
 """k-means kernels and backends for :mod:`workbench.curate.cluster` (DESIGN.md §4).
 
 One flat k-means (:func:`kmeans`): k-means|| init by default (:func:`kmeans_parallel`), or full greedy k-means++ (:func:`kmeans_plusplus`, ``2 + ln k`` local
-trials), ``n_iter`` Lloyd iterations, sums in float64, chunked assignment (:func:`assign_torch`);
+trials), ``n_iter`` Lloyd iterations (Hamerly's bounds skip the rows whose label cannot change: the same result
+as assigning every row, :func:`lloyd_torch`), sums in float64, chunked assignment (:func:`assign_torch`);
 :func:`resample_indices` picks the points of a resampling step; the chunk I/O helpers stream rows of
 numpy / Dask / zarr arrays.
 
@@ -139,7 +140,14 @@ def assign_torch(X, C, *, chunk_size: int | None = None, device=None):
 
 
 def kmeans_plusplus(
-    X, k: int, rng: np.random.Generator, *, n_local_trials: int | None = None, device=None, sample_weight=None
+    X,
+    k: int,
+    rng: np.random.Generator,
+    *,
+    n_local_trials: int | None = None,
+    device=None,
+    sample_weight=None,
+    gram_bytes: int = 2**28,
 ):
     """Greedy k-means++ seeding as scikit-learn: ``2 + ln k`` candidates per step, keep the best.
 
@@ -150,6 +158,8 @@ def kmeans_plusplus(
     rng : numpy Generator (all randomness)
     sample_weight : optional (n,) non-negative weights: the first centre is drawn ∝ w, the next ∝ w·D²
         and the potential is Σ w·D² (what :func:`kmeans_parallel` reclusters its candidates with).
+    gram_bytes : when the (n, n) float32 matrix of pairwise distances fits in this many bytes (default
+        256 MiB: n ≤ 8192) it is computed once up front; else each step computes its (t, n) block.
 
     Returns
     -------
@@ -169,6 +179,17 @@ def kmeans_plusplus(
         else torch.as_tensor(np.asarray(sample_weight), device=device, dtype=torch.float64)
     )
     x_sq = (X * X).sum(1)
+    # Few points (the k-means|| candidates, a seeding subsample): all pairwise squared distances in one
+    # matmul, so each greedy step only gathers t rows instead of a thin (t, d)·(d, n) product.
+    D = None
+    if n * n * 4 <= gram_bytes:
+        D = torch.addmm(x_sq.unsqueeze(0), X, X.t(), beta=1.0, alpha=-2.0).add_(x_sq.unsqueeze(1)).clamp_min_(0)
+
+    def sqdist(idx):  # (len(idx), n) squared distances from the rows idx to every row
+        if D is not None:
+            return D[idx]
+        return (x_sq.unsqueeze(0) - 2 * X[idx] @ X.t() + x_sq[idx].unsqueeze(1)).clamp_min_(0)
+
     centers = torch.empty((k, X.shape[1]), dtype=X.dtype, device=device)
     if w is None:
         first = int(rng.integers(n))
@@ -180,7 +201,7 @@ def kmeans_plusplus(
             ).clamp_(max=n - 1)
         )
     centers[0] = X[first]
-    closest = (x_sq - 2 * X @ X[first] + x_sq[first]).clamp_min_(0)
+    closest = sqdist(torch.as_tensor([first], device=device))[0].clone()
     pot = float((closest.double() if w is None else closest.double() * w).sum())
     for c in range(1, k):
         if pot <= 0:  # fewer distinct points than k: any point will do
@@ -189,14 +210,13 @@ def kmeans_plusplus(
             cum = torch.cumsum(closest.double() if w is None else closest.double() * w, 0)
             r = torch.as_tensor(rng.random(t) * float(cum[-1]), device=device, dtype=torch.float64)
             cand = torch.searchsorted(cum, r).clamp_(max=n - 1)
-        Xc = X[cand]
-        d = (x_sq.unsqueeze(0) - 2 * Xc @ X.t() + x_sq[cand].unsqueeze(1)).clamp_min_(0)  # (t, n)
+        d = sqdist(cand)  # (t, n)
         torch.minimum(d, closest.unsqueeze(0), out=d)
         pots = (d.double() if w is None else d.double() * w).sum(1)
         best = int(torch.argmin(pots))
         closest = d[best].clone()
         pot = float(pots[best])
-        centers[c] = Xc[best]
+        centers[c] = X[cand[best]]
     return centers
 
 
@@ -367,25 +387,29 @@ def _assign_accumulate(X, C, *, x_sq=None, chunk_size=None, flush_rows: int = 16
     return labels, dist, sums, counts
 
 
-def lloyd_torch(X, C0, *, n_iter: int = 50, chunk_size: int | None = None, device=None):
-    """Lloyd iterations from ``C0`` (ours): float32 matmul assignment, float64 sums, empty clusters moved.
-
-    Each iteration is one pass over X (assignment fused with the centroid sums). Stops early once no
-    label changes (the result then equals running all ``n_iter``); a final assignment makes the labels
-    match the returned centroids.
-
-    Returns
-    -------
-    C : (k, d) float32 tensor, labels : (n,) int64 tensor, sqdist : (n,) float32 tensor, n_iter : int
-    (number of centroid updates).
-    """
+def _relocate_empty(X, labels, dist, sums, counts) -> int:
+    """sklearn's rule: move each empty centroid onto one of the rows farthest from their centroid (in place:
+    the row's sums and count move to the empty cluster). Returns the ``(row, cluster)`` pairs moved."""
     import torch
 
-    device = torch_device(device)
-    X = as_tensor(X, device)
-    C = as_tensor(C0, device).clone()
-    n = X.shape[0]
-    x_sq = (X * X).sum(1)  # row norms once, not once per iteration
+    empty = torch.nonzero(counts == 0).flatten()
+    moved = []
+    if len(empty):
+        far = torch.topk(dist, min(len(empty), len(dist))).indices
+        for j, p in zip(empty.tolist(), far.tolist()):
+            old = int(labels[p])
+            if counts[old] > 1:
+                sums[old] -= X[p].double()
+                counts[old] -= 1
+                sums[j] = X[p].double()
+                counts[j] = 1
+                moved.append((p, j))
+        log.debug("lloyd: %d empty clusters relocated", len(empty))
+    return moved
+
+
+def _lloyd_plain(X, C, x_sq, n_iter, chunk_size):
+    """Lloyd iterations, every row against every centroid each iteration (the reference for the bounded loop)."""
     prev = None
     it = 0
     for step in range(n_iter + 1):
@@ -393,22 +417,191 @@ def lloyd_torch(X, C0, *, n_iter: int = 50, chunk_size: int | None = None, devic
         if step == n_iter or (prev is not None and bool((labels == prev).all())):
             break  # converged, or the final assignment after the last update
         prev = labels
-        empty = torch.nonzero(counts == 0).flatten()
-        if len(empty):
-            # sklearn's rule: move each empty centroid onto one of the points farthest from its centroid
-            far = torch.topk(dist, min(len(empty), n)).indices
-            for j, p in zip(empty.tolist(), far.tolist()):
-                old = int(labels[p])
-                if counts[old] > 1:
-                    sums[old] -= X[p].double()
-                    counts[old] -= 1
-                    sums[j] = X[p].double()
-                    counts[j] = 1
-            log.debug("lloyd: %d empty clusters relocated", len(empty))
+        _relocate_empty(X, labels, dist, sums, counts)
         nonzero = counts > 0
         C[nonzero] = (sums[nonzero] / counts[nonzero].unsqueeze(1).double()).float()
         it += 1
     return C, labels, dist, it
+
+
+def _sqdist_to_own(X, C, labels, rows=None, chunk: int = 16384):
+    """Exact ``‖x − c_label(x)‖²`` by direct differences (no cancellation), for ``rows`` (default all)."""
+    import torch
+
+    m = X.shape[0] if rows is None else len(rows)
+    out = torch.empty(m, dtype=torch.float32, device=X.device)
+    for a in range(0, m, chunk):
+        if rows is None:
+            diff = X[a : a + chunk] - C.index_select(0, labels[a : a + chunk])
+        else:
+            r = rows[a : a + chunk]
+            diff = X.index_select(0, r).sub_(C.index_select(0, labels.index_select(0, r)))
+        out[a : a + chunk] = diff.square_().sum(1)
+    return out
+
+
+def _assign_top2(X, C, x_sq, rows=None, chunk_size=None):
+    """Nearest and second-nearest centroid distances (squared, expansion formula) of ``rows`` (default all).
+
+    Returns labels (m,) int64, d1 (m,) and d2 (m,) float32 (``d2 = inf`` when k = 1).
+    """
+    import torch
+
+    k = C.shape[0]
+    m = X.shape[0] if rows is None else len(rows)
+    chunk = chunk_size or _default_chunk(k, X.device)
+    c_sq = (C * C).sum(1).unsqueeze(0)
+    Ct = C.t().contiguous()
+    labels = torch.empty(m, dtype=torch.int64, device=X.device)
+    d1 = torch.empty(m, dtype=torch.float32, device=X.device)
+    d2 = torch.empty(m, dtype=torch.float32, device=X.device)
+    for a in range(0, m, chunk):
+        if rows is None:
+            x, xs = X[a : a + chunk], x_sq[a : a + chunk]
+        else:
+            r = rows[a : a + chunk]
+            x, xs = X[r], x_sq[r]
+        d = torch.addmm(c_sq, x, Ct, beta=1.0, alpha=-2.0)
+        m1, i1 = d.min(dim=1)
+        d.scatter_(1, i1.unsqueeze(1), float("inf"))
+        m2 = d.min(dim=1).values
+        labels[a : a + chunk] = i1
+        d1[a : a + chunk] = (m1 + xs).clamp_min_(0)
+        d2[a : a + chunk] = (m2 + xs).clamp_min_(0)
+    return labels, d1, d2
+
+
+def _segment_sums_all(X, labels, k: int, flush_rows: int = 16384):
+    """(k, d) float64 sums of the rows per label: float32 partial sums of ≤ ``flush_rows`` rows, flushed to float64."""
+    import torch
+
+    sums = torch.zeros((k, X.shape[1]), dtype=torch.float64, device=X.device)
+    for a in range(0, X.shape[0], flush_rows):
+        sums += _segment_sums(X[a : a + flush_rows], labels[a : a + flush_rows], k)
+    return sums
+
+
+def _lloyd_bounded(X, C, x_sq, n_iter, chunk_size, stats):
+    """Lloyd iterations with Hamerly's bounds (Hamerly 2010, "Making k-means even faster"): exact, fewer distances.
+
+    Each row keeps an upper bound ``u`` on its distance to its own centroid and a lower bound ``l`` on its
+    distance to any other centroid. After an update that moves centroid j by δ_j, ``u += δ_own`` and
+    ``l −= max_{j ≠ own} δ_j``; a row whose ``u < l`` provably keeps its label, so it is skipped. The others get
+    ``u`` tightened to the exact distance (O(d) per row) and, if still ``u ≥ l``, a full row of centroid distances
+    (matmul on those rows only). Centroid sums and counts are updated by the rows that changed label (float64).
+
+    Float32 rounding is covered by widening the bounds: distances from the expansion formula get an error
+    allowance of ``2⁻¹⁶·(‖x‖² + max‖c‖²)`` in squared units, drifts and exact distances a relative ``10⁻⁶``. So
+    the labels after each iteration are those a full assignment gives (up to exact float ties), and the loop
+    makes the same number of updates as :func:`_lloyd_plain`, stopping at the same iteration.
+    """
+    import torch
+
+    n, k = X.shape[0], C.shape[0]
+    rel = 1.0 + 1e-6
+
+    def allowance(rows=None):
+        xs = x_sq if rows is None else x_sq[rows]
+        return (xs + float((C * C).sum(1).max())) * 2.0**-16
+
+    labels, d1, d2 = _assign_top2(X, C, x_sq, chunk_size=chunk_size)
+    e = allowance()
+    upper = (d1 + e).sqrt_()
+    lower = (d2 - e).clamp_min_(0).sqrt_()
+    sums = _segment_sums_all(X, labels, k)
+    counts = torch.bincount(labels, minlength=k)
+    recomputed = [n]
+    it = 0
+    for _ in range(n_iter):
+        before = None  # labels before a relocation: convergence is judged against them, as in the plain loop
+        if bool((counts == 0).any()):
+            before = labels.clone()
+            exact = _sqdist_to_own(X, C, labels)
+            for p, j in _relocate_empty(X, labels, exact, sums, counts):
+                labels[p] = j
+                lower[p] = 0.0  # its bounds no longer hold: its label is recomputed next
+        nonzero = counts > 0
+        C_new = C.clone()
+        C_new[nonzero] = (sums[nonzero] / counts[nonzero].unsqueeze(1).double()).float()
+        drift = (C_new - C).pow_(2).sum(1).sqrt_() * rel
+        C = C_new
+        it += 1
+        upper += drift[labels]
+        if k > 1:
+            top, arg = torch.topk(drift, 2)
+            lower -= torch.where(labels == arg[0], top[1], top[0])  # the largest drift of another centroid
+        need = torch.nonzero(upper >= lower).flatten()
+        changed = 0
+        if len(need) > n // 2:  # most rows in doubt (early iterations, no structure): one plain pass over all
+            new, n1, n2 = _assign_top2(X, C, x_sq, chunk_size=chunk_size)
+            changed = int((new != labels).sum())
+            labels = new
+            sums = _segment_sums_all(X, labels, k)
+            counts = torch.bincount(labels, minlength=k)
+            e = allowance()
+            upper = (n1 + e).sqrt_()
+            lower = (n2 - e).clamp_min_(0).sqrt_()
+            recomputed.append(n)
+        else:
+            if len(need):  # tighten u to the exact distance, test again
+                upper[need] = _sqdist_to_own(X, C, labels, need).sqrt_() * rel
+                need = need[upper[need] >= lower[need]]
+            if len(need):
+                new, n1, n2 = _assign_top2(X, C, x_sq, rows=need, chunk_size=chunk_size)
+                old = labels[need]
+                moved = torch.nonzero(new != old).flatten()
+                changed = len(moved)
+                if changed:
+                    xm = X[need[moved]].double()
+                    sums.index_add_(0, old[moved], -xm)
+                    sums.index_add_(0, new[moved], xm)
+                    counts += torch.bincount(new[moved], minlength=k) - torch.bincount(old[moved], minlength=k)
+                    labels[need] = new
+                e = allowance(need)
+                upper[need] = (n1 + e).sqrt_()
+                lower[need] = (n2 - e).clamp_min_(0).sqrt_()
+            recomputed.append(len(need))
+        if before is not None:
+            changed = int((labels != before).sum())
+        if changed == 0:
+            break  # converged: the next update would leave every centroid where it is
+    if stats is not None:
+        stats["rows_recomputed"] = recomputed
+        stats["distance_fraction"] = sum(recomputed) / (n * len(recomputed))
+    return C, labels, _sqdist_to_own(X, C, labels), it
+
+
+def lloyd_torch(
+    X,
+    C0,
+    *,
+    n_iter: int = 50,
+    chunk_size: int | None = None,
+    device=None,
+    bounds: bool = True,
+    stats: dict | None = None,
+):
+    """Lloyd iterations from ``C0`` (ours): float32 matmul assignment, float64 sums, empty clusters moved.
+
+    ``bounds=True`` (default) skips the rows whose label provably cannot change (Hamerly's bounds,
+    :func:`_lloyd_bounded`); ``bounds=False`` assigns every row each iteration (one fused pass: assignment and
+    centroid sums). Both make the same updates and stop early once no label changes (the result then equals
+    running all ``n_iter``); the labels match the returned centroids. ``stats`` (a dict) receives, for the
+    bounded loop, the rows given a full distance row per pass (``rows_recomputed``) and their share
+    (``distance_fraction``).
+
+    Returns
+    -------
+    C : (k, d) float32 tensor, labels : (n,) int64 tensor, sqdist : (n,) float32 tensor, n_iter : int
+    (number of centroid updates).
+    """
+    device = torch_device(device)
+    X = as_tensor(X, device)
+    C = as_tensor(C0, device).clone()
+    x_sq = (X * X).sum(1)  # row norms once, not once per iteration
+    if bounds:
+        return _lloyd_bounded(X, C, x_sq, n_iter, chunk_size, stats)
+    return _lloyd_plain(X, C, x_sq, n_iter, chunk_size)
 
 
 # =========================================================================== backends
@@ -533,8 +726,13 @@ def kmeans(
     device=None,
     chunk_size: int | None = None,
     client=None,
+    bounds: bool = True,
+    stats: dict | None = None,
 ):
     """One flat k-means on in-memory rows with the chosen backend.
+
+    ``bounds`` and ``stats`` go to :func:`lloyd_torch` (torch backend: Hamerly's bounds on by default, exact);
+    ``stats`` also receives ``init_s`` and ``lloyd_s`` (seconds).
 
     Returns
     -------
@@ -547,6 +745,8 @@ def kmeans(
     lvl = logging.INFO if len(X) * k >= 1e8 else logging.DEBUG  # report the big fits only
     t0 = time.perf_counter()
     C0 = _init_centroids(X, k, rng, init, dev)
+    if stats is not None:
+        stats["init_s"] = time.perf_counter() - t0
     log.log(
         lvl,
         "k-means k=%d on %d x %d: %s init in %.1f s",
@@ -558,7 +758,11 @@ def kmeans(
     )
     if backend == "torch":
         t0 = time.perf_counter()
-        C, labels, dist, it = lloyd_torch(X, C0, n_iter=n_iter, chunk_size=chunk_size, device=dev)
+        C, labels, dist, it = lloyd_torch(
+            X, C0, n_iter=n_iter, chunk_size=chunk_size, device=dev, bounds=bounds, stats=stats
+        )
+        if stats is not None:
+            stats["lloyd_s"] = time.perf_counter() - t0
         log.log(lvl, "k-means k=%d: %d Lloyd iterations in %.1f s", k, it, time.perf_counter() - t0)
         return C.cpu().numpy(), labels.cpu().numpy(), dist.cpu().numpy(), it
     seed = int(rng.integers(2**31 - 1))
