@@ -438,6 +438,7 @@ class _TiffLevel:
         st_ = os.fstat(self._fd)
         self._key = (str(Path(path).resolve()), st_.st_size, st_.st_mtime_ns, getattr(page, "index", id(page)))
         self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.decoded = 0  # stored tiles decoded so far (cache misses)
 
     def _decode_one(self, index: int) -> np.ndarray:
         key = self._key + (index,)
@@ -459,6 +460,7 @@ class _TiffLevel:
     def tiles(self, indices: list[int], pool: ThreadPoolExecutor, cache_size: int) -> dict[int, np.ndarray]:
         check_deadline()
         missing = [i for i in indices if i not in self.cache]
+        self.decoded += len(missing)
         # a few chunks per thread rather than one future per stored tile (less scheduling per block)
         n_chunks = min(len(missing), 4 * max(1, getattr(pool, "_max_workers", 1)))
         chunks = [missing[k::n_chunks] for k in range(n_chunks)]
