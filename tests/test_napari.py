@@ -415,3 +415,18 @@ def test_plugins_menu_action_opens_the_widget(store, make_napari_viewer, qtbot):
     dock = w.native.parent()
     assert dock.isVisible()
     _check_docked_qc(viewer, dock, w, store, qtbot)
+
+
+def test_find_store_index_finds_a_compressed_ivfpq_index(tmp_path):
+    # the viewer's nearest-tiles panel finds every registered index kind, not only the exact ones
+    from test_retrieval import make_feature_store
+
+    from workbench.search import retrieval as R
+
+    path, _ = make_feature_store(tmp_path / "ds.zarr")
+    assert _data.find_store_index(path) is None
+    R.build_store_index(path, "toy", "ivfpq", nlist=4, pq_m=4)
+    si = _data.find_store_index(path)
+    assert si is not None and si.index.kind == "ivfpq"
+    hits = _data.nearest_tiles(si, st.open_store(path), "s00", 3, k=5)
+    assert len(hits) == 5 and not set(hits["slide_id"]) & {"s00", "s01"}  # the patient's own slides are left out
