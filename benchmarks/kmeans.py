@@ -5,7 +5,9 @@
     python benchmarks/kmeans.py --n 200000 --ks 1000 2000 --iters 20 --threads 2
 
 Data: float32 Gaussian mixture, k components (the k being fitted) with centres N(0, 9·I), unit isotropic
-noise, Dirichlet(0.5) component sizes (so many components are small), seed 0.
+noise, Dirichlet(0.5) component sizes (so many components are small), seed 0. ``--data sphere``: harder,
+embedding-like rows (2k unit-vector centres, noise 0.6, L2-normalised), e.g.
+``python benchmarks/kmeans.py --n 200000 --ks 1000 --data sphere --name kmeans_sphere --no-reference``.
 
 Each side runs in its own fresh process (so each BLAS is loaded with its own settings), makes the same data,
 then times the whole job that yields centroids *and* every row's label: ``workbench.curate.kmeans.kmeans``
@@ -27,6 +29,8 @@ Sides, per k:
   kernel; Zen CPUs use it too).
 * ``faiss_generic`` – the same with ``OPENBLAS_CORETYPE=Prescott`` (the generic kernel faiss's wheel falls back
   to on CPUs its OpenBLAS does not recognise), only for the ks in ``--generic-ks``.
+
+Full mode also runs faiss, ours and ours_plain on ``--data sphere`` rows for the first k (``sphere`` key).
 
 Keys: ``ratio`` = worst over k of ours / faiss whole-fit seconds (goal <= 1.2); ``inertia_ratio`` = worst
 over k of ours / ours_kmeanspp final inertia (goal <= 1.02); ``inertia_ratio_vs_faiss``; ``init``;
@@ -57,6 +61,19 @@ def mixture(n: int, dim: int, k: int, seed: int = 0) -> np.ndarray:
     return (centres[comp] + rng.normal(size=(n, dim)).astype(np.float32)).astype(np.float32)
 
 
+def sphere_mixture(n: int, dim: int, k: int, seed: int = 0, noise: float = 0.6) -> np.ndarray:
+    """Harder, embedding-like data: 2k unit-vector centres, each row ``centre + noise·g/√dim`` L2-normalised
+    (the recipe of scale_data.py); clusters touch, so fewer rows keep their label for sure between iterations."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(2 * k, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    X = centres[rng.integers(2 * k, size=n)] + rng.normal(size=(n, dim)).astype(np.float32) * (noise / dim**0.5)
+    return (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+
+
+DATA = {"mixture": mixture, "sphere": sphere_mixture}
+
+
 def _blas_view() -> list[dict]:
     from threadpoolctl import threadpool_info
 
@@ -68,11 +85,11 @@ def _blas_view() -> list[dict]:
     ]
 
 
-def run_side(side: str, n: int, dim: int, k: int, iters: int, threads: int, seed: int) -> dict:
+def run_side(side: str, n: int, dim: int, k: int, iters: int, threads: int, seed: int, data: str = "mixture") -> dict:
     """One whole fit in this process → {seconds, inertia, blas, ...}."""
     from threadpoolctl import threadpool_limits
 
-    X = mixture(n, dim, k, seed)
+    X = DATA[data](n, dim, k, seed)
     if side.startswith("ours"):
         import torch
 
@@ -152,7 +169,7 @@ def _faiss_coretype() -> str | None:
     return "Haswell"
 
 
-def spawn(side: str, args, k: int, coretype: str | None) -> dict:
+def spawn(side: str, args, k: int, coretype: str | None, data: str | None = None) -> dict:
     env = os.environ.copy()
     if side.startswith("faiss"):
         if coretype:
@@ -178,6 +195,8 @@ def spawn(side: str, args, k: int, coretype: str | None) -> dict:
         str(args.threads),
         "--seed",
         str(args.seed),
+        "--data",
+        data or args.data,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -209,10 +228,25 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--no-reference", action="store_true", help="skip the full k-means++ reference fit")
     ap.add_argument("--no-plain", action="store_true", help="skip ours with plain Lloyd (no bounds)")
+    ap.add_argument(
+        "--data", choices=sorted(DATA), default="mixture", help="mixture (default) or sphere (harder, embedding-like)"
+    )
+    ap.add_argument("--name", default="kmeans", help="results name (benchmarks/results/NAME.json)")
+    ap.add_argument(
+        "--sphere-ks",
+        type=int,
+        nargs="*",
+        default=None,
+        help="ks for the extra run on sphere data (default: the first k in full mode, none in quick mode)",
+    )
     ap.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
     args = ap.parse_args(argv)
     if args.side:
-        print(json.dumps(run_side(args.side, args.n, args.dim, args.ks[0], args.iters, args.threads, args.seed)))
+        print(
+            json.dumps(
+                run_side(args.side, args.n, args.dim, args.ks[0], args.iters, args.threads, args.seed, args.data)
+            )
+        )
         return {}
 
     coretype = _faiss_coretype()
@@ -261,6 +295,7 @@ def main(argv=None) -> dict:
         return {
             "n": args.n,
             "dim": args.dim,
+            "data": args.data,
             "ks": args.ks,
             "iters": args.iters,
             "threads": args.threads,
@@ -282,11 +317,26 @@ def main(argv=None) -> dict:
             runs[k]["ours_plain"] = spawn("ours_plain", args, k, coretype)
         if not args.no_reference:
             runs[k]["ours_kmeanspp"] = spawn("ours_kmeanspp", args, k, coretype)
-        write("kmeans", finish("kmeans", {**summary(), "partial": True}))  # a long run leaves its figures so far
+        write(args.name, finish(args.name, {**summary(), "partial": True}))  # a long run leaves its figures so far
     for k in generic:
         runs[k]["faiss_generic"] = spawn("faiss_generic", args, k, "Prescott")
     out = summary()
-    emit("kmeans", out)
+    sphere = args.sphere_ks if args.sphere_ks is not None else (args.ks[:1] if full and args.data == "mixture" else [])
+    if sphere:  # the same comparison on harder, embedding-like rows, where the bounds prune less
+        print(f"sphere data (2k unit centres, noise 0.6, L2-normalised): ks={sphere}", flush=True)
+        per = {}
+        for k in sphere:
+            r = {s: spawn(s, args, k, coretype, "sphere") for s in ("faiss", "ours", "ours_plain")}
+            per[str(k)] = {
+                **{f"{s}_s": round(v["seconds"], 2) for s, v in r.items()},
+                **{f"{s}_inertia": v["inertia"] for s, v in r.items()},
+                "ratio": round(r["ours"]["seconds"] / r["faiss"]["seconds"], 3),
+                "ratio_plain_lloyd_vs_faiss": round(r["ours_plain"]["seconds"] / r["faiss"]["seconds"], 3),
+                "inertia_ratio_vs_faiss": round(r["ours"]["inertia"] / r["faiss"]["inertia"], 4),
+                **{f"ours_{key}": r["ours"][key] for key in ("init_s", "lloyd_s", "distance_fraction", "iters")},
+            }
+        out["sphere"] = {"n": args.n, "dim": args.dim, "ratio": max(v["ratio"] for v in per.values()), "per_k": per}
+    emit(args.name, out)
     return out
 
 
