@@ -147,7 +147,7 @@ def kmeans_plusplus(
     n_local_trials: int | None = None,
     device=None,
     sample_weight=None,
-    gram_bytes: int = 2**28,
+    gram_bytes: int = 2**29,
 ):
     """Greedy k-means++ seeding as scikit-learn: ``2 + ln k`` candidates per step, keep the best.
 
@@ -159,7 +159,7 @@ def kmeans_plusplus(
     sample_weight : optional (n,) non-negative weights: the first centre is drawn ∝ w, the next ∝ w·D²
         and the potential is Σ w·D² (what :func:`kmeans_parallel` reclusters its candidates with).
     gram_bytes : when the (n, n) float32 matrix of pairwise distances fits in this many bytes (default
-        256 MiB: n ≤ 8192) it is computed once up front; else each step computes its (t, n) block.
+        512 MiB: n ≤ 11,585) it is computed once up front; else each step computes its (t, n) block.
 
     Returns
     -------
