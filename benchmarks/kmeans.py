@@ -21,7 +21,7 @@ Ours stops early when an assignment leaves every label unchanged (a fixed point:
 Sides, per k:
 * ``ours``        – our default start (k-means||), torch CPU (MKL inside torch).
 * ``ours_plain``  – the same start with plain Lloyd iterations (every row against every centroid), to show
-  what Hamerly's bounds save (``--no-plain`` skips it). ``ours`` and ``ours_kmeanspp`` use the bounds (exact:
+  what the group bounds save (``--no-plain`` skips it). ``ours`` and ``ours_kmeanspp`` use the bounds (exact:
   the same labels and centroids as plain Lloyd up to float ties, see tests/test_cluster.py).
 * ``ours_kmeanspp`` – full greedy k-means++ start, the quality reference (``--no-reference`` skips it).
 * ``faiss``       – faiss on its bundled OpenBLAS with the CPU's own kernel: ``OPENBLAS_CORETYPE`` as in the
@@ -119,7 +119,7 @@ def run_side(side: str, n: int, dim: int, k: int, iters: int, threads: int, seed
             "seconds": dt,
             "inertia": inertia,
             "init": init,
-            "lloyd": "Hamerly bounds (exact)" if bounds else "every row every iteration",
+            "lloyd": "group bounds (Yinyang-style, exact)" if bounds else "every row every iteration",
             "init_s": round(stats["init_s"], 2),
             "lloyd_s": round(stats["lloyd_s"], 2),
             "distance_fraction": round(stats["distance_fraction"], 3) if "distance_fraction" in stats else 1.0,
@@ -300,7 +300,7 @@ def main(argv=None) -> dict:
             "iters": args.iters,
             "threads": args.threads,
             "init": "k-means||",
-            "lloyd": "Hamerly bounds (exact); faiss: every row every iteration",
+            "lloyd": "group bounds (Yinyang-style, exact); faiss: every row every iteration",
             "ratio": max(v["ratio"] for v in per_k.values()),
             "inertia_ratio": max(ir) if ir else None,
             "inertia_ratio_vs_faiss": max(v["inertia_ratio_vs_faiss"] for v in per_k.values()),

@@ -1,8 +1,8 @@
 """k-means kernels and backends for :mod:`workbench.curate.cluster` (DESIGN.md §4).
 
 One flat k-means (:func:`kmeans`): k-means|| init by default (:func:`kmeans_parallel`), or full greedy k-means++ (:func:`kmeans_plusplus`, ``2 + ln k`` local
-trials), ``n_iter`` Lloyd iterations (Hamerly's bounds skip the rows whose label cannot change: the same result
-as assigning every row, :func:`lloyd_torch`), sums in float64, chunked assignment (:func:`assign_torch`);
+trials), ``n_iter`` Lloyd iterations (group bounds, as Yinyang k-means, skip the rows whose label cannot change:
+the same result as assigning every row, :func:`lloyd_torch`), sums in float64, chunked assignment (:func:`assign_torch`);
 :func:`resample_indices` picks the points of a resampling step; the chunk I/O helpers stream rows of
 numpy / Dask / zarr arrays.
 
@@ -440,10 +440,26 @@ def _sqdist_to_own(X, C, labels, rows=None, chunk: int = 16384):
     return out
 
 
-def _assign_top2(X, C, x_sq, rows=None, chunk_size=None):
-    """Nearest and second-nearest centroid distances (squared, expansion formula) of ``rows`` (default all).
+def _group_min(d, groups: int):
+    """(m, groups) minima of the columns of ``d`` (m, k) over ``groups`` contiguous column blocks whose sizes
+    differ by at most one (the first ``k mod groups`` blocks are one longer): two reshapes, no scatter."""
+    import torch
 
-    Returns labels (m,) int64, d1 (m,) and d2 (m,) float32 (``d2 = inf`` when k = 1).
+    m, k = d.shape
+    size, extra = divmod(k, groups)
+    head = extra * (size + 1)
+    parts = [d[:, :head].reshape(m, extra, size + 1).amin(2)] if extra else []
+    if groups > extra:
+        parts.append(d[:, head:].reshape(m, groups - extra, size).amin(2))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+def _assign_groups(X, C, x_sq, groups: int = 1, rows=None, chunk_size=None):
+    """Nearest centroid of ``rows`` (default all), its squared distance, and per group of centroids the smallest
+    squared distance to a centroid of the group other than the nearest (expansion formula).
+
+    Returns labels (m,) int64, d1 (m,) float32, dg (m, groups) float32 (``inf`` for a group with no other
+    centroid; with ``groups = 1``, ``dg`` is the second-nearest distance).
     """
     import torch
 
@@ -454,7 +470,7 @@ def _assign_top2(X, C, x_sq, rows=None, chunk_size=None):
     Ct = C.t().contiguous()
     labels = torch.empty(m, dtype=torch.int64, device=X.device)
     d1 = torch.empty(m, dtype=torch.float32, device=X.device)
-    d2 = torch.empty(m, dtype=torch.float32, device=X.device)
+    dg = torch.empty((m, groups), dtype=torch.float32, device=X.device)
     for a in range(0, m, chunk):
         if rows is None:
             x, xs = X[a : a + chunk], x_sq[a : a + chunk]
@@ -464,11 +480,11 @@ def _assign_top2(X, C, x_sq, rows=None, chunk_size=None):
         d = torch.addmm(c_sq, x, Ct, beta=1.0, alpha=-2.0)
         m1, i1 = d.min(dim=1)
         d.scatter_(1, i1.unsqueeze(1), float("inf"))
-        m2 = d.min(dim=1).values
+        g = d.min(dim=1, keepdim=True).values if groups == 1 else _group_min(d, groups)
         labels[a : a + chunk] = i1
         d1[a : a + chunk] = (m1 + xs).clamp_min_(0)
-        d2[a : a + chunk] = (m2 + xs).clamp_min_(0)
-    return labels, d1, d2
+        dg[a : a + chunk] = (g + xs.unsqueeze(1)).clamp_min_(0)
+    return labels, d1, dg
 
 
 def _segment_sums_all(X, labels, k: int, flush_rows: int = 16384):
@@ -481,14 +497,18 @@ def _segment_sums_all(X, labels, k: int, flush_rows: int = 16384):
     return sums
 
 
-def _lloyd_bounded(X, C, x_sq, n_iter, chunk_size, stats):
-    """Lloyd iterations with Hamerly's bounds (Hamerly 2010, "Making k-means even faster"): exact, fewer distances.
+def _lloyd_bounded(X, C, x_sq, n_iter, chunk_size, stats, groups=None):
+    """Lloyd iterations with group bounds (Hamerly 2010; Ding et al. 2015, "Yinyang k-means"): exact, fewer distances.
 
-    Each row keeps an upper bound ``u`` on its distance to its own centroid and a lower bound ``l`` on its
-    distance to any other centroid. After an update that moves centroid j by δ_j, ``u += δ_own`` and
-    ``l −= max_{j ≠ own} δ_j``; a row whose ``u < l`` provably keeps its label, so it is skipped. The others get
-    ``u`` tightened to the exact distance (O(d) per row) and, if still ``u ≥ l``, a full row of centroid distances
-    (matmul on those rows only). Centroid sums and counts are updated by the rows that changed label (float64).
+    The centroids are cut into ``groups`` blocks of consecutive indices (default ``min(64, k // 10)``, at least 1;
+    one group is Hamerly's algorithm). Each row keeps an upper bound ``u`` on its distance to its own centroid and,
+    per group, a lower bound on its distance to any other centroid of the group. After an update that moves
+    centroid j by δ_j, ``u += δ_own`` and each group's bound drops by the largest δ in that group; a row whose
+    ``u`` is below all its group bounds provably keeps its label, so it is skipped. (After the first iterations
+    most centroids stop moving, so most groups' bounds do not drop at all.) The others get ``u`` tightened to the
+    exact distance (O(d) per row) and, if still in doubt, a full row of centroid distances (matmul on those rows
+    only), which renews all their bounds. Centroid sums and counts are updated by the rows that changed label
+    (float64).
 
     Float32 rounding is covered by widening the bounds: distances from the expansion formula get an error
     allowance of ``2⁻¹⁶·(‖x‖² + max‖c‖²)`` in squared units, drifts and exact distances a relative ``10⁻⁶``. So
@@ -498,16 +518,17 @@ def _lloyd_bounded(X, C, x_sq, n_iter, chunk_size, stats):
     import torch
 
     n, k = X.shape[0], C.shape[0]
+    G = max(1, min(64, k // 10)) if groups is None else max(1, min(int(groups), k))
     rel = 1.0 + 1e-6
 
     def allowance(rows=None):
         xs = x_sq if rows is None else x_sq[rows]
         return (xs + float((C * C).sum(1).max())) * 2.0**-16
 
-    labels, d1, d2 = _assign_top2(X, C, x_sq, chunk_size=chunk_size)
+    labels, d1, dg = _assign_groups(X, C, x_sq, G, chunk_size=chunk_size)
     e = allowance()
     upper = (d1 + e).sqrt_()
-    lower = (d2 - e).clamp_min_(0).sqrt_()
+    lower = (dg - e.unsqueeze(1)).clamp_min_(0).sqrt_()  # (n, G)
     sums = _segment_sums_all(X, labels, k)
     counts = torch.bincount(labels, minlength=k)
     recomputed = [n]
@@ -528,26 +549,29 @@ def _lloyd_bounded(X, C, x_sq, n_iter, chunk_size, stats):
         it += 1
         upper += drift[labels]
         if k > 1:
-            top, arg = torch.topk(drift, 2)
-            lower -= torch.where(labels == arg[0], top[1], top[0])  # the largest drift of another centroid
-        need = torch.nonzero(upper >= lower).flatten()
+            if G == 1:  # Hamerly: the largest drift of another centroid
+                top, arg = torch.topk(drift, 2)
+                lower -= torch.where(labels == arg[0], top[1], top[0]).unsqueeze(1)
+            else:
+                lower -= _group_min(-drift.unsqueeze(0), G).neg_()  # each group's largest drift
+        need = torch.nonzero(upper >= lower.min(dim=1).values).flatten()
         changed = 0
         if len(need) > n // 2:  # most rows in doubt (early iterations, no structure): one plain pass over all
-            new, n1, n2 = _assign_top2(X, C, x_sq, chunk_size=chunk_size)
+            new, n1, ng = _assign_groups(X, C, x_sq, G, chunk_size=chunk_size)
             changed = int((new != labels).sum())
             labels = new
             sums = _segment_sums_all(X, labels, k)
             counts = torch.bincount(labels, minlength=k)
             e = allowance()
             upper = (n1 + e).sqrt_()
-            lower = (n2 - e).clamp_min_(0).sqrt_()
+            lower = (ng - e.unsqueeze(1)).clamp_min_(0).sqrt_()
             recomputed.append(n)
         else:
             if len(need):  # tighten u to the exact distance, test again
                 upper[need] = _sqdist_to_own(X, C, labels, need).sqrt_() * rel
-                need = need[upper[need] >= lower[need]]
+                need = need[upper[need] >= lower[need].min(dim=1).values]
             if len(need):
-                new, n1, n2 = _assign_top2(X, C, x_sq, rows=need, chunk_size=chunk_size)
+                new, n1, ng = _assign_groups(X, C, x_sq, G, rows=need, chunk_size=chunk_size)
                 old = labels[need]
                 moved = torch.nonzero(new != old).flatten()
                 changed = len(moved)
@@ -559,7 +583,7 @@ def _lloyd_bounded(X, C, x_sq, n_iter, chunk_size, stats):
                     labels[need] = new
                 e = allowance(need)
                 upper[need] = (n1 + e).sqrt_()
-                lower[need] = (n2 - e).clamp_min_(0).sqrt_()
+                lower[need] = (ng - e.unsqueeze(1)).clamp_min_(0).sqrt_()
             recomputed.append(len(need))
         if before is not None:
             changed = int((labels != before).sum())
@@ -568,6 +592,7 @@ def _lloyd_bounded(X, C, x_sq, n_iter, chunk_size, stats):
     if stats is not None:
         stats["rows_recomputed"] = recomputed
         stats["distance_fraction"] = sum(recomputed) / (n * len(recomputed))
+        stats["groups"] = G
     return C, labels, _sqdist_to_own(X, C, labels), it
 
 
@@ -580,11 +605,12 @@ def lloyd_torch(
     device=None,
     bounds: bool = True,
     stats: dict | None = None,
+    groups: int | None = None,
 ):
     """Lloyd iterations from ``C0`` (ours): float32 matmul assignment, float64 sums, empty clusters moved.
 
-    ``bounds=True`` (default) skips the rows whose label provably cannot change (Hamerly's bounds,
-    :func:`_lloyd_bounded`); ``bounds=False`` assigns every row each iteration (one fused pass: assignment and
+    ``bounds=True`` (default) skips the rows whose label provably cannot change (group bounds over ``groups``
+    blocks of centroids, default ``min(64, k // 10)``; ``groups=1`` is Hamerly's algorithm; :func:`_lloyd_bounded`); ``bounds=False`` assigns every row each iteration (one fused pass: assignment and
     centroid sums). Both make the same updates and stop early once no label changes (the result then equals
     running all ``n_iter``); the labels match the returned centroids. ``stats`` (a dict) receives, for the
     bounded loop, the rows given a full distance row per pass (``rows_recomputed``) and their share
@@ -600,7 +626,7 @@ def lloyd_torch(
     C = as_tensor(C0, device).clone()
     x_sq = (X * X).sum(1)  # row norms once, not once per iteration
     if bounds:
-        return _lloyd_bounded(X, C, x_sq, n_iter, chunk_size, stats)
+        return _lloyd_bounded(X, C, x_sq, n_iter, chunk_size, stats, groups)
     return _lloyd_plain(X, C, x_sq, n_iter, chunk_size)
 
 
