@@ -45,7 +45,7 @@ DEMO_SITES = ("breast", "lung", "colon")
 PEN_COLOURS = {"blue": (0.22, 0.42, 0.85), "green": (0.20, 0.58, 0.36), "black": (0.13, 0.13, 0.16)}  # transmission
 
 _BLOCK = 512  # rendering block (multiple of TRUTH_DOWNSAMPLE)
-_COARSE_MAX = 2560  # longest side of the layout grid; bigger slides lay out on a grid 2, 4, … times coarser
+_COARSE_MAX = 2048  # longest side of the layout grid; bigger slides lay out on a grid 2, 4, … times coarser
 _H = np.array([0.65, 0.70, 0.29])  # haematoxylin OD direction (Ruifrok & Johnston)
 _E = np.array([0.09, 0.85, 0.30])  # eosin OD direction (a little bluer than Ruifrok's, pinker RGB)
 _TUMOUR, _STROMA, _FAT, _LYMPH, _NECROSIS = 1, 2, 3, 4, 5
@@ -310,7 +310,7 @@ def _fine_layout(layout: dict, k: int, hl: int, wl: int, dominant: int) -> tuple
     labels = np.empty((hl, wl), np.uint8)
     field = np.pad(layout["field"], 1, mode="edge")
     noises = [(c, np.pad(n, 1, mode="edge"), thr) for c, n, thr in layout["class_noise"]]
-    step = 256 * k
+    step = 64 * k
     for r0 in range(0, hl, step):
         r1 = min(hl, r0 + step)
         t = _up(field, r0, r1, 0, wl, k) > 0
@@ -322,8 +322,9 @@ def _fine_layout(layout: dict, k: int, hl: int, wl: int, dominant: int) -> tuple
 
 
 def _pen_strokes(rng, tissue: np.ndarray, px_lr: float, k: int = 1, shape=None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """1–3 pen strokes: (soft low-res coverage, uint8 0–255, ink OD (3,)) each; lines or arcs over tissue.
-    ``tissue`` may be on a grid ``k`` times coarser than the truth grid ``shape`` the strokes are drawn on."""
+    """1–3 pen strokes: (soft low-res coverage, uint8 0–255, over the stroke's bounding box only; the box's
+    (row, col) offset on the truth grid; ink OD (3,)) each; lines or arcs over tissue. ``tissue`` may be on a
+    grid ``k`` times coarser than the truth grid ``shape`` the strokes are drawn on."""
     hl, wl = tissue.shape if shape is None else shape
     pts_in = np.argwhere(tissue) * k + (k - 1) / 2 if k > 1 else np.argwhere(tissue)
     strokes = []
@@ -344,18 +345,23 @@ def _pen_strokes(rng, tissue: np.ndarray, px_lr: float, k: int = 1, shape=None) 
             ang = heading + turn
             xy = np.cumsum(np.stack([np.cos(ang), np.sin(ang)], 1) * steps, 0)
             xy += np.array([cx, cy]) - xy[60]
-        canvas = np.zeros((hl, wl), np.uint8)
         width = rng.uniform(50, 90) / px_lr  # ~50–90 µm wide
+        m = int(width) + 8  # the stroke's half width and the blur's reach, with room to spare
+        oy, ox = max(0, int(np.floor(xy[:, 1].min())) - m), max(0, int(np.floor(xy[:, 0].min())) - m)
+        ey, ex = min(hl, int(np.ceil(xy[:, 1].max())) + m), min(wl, int(np.ceil(xy[:, 0].max())) + m)
+        if ey <= oy or ex <= ox:  # off the slide
+            continue
+        canvas = np.zeros((ey - oy, ex - ox), np.uint8)  # only the stroke's bounding box
         cv2.polylines(
             canvas,
-            [(xy * 4).round().astype(np.int32)],
+            [((xy - [ox, oy]) * 4).round().astype(np.int32)],
             False,
             255,
             thickness=max(1, int(round(width))),
             lineType=cv2.LINE_AA,
             shift=2,
         )
-        strokes.append((cv2.GaussianBlur(canvas, (0, 0), 0.7), od))
+        strokes.append((cv2.GaussianBlur(canvas, (0, 0), 0.7), (oy, ox), od))
     return strokes
 
 
@@ -394,6 +400,17 @@ def _up_win(win: np.ndarray, y0: int, y1: int, x0: int, x1: int, ds: int) -> np.
     """:func:`_up` given the field's window (padded rows y0//ds : ceil(y1/ds) + 2, likewise columns)."""
     up = cv2.resize(win, (win.shape[1] * ds, win.shape[0] * ds), interpolation=cv2.INTER_LINEAR)
     return up[ds : ds + y1 - y0, ds : ds + x1 - x0]
+
+
+def _window(crop: np.ndarray, off: tuple[int, int], r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    """Rows r0:r1, cols c0:c1 of a truth-grid map stored as ``crop`` at offset ``off`` (zero elsewhere)."""
+    oy, ox = off
+    out = np.zeros((r1 - r0, c1 - c0), crop.dtype)
+    a0, a1 = max(r0, oy), min(r1, oy + crop.shape[0])
+    b0, b1 = max(c0, ox), min(c1, ox + crop.shape[1])
+    if a0 < a1 and b0 < b1:
+        out[a0 - r0 : a1 - r0, b0 - c0 : b1 - c0] = crop[a0 - oy : a1 - oy, b0 - ox : b1 - ox]
+    return out
 
 
 def _smoothstep(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -452,7 +469,7 @@ class _Renderer:
         del filled, labels
         present = [c for c in range(1, len(CLASS_NAMES)) if (self.filled == c).any()]
         self.strength = pad(1 + 0.12 * _smooth_noise(rng, (hc, wc), 400 / (mpp * self.cds)))
-        self.strokes = [(np.pad(s, 1, mode="edge"), od.astype(np.float32)) for s, od in strokes]
+        self.strokes = [(s, off, od.astype(np.float32)) for s, off, od in strokes]
         # stain: jittered H and E directions and strengths, background optical density
         h = _H + rng.normal(0, 0.03, 3)
         e = _E + rng.normal(0, 0.04, 3)
@@ -581,7 +598,7 @@ class _Renderer:
             hh = 0.17 + 0.04 * f2 + d * (1.2 + 0.3 * f1)
             ee = (0.40 + 0.06 * f2) * (1 - 0.6 * d)
         elif c == _STROMA:
-            mix = _up(self.fibre_mix, y0, y0 + h, x0, x0 + w, self.ds)
+            mix = _up(self.fibre_mix, y0, y0 + h, x0, x0 + w, self.cds)
             fib = self._tex(self.fibres[0], 2, y0, x0, h, w) * mix + self._tex(self.fibres[1], 3, y0, x0, h, w) * (
                 1 - mix
             )
@@ -611,7 +628,11 @@ class _Renderer:
         h, w = y1 - y0, x1 - x0
         ly0, ly1, lx0, lx1 = y0 // ds, -(-y1 // ds) + 2, x0 // ds, -(-x1 // ds) + 2
         f_win = self.field[y0 // cds : -(-y1 // cds) + 2, x0 // cds : -(-x1 // cds) + 2]
-        strokes = [(s, ink) for s, ink in self.strokes if s[ly0:ly1, lx0:lx1].max() > 76]  # coverage > 0.3
+        strokes = []
+        for crop, off, ink in self.strokes:
+            win = _window(crop, off, ly0 - 1, ly1 - 1, lx0 - 1, lx1 - 1)  # padded rows ly0:ly1
+            if win.max() > 76:  # coverage > 0.3
+                strokes.append((win, ink))
         if f_win.max() <= -0.02 and not strokes:
             p = _BLOCK
             return self.background[y0 % p : y0 % p + h, x0 % p : x0 % p + w]
@@ -639,7 +660,7 @@ class _Renderer:
         gg += 0.006 * self.fine[1][y0 % _BLOCK : y0 % _BLOCK + h, x0 % _BLOCK : x0 % _BLOCK + w]  # as self.background
         od = cv2.transform(cv2.merge([hh, ee, gg]), self.od_matrix)
         for s_field, ink in strokes:
-            a = _smoothstep(_up(s_field, y0, y1, x0, x1, ds), 0.3, 0.7)
+            a = _smoothstep(_up_win(s_field.astype(np.float32) * (1 / 255.0), y0, y1, x0, x1, ds), 0.3, 0.7)
             a *= 0.9 + 0.1 * self._tex(self.fine[0], 7, y0, x0, h, w)
             od += a[..., None] * ink
         return cv2.convertScaleAbs(cv2.exp(-od), alpha=255.0)
@@ -677,26 +698,39 @@ class _Renderer:
         blurred = cv2.GaussianBlur(canvas, (0, 0), sigma)[y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0]
         return cv2.blendLinear(np.ascontiguousarray(blurred), self._kept_block(by, bx), a, 1 - a)
 
-    def bands(self):
-        """Level 0 as (≤ 512, width, 3) uint8 row bands, top to bottom (only a few block rows of state kept)."""
+    def bands(self, workers: int = 1):
+        """Level 0 as (≤ 512, width, 3) uint8 row bands, top to bottom (only a few block rows of state kept);
+        the blocks of a band rendered on ``workers`` threads (OpenCV and NumPy release the GIL; the pixels do not
+        depend on it)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         w_all, h_all = self.size
-        for by in range(-(-h_all // _BLOCK)):
-            for key in [key for key in self._blocks if key[0] < by - 1]:
-                del self._blocks[key]
-            for n in (*self.nuclei.values(), self.ghosts):
-                n.evict(by - 2)
-            band = np.empty((min(_BLOCK, h_all - by * _BLOCK), w_all, 3), np.uint8)
-            for bx in range(-(-w_all // _BLOCK)):
-                band[:, bx * _BLOCK : (bx + 1) * _BLOCK] = self.final_block(by, bx)
-            yield band
+        nbx = -(-w_all // _BLOCK)
+        with ThreadPoolExecutor(max(1, int(workers))) as pool:
+            for by in range(-(-h_all // _BLOCK)):
+                for key in [key for key in self._blocks if key[0] < by - 1]:
+                    del self._blocks[key]
+                for n in (*self.nuclei.values(), self.ghosts):
+                    n.evict(by - 2)
+                band = np.empty((min(_BLOCK, h_all - by * _BLOCK), w_all, 3), np.uint8)
+
+                def one(bx, by=by, band=band):
+                    band[:, bx * _BLOCK : (bx + 1) * _BLOCK] = self.final_block(by, bx)
+
+                if workers > 1:
+                    list(pool.map(one, range(nbx)))
+                else:
+                    for bx in range(nbx):
+                        one(bx)
+                yield band
         self._blocks.clear()
 
     def truth(self) -> dict:
         """The ground truth at ``TRUTH_DOWNSAMPLE`` (see :func:`make_slide`)."""
         hl, wl, k = self.hl, self.wl, self.k
         pen = np.zeros((hl, wl), bool)
-        for s, _ in self.strokes:
-            pen |= s[1:-1, 1:-1] > 127  # coverage > 0.5
+        for crop, (oy, ox), _ in self.strokes:
+            pen[oy : oy + crop.shape[0], ox : ox + crop.shape[1]] |= crop > 127  # coverage > 0.5
         if self.blur is None:
             blur = np.zeros((hl, wl), bool)
         elif k == 1:
@@ -903,6 +937,7 @@ def make_slide(
     blur: bool = True,
     tile: int = 256,
     quality: int = 90,
+    workers: int = 2,
 ) -> dict:
     """Write a synthetic H&E-like slide (pyramidal JPEG TIFF) and its ground truth; return the truth.
 
@@ -920,6 +955,7 @@ def make_slide(
     n_pieces : number of tissue pieces
     pen, blur : draw pen-marker strokes / blur some regions
     tile, quality : TIFF tile size (multiple of 16) and JPEG quality
+    workers : threads rendering the blocks of a band (JPEG encoding uses 2 more); same pixels for any number
 
     Returns
     -------
@@ -940,7 +976,7 @@ def make_slide(
     )
     t1 = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
-    n_levels = _write_tiff(path, rend.bands(), height, width, mpp, tile, quality)
+    n_levels = _write_tiff(path, rend.bands(workers), height, width, mpp, tile, quality)
     truth = rend.truth()
     del rend
     from workbench.store import atomic_path
@@ -1097,7 +1133,7 @@ def make_demo_set(
         # fork where available: works from scripts without a __main__ guard; the parent holds no slide state
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
-            for fut in [pool.submit(_make_slide_job, path, kw) for path, kw in jobs]:
+            for fut in [pool.submit(_make_slide_job, path, {**kw, "workers": 1}) for path, kw in jobs]:
                 fut.result()
     df = pd.DataFrame.from_records(records)
     if manifest_path is not None:
