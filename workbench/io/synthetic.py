@@ -46,6 +46,7 @@ PEN_COLOURS = {"blue": (0.22, 0.42, 0.85), "green": (0.20, 0.58, 0.36), "black":
 
 _BLOCK = 512  # rendering block (multiple of TRUTH_DOWNSAMPLE)
 _COARSE_MAX = 2048  # longest side of the layout grid; bigger slides lay out on a grid 2, 4, … times coarser
+_SPILL_BYTES = 64 << 20  # reduced pyramid levels bigger than this wait in a raw file, not in memory
 _H = np.array([0.65, 0.70, 0.29])  # haematoxylin OD direction (Ruifrok & Johnston)
 _E = np.array([0.09, 0.85, 0.30])  # eosin OD direction (a little bluer than Ruifrok's, pinker RGB)
 _TUMOUR, _STROMA, _FAT, _LYMPH, _NECROSIS = 1, 2, 3, 4, 5
@@ -763,7 +764,7 @@ class _Level:
     ``cv2.INTER_AREA`` by exactly 4 of the top-left 4·h × 4·w), its rows kept in memory when small, else spilled
     to a raw file beside the slide, then read back in bands."""
 
-    def __init__(self, shape: tuple[int, int], spill: Path, in_memory_bytes: int = 64 << 20):
+    def __init__(self, shape: tuple[int, int], spill: Path, in_memory_bytes: int):
         self.h, self.w = shape
         self.rows = 0
         self.pending: np.ndarray | None = None
@@ -828,7 +829,7 @@ def _write_tiff(path: Path, bands, height: int, width: int, mpp: float, tile: in
     import tifffile
 
     shapes = _level_shapes(height, width)
-    levels = [_Level(s, path.with_name(f".{path.name}.L{i + 1}.raw")) for i, s in enumerate(shapes[1:])]
+    levels = [_Level(s, path.with_name(f".{path.name}.L{i + 1}.raw"), _SPILL_BYTES) for i, s in enumerate(shapes[1:])]
 
     def level0():
         for band in bands:
