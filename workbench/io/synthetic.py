@@ -9,20 +9,41 @@ the mpp in the resolution tags: openslide's generic-TIFF reader and tifffile bot
 
 How a slide is made, all from one seed:
 
-1. Layout at the truth resolution: tissue pieces are noisy ellipses with holes (the tissue mask is a smooth
-   field > 0, so edges stay smooth at full resolution); class regions are thresholded smooth noise, the
-   dominant class keeps ~65 % of the tissue, stroma and one or two other classes share the rest; pen strokes
-   are thick smooth curves and arcs drawn with antialiasing; blur regions are soft ellipses.
+1. Layout at the truth resolution (slides over ~32k px a side: on a grid 2–8× coarser, ≤ ``_COARSE_MAX`` px a
+   side, upsampled bilinearly to the truth grid): tissue pieces are noisy ellipses with holes (the tissue mask
+   is a smooth field > 0, so edges stay smooth at full resolution); class regions are thresholded smooth
+   noise, the dominant class keeps ~65 % of the tissue, stroma and one or two other classes share the rest;
+   pen strokes are thick smooth curves and arcs drawn with antialiasing; blur regions are soft ellipses.
 2. Level 0 is rendered in 512-px blocks in optical density (Beer–Lambert, per-slide jittered haematoxylin and
-   eosin vectors): per class a haematoxylin and an eosin concentration map (nuclei drawn as polygons from
-   per-slide nucleus lists, so nothing repeats; fibres, fat membranes and chromatin noise from small periodic
-   textures), blended across class borders, scaled by a smooth stain-strength field, over a light-grey
-   background; pen ink adds its own optical density. Then blur regions are Gaussian-blurred.
-3. Lower levels are ``cv2.INTER_AREA`` reductions by 4 until the longer side is ≤ 1024 px.
+   eosin vectors): per class a haematoxylin and an eosin concentration map (nuclei drawn as polygons, made
+   per block from the slide's seed and the block, so nothing repeats; fibres, fat membranes and chromatin
+   noise from small periodic textures), blended across class borders, scaled by a smooth stain-strength
+   field, over a light-grey background; pen ink adds its own optical density. Blur regions are
+   Gaussian-blurred per block over a margin of its neighbours (4σ: the same pixels as blurring the whole
+   level, no seams).
+3. Lower levels are ``cv2.INTER_AREA`` reductions by 4 (4×4 box means of the top-left 4·⌊h/4⌋ × 4·⌊w/4⌋)
+   until the longer side is ≤ 1024 px.
 
-Memory: the level-0 RGB image (3 bytes/px: 805 MB at 16384²) plus per-block temporaries and the pyramid
-(peak RSS measured 1.3 GB at 16384²). Cost: ~2–2.5 CPU-seconds per 8192² slide (render ~1.5 s single-threaded,
-JPEG encoding on 2 threads), ~8 CPU-seconds at 16384²; :func:`make_demo_set` writes slides in 2 processes.
+Streaming: level 0 goes into the TIFF tile by tile (tifffile's tile iterator), a 512-row band at a time,
+the blocks of a band rendered on 2 threads; each lower level is reduced from the rows of the level above as
+they pass and waits, in memory up to 64 MB and otherwise in a raw file beside the slide (deleted afterwards),
+for its IFD's turn. No level is ever whole in memory: what is held is ~2 bands (1.5 kB per column each),
+~2 bytes per truth pixel (class map, tissue), the pen strokes' bounding boxes and a few block rows of nuclei.
+
+Measured (2-core machine shared with other jobs; ``make_slide`` peak RSS in its own process):
+
+==============  ================  ================  ==========  ===============
+side (px)       level-0 RGB       peak RSS          time        file (JPEG q90)
+==============  ================  ================  ==========  ===============
+8,192           201 MB            0.28 GB           5 s         12 MB
+40,000          4.8 GB            0.64 GB           60–107 s    312 MB
+150,000         67.5 GB           PEAK150           TIME150     FILE150
+==============  ================  ================  ==========  ===============
+
+(lymphocyte-dominant slides with pen and blur, the densest nuclei; ``python benchmarks/synthetic_big.py``,
+``benchmarks/results/synthetic_big.json``.) Before streaming the level-0 image was held whole (1.3 GB peak
+at 16384², 14 GB at 65k²); the 8192² slide took the same time then (5.1 s in the same session).
+:func:`make_demo_set` writes slides in 2 processes (one render thread each).
 """
 
 from __future__ import annotations
