@@ -1059,10 +1059,13 @@ def tile_truth(truth: dict, coords, size0: float) -> dict:
     cx0, cx1 = np.clip(i0[:, 0], 0, wl), np.clip(i1[:, 0], 0, wl)
     cy0, cy1 = np.clip(i0[:, 1], 0, hl), np.clip(i1[:, 1], 0, hl)
 
+    sat_dtype = np.int32 if (hl + 1) * (wl + 1) < 2**31 else np.int64  # 4 bytes per truth pixel when it fits
+
     def box_sum(mask):
-        sat = np.zeros((hl + 1, wl + 1), np.int64)
-        sat[1:, 1:] = np.asarray(mask, np.int64).cumsum(0).cumsum(1)
-        return sat[cy1, cx1] - sat[cy0, cx1] - sat[cy1, cx0] + sat[cy0, cx0]
+        sat = np.zeros((hl + 1, wl + 1), sat_dtype)
+        np.cumsum(np.asarray(mask, bool), 0, dtype=sat_dtype, out=sat[1:, 1:])
+        np.cumsum(sat[1:, 1:], 1, out=sat[1:, 1:])
+        return (sat[cy1, cx1] - sat[cy0, cx1] - sat[cy1, cx0] + sat[cy0, cx0]).astype(np.int64)
 
     counts = np.stack([box_sum(classes == c) for c in range(len(CLASS_NAMES))], 1).astype(np.float64)
     counts[:, 0] = area - counts[:, 1:].sum(1)
