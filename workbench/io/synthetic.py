@@ -37,7 +37,7 @@ side (px)       level-0 RGB       peak RSS          time        file (JPEG q90)
 ==============  ================  ================  ==========  ===============
 8,192           201 MB            0.28 GB           5 s         12 MB
 40,000          4.8 GB            0.64 GB           60–107 s    312 MB
-150,000         67.5 GB           1.31 GB           21.5 min    4.4 GB
+150,000         67.5 GB           1.31 GB           18–21.5 min 4.4 GB
 ==============  ================  ================  ==========  ===============
 
 (lymphocyte-dominant slides with pen and blur, the densest nuclei; ``python benchmarks/synthetic_big.py``,
