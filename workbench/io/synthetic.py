@@ -32,13 +32,13 @@ for its IFD's turn. No level is ever whole in memory: what is held is ~2 bands (
 
 Measured (2-core machine shared with other jobs; ``make_slide`` peak RSS in its own process):
 
-==============  ================  ================  ==========  ===============
-side (px)       level-0 RGB       peak RSS          time        file (JPEG q90)
-==============  ================  ================  ==========  ===============
-8,192           201 MB            0.28 GB           5 s         12 MB
-40,000          4.8 GB            0.64 GB           60–107 s    312 MB
-150,000         67.5 GB           1.31 GB           18–21.5 min 4.4 GB
-==============  ================  ================  ==========  ===============
+==========  ===========  ========  ============  ===============
+side (px)   level-0 RGB  peak RSS  time          file (JPEG q90)
+==========  ===========  ========  ============  ===============
+8,192       201 MB       0.28 GB   5 s           12 MB
+40,000      4.8 GB       0.64 GB   60–107 s      312 MB
+150,000     67.5 GB      1.31 GB   18–21.5 min   4.4 GB
+==========  ===========  ========  ============  ===============
 
 (lymphocyte-dominant slides with pen and blur, the densest nuclei; ``python benchmarks/synthetic_big.py``,
 ``benchmarks/results/synthetic_big.json``.) Before streaming the level-0 image was held whole (1.3 GB peak
