@@ -9,20 +9,41 @@ the mpp in the resolution tags: openslide's generic-TIFF reader and tifffile bot
 
 How a slide is made, all from one seed:
 
-1. Layout at the truth resolution: tissue pieces are noisy ellipses with holes (the tissue mask is a smooth
-   field > 0, so edges stay smooth at full resolution); class regions are thresholded smooth noise, the
-   dominant class keeps ~65 % of the tissue, stroma and one or two other classes share the rest; pen strokes
-   are thick smooth curves and arcs drawn with antialiasing; blur regions are soft ellipses.
+1. Layout at the truth resolution (slides over ~32k px a side: on a grid 2–8× coarser, ≤ ``_COARSE_MAX`` px a
+   side, upsampled bilinearly to the truth grid): tissue pieces are noisy ellipses with holes (the tissue mask
+   is a smooth field > 0, so edges stay smooth at full resolution); class regions are thresholded smooth
+   noise, the dominant class keeps ~65 % of the tissue, stroma and one or two other classes share the rest;
+   pen strokes are thick smooth curves and arcs drawn with antialiasing; blur regions are soft ellipses.
 2. Level 0 is rendered in 512-px blocks in optical density (Beer–Lambert, per-slide jittered haematoxylin and
-   eosin vectors): per class a haematoxylin and an eosin concentration map (nuclei drawn as polygons from
-   per-slide nucleus lists, so nothing repeats; fibres, fat membranes and chromatin noise from small periodic
-   textures), blended across class borders, scaled by a smooth stain-strength field, over a light-grey
-   background; pen ink adds its own optical density. Then blur regions are Gaussian-blurred.
-3. Lower levels are ``cv2.INTER_AREA`` reductions by 4 until the longer side is ≤ 1024 px.
+   eosin vectors): per class a haematoxylin and an eosin concentration map (nuclei drawn as polygons, made
+   per block from the slide's seed and the block, so nothing repeats; fibres, fat membranes and chromatin
+   noise from small periodic textures), blended across class borders, scaled by a smooth stain-strength
+   field, over a light-grey background; pen ink adds its own optical density. Blur regions are
+   Gaussian-blurred per block over a margin of its neighbours (4σ: the same pixels as blurring the whole
+   level, no seams).
+3. Lower levels are ``cv2.INTER_AREA`` reductions by 4 (4×4 box means of the top-left 4·⌊h/4⌋ × 4·⌊w/4⌋)
+   until the longer side is ≤ 1024 px.
 
-Memory: the level-0 RGB image (3 bytes/px: 805 MB at 16384²) plus per-block temporaries and the pyramid
-(peak RSS measured 1.3 GB at 16384²). Cost: ~2–2.5 CPU-seconds per 8192² slide (render ~1.5 s single-threaded,
-JPEG encoding on 2 threads), ~8 CPU-seconds at 16384²; :func:`make_demo_set` writes slides in 2 processes.
+Streaming: level 0 goes into the TIFF tile by tile (tifffile's tile iterator), a 512-row band at a time,
+the blocks of a band rendered on 2 threads; each lower level is reduced from the rows of the level above as
+they pass and waits, in memory up to 64 MB and otherwise in a raw file beside the slide (deleted afterwards),
+for its IFD's turn. No level is ever whole in memory: what is held is ~2 bands (1.5 kB per column each),
+~2 bytes per truth pixel (class map, tissue), the pen strokes' bounding boxes and a few block rows of nuclei.
+
+Measured (2-core machine shared with other jobs; ``make_slide`` peak RSS in its own process):
+
+==========  ===========  ========  ============  ===============
+side (px)   level-0 RGB  peak RSS  time          file (JPEG q90)
+==========  ===========  ========  ============  ===============
+8,192       201 MB       0.28 GB   5 s           12 MB
+40,000      4.8 GB       0.64 GB   60–107 s      312 MB
+150,000     67.5 GB      1.31 GB   18–21.5 min   4.4 GB
+==========  ===========  ========  ============  ===============
+
+(lymphocyte-dominant slides with pen and blur, the densest nuclei; ``python benchmarks/synthetic_big.py``,
+``benchmarks/results/synthetic_big.json``.) Before streaming the level-0 image was held whole (1.3 GB peak
+at 16384², 14 GB at 65k²); the 8192² slide took the same time then (5.1 s in the same session).
+:func:`make_demo_set` writes slides in 2 processes (one render thread each).
 """
 
 from __future__ import annotations
@@ -45,6 +66,8 @@ DEMO_SITES = ("breast", "lung", "colon")
 PEN_COLOURS = {"blue": (0.22, 0.42, 0.85), "green": (0.20, 0.58, 0.36), "black": (0.13, 0.13, 0.16)}  # transmission
 
 _BLOCK = 512  # rendering block (multiple of TRUTH_DOWNSAMPLE)
+_COARSE_MAX = 2048  # longest side of the layout grid; bigger slides lay out on a grid 2, 4, … times coarser
+_SPILL_BYTES = 64 << 20  # reduced pyramid levels bigger than this wait in a raw file, not in memory
 _H = np.array([0.65, 0.70, 0.29])  # haematoxylin OD direction (Ruifrok & Johnston)
 _E = np.array([0.09, 0.85, 0.30])  # eosin OD direction (a little bluer than Ruifrok's, pinker RGB)
 _TUMOUR, _STROMA, _FAT, _LYMPH, _NECROSIS = 1, 2, 3, 4, 5
@@ -119,82 +142,121 @@ def _fat_membranes(rng: np.random.Generator, period: int, cell_px: float) -> np.
 
 
 class _Nuclei:
-    """Nuclei of one class over the whole slide: polygons binned by rendering block, drawn on demand."""
+    """Nuclei of one class, made block by block on demand (so a slide of any size holds only a few rows of
+    them): each rendering block owns the nuclei whose lattice point (or Poisson point) falls in it, drawn from
+    a generator seeded by (slide seed, block), and kept where the class's dilated weight > 0.02. A block is
+    drawn from the nuclei of its 3×3 neighbourhood (a nucleus reaches less than a block beyond its own)."""
 
-    def __init__(self, rng, centres, radii, elong, angles, irregular, values, n_vertices=12):
-        n = len(centres)
-        self.block_of = {}
+    def __init__(
+        self,
+        seed: int,
+        rend,
+        cls: int,
+        *,
+        spacing: float,
+        radius: tuple[float, float],
+        elong: tuple[float, float] = (1.0, 1.0),
+        irregular: float = 0.05,
+        jitter: float = 0.35,
+        fibre_angle: bool = False,
+        grid: bool = True,
+        values=(200, 225, 255),
+        n_vertices: int = 12,
+    ):
+        self.seed, self.rend, self.cls = int(seed), rend, int(cls)
+        self.spacing, self.radius, self.elong, self.irregular = float(spacing), radius, elong, float(irregular)
+        self.jitter, self.fibre_angle, self.grid = float(jitter), fibre_angle, grid
+        self.values = np.asarray(values, np.uint8)
+        self.t = np.linspace(0, 2 * np.pi, n_vertices, endpoint=False)[None, :]
+        self.cache: dict = {}
+
+    def evict(self, before_row: int) -> None:
+        for key in [k for k in self.cache if k[0] < before_row]:
+            del self.cache[key]
+
+    def _own(self, by: int, bx: int):
+        """(polys (n, V, 2) int32 at quarter-px, values (n,), centres (n, 2), reach (n,)) of block (by, bx)."""
+        key = (by, bx)
+        if key in self.cache:
+            return self.cache[key]
+        rend, s, ds = self.rend, self.spacing, TRUTH_DOWNSAMPLE
+        w_all, h_all = rend.size
+        y0, x0 = by * _BLOCK, bx * _BLOCK
+        out = None
+        ly0, lx0 = y0 // ds, x0 // ds
+        if 0 <= y0 < h_all and 0 <= x0 < w_all:  # the class near this block at all (blur + dilation + jitter)?
+            m = 8
+            win = rend.filled[max(0, ly0 - m) : ly0 + _BLOCK // ds + m, max(0, lx0 - m) : lx0 + _BLOCK // ds + m]
+            if (win == self.cls).any():
+                out = self._make(by, bx, y0, x0, s, ds)
+        self.cache[key] = out
+        return out
+
+    def _make(self, by, bx, y0, x0, s, ds):
+        rng = np.random.default_rng((self.seed, by, bx))
+        if self.grid:  # hexagonal lattice over the slide, points whose lattice position is in this block
+            j = np.arange(np.ceil(y0 / s), np.ceil((y0 + _BLOCK) / s))
+            i = np.arange(np.floor(x0 / s) - 1, np.ceil((x0 + _BLOCK) / s) + 1)
+            gx = (i[None, :] + 0.5 * (j[:, None] % 2)) * s
+            gy = np.broadcast_to(j[:, None] * s, gx.shape)
+            inb = (gx >= x0) & (gx < x0 + _BLOCK)
+            c = np.stack([gx[inb], gy[inb]], 1)
+            c += rng.uniform(-self.jitter, self.jitter, c.shape) * s
+        else:
+            c = rng.uniform(0, _BLOCK, (rng.poisson(_BLOCK**2 / s**2), 2)) + [x0, y0]
+        if not len(c):
+            return None
+        rend = self.rend
+        hl, wl = rend.filled.shape[0] - 2, rend.filled.shape[1] - 2
+        iy = np.clip((c[:, 1] / ds).astype(int), 0, hl - 1)
+        ix = np.clip((c[:, 0] / ds).astype(int), 0, wl - 1)
+        r0, c0 = iy.min(), ix.min()
+        wgt = rend.weight_window(self.cls, r0, iy.max() + 1, c0, ix.max() + 1, dilate=True)
+        keep = wgt[iy - r0, ix - c0] > 0.02
+        c, iy, ix = c[keep], iy[keep], ix[keep]
+        n = len(c)
         if n == 0:
-            return
-        t = np.linspace(0, 2 * np.pi, n_vertices, endpoint=False)[None, :]
-        wobble = 1 + irregular[:, None] * rng.uniform(-1, 1, (n, n_vertices))
-        rx, ry = radii[:, None] * elong[:, None] * wobble, radii[:, None] / elong[:, None] * wobble
-        ca, sa = np.cos(angles)[:, None], np.sin(angles)[:, None]
-        px = centres[:, :1] + rx * np.cos(t) * ca - ry * np.sin(t) * sa
-        py = centres[:, 1:] + rx * np.cos(t) * sa + ry * np.sin(t) * ca
-        self.polys = (np.stack([px, py], -1) * 4).round().astype(np.int32)  # shift=2: quarter-pixel precision
-        self.values = values
-        reach = (radii * np.maximum(elong, 1 / elong) * (1 + irregular)).astype(np.float32) + 2
-        lo = np.floor((centres - reach[:, None]) / _BLOCK).astype(np.int64)  # reach < _BLOCK: at most 2 blocks
-        hi = np.floor((centres + reach[:, None]) / _BLOCK).astype(np.int64)  # per axis
-        keys, ids = [], []
-        for ky in (lo[:, 1], hi[:, 1]):
-            for kx in (lo[:, 0], hi[:, 0]):
-                keys.append((ky + 1) * (1 << 20) + (kx + 1))
-                ids.append(np.arange(n))
-        code = np.unique(np.concatenate(keys) * n + np.concatenate(ids))
-        key, nid = code // n, code % n
-        split = np.flatnonzero(np.diff(key)) + 1
-        for k, grp in zip(key[np.r_[0, split]], np.split(nid, split)):
-            self.block_of[(int(k) >> 20) - 1, (int(k) & ((1 << 20) - 1)) - 1] = grp
+            return None
+        radii = rng.uniform(*self.radius, n)
+        el = np.sqrt(rng.uniform(*self.elong, n))
+        if self.fibre_angle:  # stromal nuclei follow the local fibre direction
+            k = rend.k
+            mix = rend.fibre_mix_c[np.minimum(iy // k, rend.fibre_mix_c.shape[0] - 1), ix // k]
+            ang = np.where(mix > 0.5, rend.fibre_th, rend.fibre_th + rend.fibre_turn) + rng.normal(0, 0.15, n)
+        else:
+            ang = rng.uniform(0, np.pi, n)
+        vals = rng.choice(self.values, n)
+        irr = self.irregular
+        wobble = 1 + irr * rng.uniform(-1, 1, (n, self.t.shape[1]))
+        rx, ry = radii[:, None] * el[:, None] * wobble, radii[:, None] / el[:, None] * wobble
+        ca, sa = np.cos(ang)[:, None], np.sin(ang)[:, None]
+        px = c[:, :1] + rx * np.cos(self.t) * ca - ry * np.sin(self.t) * sa
+        py = c[:, 1:] + rx * np.cos(self.t) * sa + ry * np.sin(self.t) * ca
+        polys = (np.stack([px, py], -1) * 4).round().astype(np.int32)  # shift=2: quarter-pixel precision
+        reach = radii * np.maximum(el, 1 / el) * (1 + irr) + 2
+        return polys, vals, c, reach
 
     def draw(self, by: int, bx: int, shape: tuple[int, int]) -> np.ndarray | None:
         """(h, w) float32 nuclear density in [0, 1] of block (by, bx), or None when it has no nuclei."""
-        idx = self.block_of.get((by, bx))
-        if idx is None:
+        h, w = shape
+        y0, x0 = by * _BLOCK, bx * _BLOCK
+        parts = [self._own(by + dy, bx + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        parts = [p for p in parts if p is not None]
+        if not parts:
             return None
+        polys = np.concatenate([p[0] for p in parts])
+        vals = np.concatenate([p[1] for p in parts])
+        c = np.concatenate([p[2] for p in parts])
+        reach = np.concatenate([p[3] for p in parts])
+        near = (c[:, 0] + reach > x0) & (c[:, 0] - reach < x0 + w) & (c[:, 1] + reach > y0) & (c[:, 1] - reach < y0 + h)
+        if not near.any():
+            return None
+        polys, vals = polys[near], vals[near]
         canvas = np.zeros(shape, np.uint8)
-        off = np.array([bx * _BLOCK * 4, by * _BLOCK * 4], np.int32)
-        vals = self.values[idx]
+        off = np.array([x0 * 4, y0 * 4], np.int32)
         for v in np.unique(vals):
-            polys = list(self.polys[idx[vals == v]] - off)
-            cv2.fillPoly(canvas, polys, int(v), lineType=cv2.LINE_AA, shift=2)
+            cv2.fillPoly(canvas, list(polys[vals == v] - off), int(v), lineType=cv2.LINE_AA, shift=2)
         return canvas.astype(np.float32) * (1 / 255.0)
-
-
-def _nuclei(
-    rng,
-    weight: np.ndarray,
-    ds: int,
-    size: tuple[int, int],
-    *,
-    spacing: float,
-    radius: tuple[float, float],
-    elong: tuple[float, float] = (1.0, 1.0),
-    irregular: float = 0.05,
-    jitter: float = 0.35,
-    angle_field: np.ndarray | None = None,
-    grid: bool = True,
-    values=(200, 225, 255),
-) -> _Nuclei:
-    """Nuclei of a class where its low-res ``weight`` > 0: a jittered grid (crowded) or Poisson points."""
-    w, h = size
-    if grid:
-        gy, gx = np.mgrid[0 : int(h / spacing) + 1, 0 : int(w / spacing) + 1].astype(np.float32)
-        gx += 0.5 * (gy % 2)
-        c = (np.stack([gx.ravel(), gy.ravel()], 1) + rng.uniform(-jitter, jitter, (gx.size, 2))) * spacing
-    else:
-        c = rng.uniform(0, 1, (rng.poisson(w * h / spacing**2), 2)) * [w, h]
-    iy = np.clip((c[:, 1] / ds).astype(int), 0, weight.shape[0] - 1)
-    ix = np.clip((c[:, 0] / ds).astype(int), 0, weight.shape[1] - 1)
-    c = c[weight[iy, ix] > 0.02]
-    iy, ix = iy[weight[iy, ix] > 0.02], ix[weight[iy, ix] > 0.02]
-    n = len(c)
-    radii = rng.uniform(*radius, n)
-    el = np.sqrt(rng.uniform(*elong, n))
-    ang = angle_field[iy, ix] + rng.normal(0, 0.15, n) if angle_field is not None else rng.uniform(0, np.pi, n)
-    vals = rng.choice(np.asarray(values, np.uint8), n)
-    return _Nuclei(rng, c, radii, el, ang, np.full(n, irregular), vals)
 
 
 # --------------------------------------------------------------------------- layout at the truth resolution
@@ -247,20 +309,46 @@ def _layout(rng, hl: int, wl: int, px_lr: float, n_pieces: int, dominant: int) -
     chosen += list(rng.choice(others, size=int(rng.integers(1, 3)), replace=False))
     fractions = [rng.uniform(0.12, 0.18) if c == _STROMA else rng.uniform(0.07, 0.11) for c in chosen]
     n_tissue = tissue.sum()
+    class_noise = []  # (class, noise, threshold): to label a finer grid the same way
     for c, frac in zip(chosen, fractions):
         free = tissue & (labels == dominant)
         if free.sum() == 0:
             break
         noise = _smooth_noise(rng, (hl, wl), 300 / px_lr)
         q = 1 - min(0.95, frac * n_tissue / free.sum())
-        labels[free & (noise > np.quantile(noise[free], q))] = c
-    return {"field": field, "tissue": tissue, "labels": labels}
+        thr = np.quantile(noise[free], q)
+        labels[free & (noise > thr)] = c
+        class_noise.append((int(c), noise, float(thr)))
+    return {"field": field, "tissue": tissue, "labels": labels, "class_noise": class_noise}
 
 
-def _pen_strokes(rng, tissue: np.ndarray, px_lr: float) -> list[tuple[np.ndarray, np.ndarray]]:
-    """1–3 pen strokes: (soft low-res coverage in [0, 1], ink OD (3,)) each; lines or arcs over tissue."""
-    hl, wl = tissue.shape
-    pts_in = np.argwhere(tissue)
+def _fine_layout(layout: dict, k: int, hl: int, wl: int, dominant: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue (bool) and class labels (uint8) at the truth resolution (hl, wl) from a layout made on a grid
+    ``k`` times coarser: its fields upsampled bilinearly (in row strips, so no full-size float arrays), then
+    thresholded as :func:`_layout` does. ``k == 1``: the layout's own arrays."""
+    if k == 1:
+        return layout["tissue"], layout["labels"]
+    tissue = np.empty((hl, wl), bool)
+    labels = np.empty((hl, wl), np.uint8)
+    field = np.pad(layout["field"], 1, mode="edge")
+    noises = [(c, np.pad(n, 1, mode="edge"), thr) for c, n, thr in layout["class_noise"]]
+    step = 64 * k
+    for r0 in range(0, hl, step):
+        r1 = min(hl, r0 + step)
+        t = _up(field, r0, r1, 0, wl, k) > 0
+        lab = np.where(t, dominant, 0).astype(np.uint8)
+        for c, n, thr in noises:
+            lab[t & (lab == dominant) & (_up(n, r0, r1, 0, wl, k) > thr)] = c
+        tissue[r0:r1], labels[r0:r1] = t, lab
+    return tissue, labels
+
+
+def _pen_strokes(rng, tissue: np.ndarray, px_lr: float, k: int = 1, shape=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """1–3 pen strokes: (soft low-res coverage, uint8 0–255, over the stroke's bounding box only; the box's
+    (row, col) offset on the truth grid; ink OD (3,)) each; lines or arcs over tissue. ``tissue`` may be on a
+    grid ``k`` times coarser than the truth grid ``shape`` the strokes are drawn on."""
+    hl, wl = tissue.shape if shape is None else shape
+    pts_in = np.argwhere(tissue) * k + (k - 1) / 2 if k > 1 else np.argwhere(tissue)
     strokes = []
     for _ in range(int(rng.integers(1, 4))):
         colour = list(PEN_COLOURS)[int(rng.integers(len(PEN_COLOURS)))]
@@ -279,18 +367,23 @@ def _pen_strokes(rng, tissue: np.ndarray, px_lr: float) -> list[tuple[np.ndarray
             ang = heading + turn
             xy = np.cumsum(np.stack([np.cos(ang), np.sin(ang)], 1) * steps, 0)
             xy += np.array([cx, cy]) - xy[60]
-        canvas = np.zeros((hl, wl), np.uint8)
         width = rng.uniform(50, 90) / px_lr  # ~50–90 µm wide
+        m = int(width) + 8  # the stroke's half width and the blur's reach, with room to spare
+        oy, ox = max(0, int(np.floor(xy[:, 1].min())) - m), max(0, int(np.floor(xy[:, 0].min())) - m)
+        ey, ex = min(hl, int(np.ceil(xy[:, 1].max())) + m), min(wl, int(np.ceil(xy[:, 0].max())) + m)
+        if ey <= oy or ex <= ox:  # off the slide
+            continue
+        canvas = np.zeros((ey - oy, ex - ox), np.uint8)  # only the stroke's bounding box
         cv2.polylines(
             canvas,
-            [(xy * 4).round().astype(np.int32)],
+            [((xy - [ox, oy]) * 4).round().astype(np.int32)],
             False,
             255,
             thickness=max(1, int(round(width))),
             lineType=cv2.LINE_AA,
             shift=2,
         )
-        strokes.append((cv2.GaussianBlur(canvas, (0, 0), 0.7).astype(np.float32) / 255.0, od))
+        strokes.append((cv2.GaussianBlur(canvas, (0, 0), 0.7), (oy, ox), od))
     return strokes
 
 
@@ -315,12 +408,31 @@ def _blur_regions(rng, tissue: np.ndarray, px_lr: float) -> np.ndarray:
 
 def _up(field: np.ndarray, y0: int, y1: int, x0: int, x1: int, ds: int) -> np.ndarray:
     """Bilinear ×ds upsampling of a low-res field over level-0 rows y0:y1, cols x0:x1 (multiples of ds at the
-    start), identical to upsampling the whole field then cropping. ``field`` is edge-padded by 1 px."""
+    start), identical to upsampling the whole field then cropping. ``field`` is edge-padded by 1 px; uint8
+    fields are coverages in 0–255 (scaled to 0–1)."""
     ly0, lx0 = y0 // ds, x0 // ds
     ly1, lx1 = -(-y1 // ds), -(-x1 // ds)
-    win = np.ascontiguousarray(field[ly0 : ly1 + 2, lx0 : lx1 + 2])
+    win = np.ascontiguousarray(field[ly0 : ly1 + 2, lx0 : lx1 + 2], dtype=np.float32)
+    if field.dtype == np.uint8:
+        win *= 1 / 255.0
+    return _up_win(win, y0, y1, x0, x1, ds)
+
+
+def _up_win(win: np.ndarray, y0: int, y1: int, x0: int, x1: int, ds: int) -> np.ndarray:
+    """:func:`_up` given the field's window (padded rows y0//ds : ceil(y1/ds) + 2, likewise columns)."""
     up = cv2.resize(win, (win.shape[1] * ds, win.shape[0] * ds), interpolation=cv2.INTER_LINEAR)
     return up[ds : ds + y1 - y0, ds : ds + x1 - x0]
+
+
+def _window(crop: np.ndarray, off: tuple[int, int], r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    """Rows r0:r1, cols c0:c1 of a truth-grid map stored as ``crop`` at offset ``off`` (zero elsewhere)."""
+    oy, ox = off
+    out = np.zeros((r1 - r0, c1 - c0), crop.dtype)
+    a0, a1 = max(r0, oy), min(r1, oy + crop.shape[0])
+    b0, b1 = max(c0, ox), min(c1, ox + crop.shape[1])
+    if a0 < a1 and b0 < b1:
+        out[a0 - r0 : a1 - r0, b0 - c0 : b1 - c0] = crop[a0 - oy : a1 - oy, b0 - ox : b1 - ox]
+    return out
 
 
 def _smoothstep(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -343,21 +455,43 @@ def _warp_periodic(rng, tex: np.ndarray, amplitude: float, scale: float) -> np.n
 
 
 class _Renderer:
-    """Everything needed to render any level-0 block of one slide."""
+    """Everything needed to render any level-0 block of one slide, from one seed.
 
-    def __init__(self, rng, width, height, mpp, layout, strokes, dominant):
+    The layout is drawn on a grid ``k`` times coarser than the truth grid when the slide is big (``k`` a power
+    of two so that the coarse grid is ≤ ``_COARSE_MAX`` px a side; 1 up to ~40k px slides): smooth fields
+    (tissue field, stain strength, fibre mix, blur regions) stay on that grid and are upsampled per block;
+    the class map (``filled``, uint8) and pen coverage (uint8) are held at the truth resolution; nuclei are
+    made per block (:class:`_Nuclei`). So memory is ~1 byte per truth pixel per map, not per level-0 pixel.
+    """
+
+    def __init__(self, *, width, height, mpp, seed, dominant, n_pieces, pen, blur):
+        rng = np.random.default_rng(seed)
         ds = self.ds = TRUTH_DOWNSAMPLE
+        hl, wl = self.hl, self.wl = -(-height // ds), -(-width // ds)
+        k = 1
+        while max(-(-hl // k), -(-wl // k)) > _COARSE_MAX and ds * k * 2 <= _BLOCK:
+            k *= 2
+        self.k, self.cds = k, ds * k
+        hc, wc = -(-hl // k), -(-wl // k)
+        px_lr = mpp * ds
+        self.dom = dom = CLASS_NAMES.index(dominant)
         self.size = (width, height)
+        self.mpp = float(mpp)
+        layout = _layout(rng, hc, wc, px_lr * k, n_pieces, dom)
+        strokes = _pen_strokes(rng, layout["tissue"], px_lr, k, (hl, wl)) if pen else []
+        self.blur = np.pad(_blur_regions(rng, layout["tissue"], px_lr * k), 1, mode="edge") if blur else None
+        self.blur_sigma = rng.uniform(3.0, 5.0) * 0.25 / mpp
+        self.tissue, labels = _fine_layout(layout, k, hl, wl, dom)
         um = 1.0 / mpp  # level-0 px per µm
-        tissue, labels = layout["tissue"], layout["labels"]
         pad = lambda a: np.pad(a.astype(np.float32), 1, mode="edge")  # noqa: E731
-        self.field = pad(layout["field"])
-        filled = np.where(tissue, labels, dominant).astype(np.uint8)
+        self.field = pad(layout["field"])  # coarse
+        filled = labels
+        filled[~self.tissue] = dom  # in place: labels are not needed apart from filled (truth: tissue & filled)
         self.filled = np.pad(filled, 1, mode="edge")
-        present = [int(c) for c in np.unique(filled)]
-        self.weights = {c: pad(cv2.GaussianBlur((filled == c).astype(np.float32), (0, 0), 0.8)) for c in present}
-        self.strength = pad(1 + 0.12 * _smooth_noise(rng, tissue.shape, 400 / (mpp * ds)))
-        self.strokes = [(pad(s), od.astype(np.float32)) for s, od in strokes]
+        del filled, labels
+        present = [c for c in range(1, len(CLASS_NAMES)) if (self.filled == c).any()]
+        self.strength = pad(1 + 0.12 * _smooth_noise(rng, (hc, wc), 400 / (mpp * self.cds)))
+        self.strokes = [(s, off, od.astype(np.float32)) for s, off, od in strokes]
         # stain: jittered H and E directions and strengths, background optical density
         h = _H + rng.normal(0, 0.03, 3)
         e = _E + rng.normal(0, 0.04, 3)
@@ -384,26 +518,19 @@ class _Renderer:
                 f = _periodic_noise(rng, 1024, 1.0 * um, th + d, ratio=7.0)
                 f = _warp_periodic(rng, f, 6 * um, 25 * um)
                 self.fibres.append(_wrap_pad(np.tanh(1.3 * f)))
-            mix = np.clip(_smooth_noise(rng, tissue.shape, 250 / (mpp * ds)) * 0.5 + 0.5, 0, 1)
+            mix = np.clip(_smooth_noise(rng, (hc, wc), 250 / (mpp * self.cds)) * 0.5 + 0.5, 0, 1)
             self.fibre_mix = pad(mix)
-            fibre_angle = np.where(mix > 0.5, th, th + turn).astype(np.float32)  # stromal nuclei follow the fibres
+            self.fibre_mix_c, self.fibre_th, self.fibre_turn = mix, th, turn  # stromal nuclei follow the fibres
         if _FAT in present:
             period = 2048 if max(width, height) > 2048 else 1024  # small slides: a smaller tessellation
             self.fat = _wrap_pad(_fat_membranes(rng, period, rng.uniform(55, 75) * um))
-        # nuclei, only where each class is
-        wts = {
-            c: cv2.dilate(self.weights[c][1:-1, 1:-1], np.ones((3, 3)))
-            if c in self.weights
-            else np.zeros(tissue.shape, np.float32)
-            for c in range(1, 6)
-        }
-        sz = (width, height)
+        # nuclei, made per block where each class is (each class its own seed)
+        seeds = rng.integers(0, 2**62, 6)
+        nuc = lambda i, c, **kw: _Nuclei(int(seeds[i]), self, c, **kw)  # noqa: E731
         self.nuclei = {
-            _TUMOUR: _nuclei(
-                rng,
-                wts[_TUMOUR],
-                ds,
-                sz,
+            _TUMOUR: nuc(
+                0,
+                _TUMOUR,
                 spacing=14 * um,
                 radius=(4.8 * um, 7.6 * um),
                 elong=(1, 2.4),
@@ -411,24 +538,20 @@ class _Renderer:
                 jitter=0.35,
                 values=(170, 200, 230, 255),
             ),
-            _STROMA: _nuclei(
-                rng,
-                wts[_STROMA],
-                ds,
-                sz,
+            _STROMA: nuc(
+                1,
+                _STROMA,
                 spacing=40 * um,
                 radius=(3.2 * um, 4.5 * um),
                 elong=(9, 20),
                 irregular=0.05,
                 grid=False,
                 values=(190, 230),
-                angle_field=fibre_angle if _STROMA in present else None,
+                fibre_angle=True,
             ),
-            _FAT: _nuclei(
-                rng,
-                wts[_FAT],
-                ds,
-                sz,
+            _FAT: nuc(
+                2,
+                _FAT,
                 spacing=110 * um,
                 radius=(2.5 * um, 3.5 * um),
                 elong=(6, 12),
@@ -436,22 +559,18 @@ class _Renderer:
                 grid=False,
                 values=(180, 220),
             ),
-            _LYMPH: _nuclei(
-                rng,
-                wts[_LYMPH],
-                ds,
-                sz,
+            _LYMPH: nuc(
+                3,
+                _LYMPH,
                 spacing=7.0 * um,
                 radius=(2.6 * um, 3.4 * um),
                 irregular=0.07,
                 jitter=0.38,
                 values=(200, 230, 255),
             ),
-            _NECROSIS: _nuclei(
-                rng,
-                wts[_NECROSIS],
-                ds,
-                sz,
+            _NECROSIS: nuc(
+                4,
+                _NECROSIS,
                 spacing=7 * um,
                 radius=(0.4 * um, 1.5 * um),
                 elong=(1, 3),
@@ -460,17 +579,30 @@ class _Renderer:
                 values=(110, 160, 220),
             ),
         }
-        self.ghosts = _nuclei(
-            rng,
-            wts[_NECROSIS],
-            ds,
-            sz,
+        self.ghosts = nuc(
+            5,
+            _NECROSIS,
             spacing=16 * um,
             radius=(3.5 * um, 5.5 * um),
             grid=False,
             irregular=0.1,
             values=(70, 100),
         )
+        self._blocks: dict = {}  # rendered blocks kept for the blur of their neighbours
+
+    def weight_window(self, c: int, r0: int, r1: int, c0: int, c1: int, dilate: bool = False) -> np.ndarray:
+        """Class ``c``'s soft weight, ``GaussianBlur(filled == c, σ 0.8)`` over the whole truth grid (and
+        3×3-dilated), at truth rows r0:r1, cols c0:c1; indices outside the grid are clamped (edge padding)."""
+        hl, wl, m = self.hl, self.wl, 5
+        a0, a1 = max(0, min(max(r0, 0), hl - 1) - m), min(hl, max(r1, 1) + m)
+        b0, b1 = max(0, min(max(c0, 0), wl - 1) - m), min(wl, max(c1, 1) + m)
+        src = (self.filled[1 + a0 : 1 + a1, 1 + b0 : 1 + b1] == c).astype(np.float32)
+        w = cv2.GaussianBlur(src, (0, 0), 0.8)
+        if dilate:
+            w = cv2.dilate(w, np.ones((3, 3)))
+        ri = np.clip(np.arange(r0, r1), 0, hl - 1) - a0
+        ci = np.clip(np.arange(c0, c1), 0, wl - 1) - b0
+        return np.ascontiguousarray(w[np.ix_(ri, ci)])
 
     def _tex(self, tex: np.ndarray, k: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         p = tex.shape[0] - _BLOCK
@@ -488,7 +620,7 @@ class _Renderer:
             hh = 0.17 + 0.04 * f2 + d * (1.2 + 0.3 * f1)
             ee = (0.40 + 0.06 * f2) * (1 - 0.6 * d)
         elif c == _STROMA:
-            mix = _up(self.fibre_mix, y0, y0 + h, x0, x0 + w, self.ds)
+            mix = _up(self.fibre_mix, y0, y0 + h, x0, x0 + w, self.cds)
             fib = self._tex(self.fibres[0], 2, y0, x0, h, w) * mix + self._tex(self.fibres[1], 3, y0, x0, h, w) * (
                 1 - mix
             )
@@ -510,15 +642,19 @@ class _Renderer:
         return hh, ee, grey
 
     def block(self, by: int, bx: int) -> np.ndarray:
-        """(h, w, 3) uint8 RGB of level-0 block (by, bx)."""
+        """(h, w, 3) uint8 RGB of level-0 block (by, bx), before blur."""
         w_all, h_all = self.size
-        ds = self.ds
+        ds, cds = self.ds, self.cds
         y0, x0 = by * _BLOCK, bx * _BLOCK
         y1, x1 = min(y0 + _BLOCK, h_all), min(x0 + _BLOCK, w_all)
         h, w = y1 - y0, x1 - x0
         ly0, ly1, lx0, lx1 = y0 // ds, -(-y1 // ds) + 2, x0 // ds, -(-x1 // ds) + 2
-        f_win = self.field[ly0:ly1, lx0:lx1]
-        strokes = [(s, ink) for s, ink in self.strokes if s[ly0:ly1, lx0:lx1].max() > 0.3]
+        f_win = self.field[y0 // cds : -(-y1 // cds) + 2, x0 // cds : -(-x1 // cds) + 2]
+        strokes = []
+        for crop, off, ink in self.strokes:
+            win = _window(crop, off, ly0 - 1, ly1 - 1, lx0 - 1, lx1 - 1)  # padded rows ly0:ly1
+            if win.max() > 76:  # coverage > 0.3
+                strokes.append((win, ink))
         if f_win.max() <= -0.02 and not strokes:
             p = _BLOCK
             return self.background[y0 % p : y0 % p + h, x0 % p : x0 % p + w]
@@ -530,70 +666,229 @@ class _Renderer:
             for c in present:
                 ch, ce, cg = self._class_maps(int(c), by, bx, y0, x0, h, w)
                 if len(present) > 1:
-                    wgt = _up(self.weights[c], y0, y1, x0, x1, ds)
+                    win = self.weight_window(int(c), ly0 - 1, ly1 - 1, lx0 - 1, lx1 - 1)  # padded rows ly0:ly1
+                    wgt = _up_win(win, y0, y1, x0, x1, ds)
                     ch, ce, cg = ch * wgt, ce * wgt, (None if cg is None else cg * wgt)
                 hh += ch
                 ee += ce
                 if cg is not None:
                     gg += cg
-            s = _up(self.strength, y0, y1, x0, x1, ds)
+            s = _up(self.strength, y0, y1, x0, x1, cds)
             if f_win.min() < 0.02:  # tissue edge in this block
-                s *= np.clip(_up(self.field, y0, y1, x0, x1, ds) * 400 + 0.5, 0, 1)
+                s *= np.clip(_up(self.field, y0, y1, x0, x1, cds) * 400 + 0.5, 0, 1)
             hh *= s
             ee *= s
             gg *= s
         gg += 0.006 * self.fine[1][y0 % _BLOCK : y0 % _BLOCK + h, x0 % _BLOCK : x0 % _BLOCK + w]  # as self.background
         od = cv2.transform(cv2.merge([hh, ee, gg]), self.od_matrix)
         for s_field, ink in strokes:
-            a = _smoothstep(_up(s_field, y0, y1, x0, x1, ds), 0.3, 0.7)
+            a = _smoothstep(_up_win(s_field.astype(np.float32) * (1 / 255.0), y0, y1, x0, x1, ds), 0.3, 0.7)
             a *= 0.9 + 0.1 * self._tex(self.fine[0], 7, y0, x0, h, w)
             od += a[..., None] * ink
         return cv2.convertScaleAbs(cv2.exp(-od), alpha=255.0)
 
+    def _kept_block(self, by: int, bx: int) -> np.ndarray:
+        key = (by, bx)
+        if key not in self._blocks:
+            self._blocks[key] = self.block(by, bx)
+        return self._blocks[key]
 
-def _apply_blur(img: np.ndarray, blur_lr: np.ndarray, ds: int, sigma: float) -> None:
-    """In place: Gaussian-blur the regions of the low-res soft mask ``blur_lr``."""
-    n, lab = cv2.connectedComponents((blur_lr > 0).astype(np.uint8))
-    padded = np.pad(blur_lr.astype(np.float32), 1, mode="edge")
-    m = int(3 * sigma) + ds
-    for i in range(1, n):
-        ys, xs = np.nonzero(lab == i)
-        y0, y1 = max(0, ys.min() * ds - m) // ds * ds, min(img.shape[0], (ys.max() + 1) * ds + m)
-        x0, x1 = max(0, xs.min() * ds - m) // ds * ds, min(img.shape[1], (xs.max() + 1) * ds + m)
-        roi = img[y0:y1, x0:x1]
-        a = np.ascontiguousarray(_up(padded, y0, y1, x0, x1, ds))
-        roi[:] = cv2.blendLinear(cv2.GaussianBlur(roi, (0, 0), sigma), roi, a, 1 - a)
+    def final_block(self, by: int, bx: int) -> np.ndarray:
+        """Block (by, bx) as written: where the blur mask is > 0, blended with a Gaussian blur of the block and
+        a margin of its neighbours (4σ, the kernel's reach: the same as blurring the whole level)."""
+        if self.blur is None:
+            return self.block(by, bx)
+        w_all, h_all = self.size
+        cds, sigma = self.cds, self.blur_sigma
+        m = int(4 * sigma) + 2
+        y0, x0 = by * _BLOCK, bx * _BLOCK
+        y1, x1 = min(y0 + _BLOCK, h_all), min(x0 + _BLOCK, w_all)
+        if self.blur[y0 // cds : -(-y1 // cds) + 2, x0 // cds : -(-x1 // cds) + 2].max() <= 0:
+            return self._blocks.get((by, bx)) if (by, bx) in self._blocks else self.block(by, bx)
+        a = np.ascontiguousarray(_up(self.blur, y0, y1, x0, x1, cds))
+        if a.max() <= 0:
+            return self._kept_block(by, bx)
+        cy0, cy1, cx0, cx1 = max(0, y0 - m), min(h_all, y1 + m), max(0, x0 - m), min(w_all, x1 + m)
+        canvas = np.empty((cy1 - cy0, cx1 - cx0, 3), np.uint8)
+        for nby in range(cy0 // _BLOCK, (cy1 - 1) // _BLOCK + 1):
+            for nbx in range(cx0 // _BLOCK, (cx1 - 1) // _BLOCK + 1):
+                blk = self._kept_block(nby, nbx)
+                by0, bx0 = nby * _BLOCK, nbx * _BLOCK
+                ry0, ry1 = max(cy0, by0), min(cy1, by0 + blk.shape[0])
+                rx0, rx1 = max(cx0, bx0), min(cx1, bx0 + blk.shape[1])
+                canvas[ry0 - cy0 : ry1 - cy0, rx0 - cx0 : rx1 - cx0] = blk[ry0 - by0 : ry1 - by0, rx0 - bx0 : rx1 - bx0]
+        blurred = cv2.GaussianBlur(canvas, (0, 0), sigma)[y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0]
+        return cv2.blendLinear(np.ascontiguousarray(blurred), self._kept_block(by, bx), a, 1 - a)
+
+    def bands(self, workers: int = 1):
+        """Level 0 as (≤ 512, width, 3) uint8 row bands, top to bottom (only a few block rows of state kept);
+        the blocks of a band rendered on ``workers`` threads (OpenCV and NumPy release the GIL; the pixels do not
+        depend on it)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        w_all, h_all = self.size
+        nbx = -(-w_all // _BLOCK)
+        with ThreadPoolExecutor(max(1, int(workers))) as pool:
+            for by in range(-(-h_all // _BLOCK)):
+                for key in [key for key in self._blocks if key[0] < by - 1]:
+                    del self._blocks[key]
+                for n in (*self.nuclei.values(), self.ghosts):
+                    n.evict(by - 2)
+                band = np.empty((min(_BLOCK, h_all - by * _BLOCK), w_all, 3), np.uint8)
+
+                def one(bx, by=by, band=band):
+                    band[:, bx * _BLOCK : (bx + 1) * _BLOCK] = self.final_block(by, bx)
+
+                if workers > 1:
+                    list(pool.map(one, range(nbx)))
+                else:
+                    for bx in range(nbx):
+                        one(bx)
+                yield band
+        self._blocks.clear()
+
+    def truth(self) -> dict:
+        """The ground truth at ``TRUTH_DOWNSAMPLE`` (see :func:`make_slide`)."""
+        hl, wl, k = self.hl, self.wl, self.k
+        pen = np.zeros((hl, wl), bool)
+        for crop, (oy, ox), _ in self.strokes:
+            pen[oy : oy + crop.shape[0], ox : ox + crop.shape[1]] |= crop > 127  # coverage > 0.5
+        if self.blur is None:
+            blur = np.zeros((hl, wl), bool)
+        elif k == 1:
+            blur = self.blur[1:-1, 1:-1] > 0.5
+        else:
+            blur = np.concatenate(
+                [_up(self.blur, r, min(hl, r + 256 * k), 0, wl, k) > 0.5 for r in range(0, hl, 256 * k)]
+            )
+        return {
+            "tissue": self.tissue.copy(),
+            "classes": np.where(self.tissue, self.filled[1:-1, 1:-1], 0).astype(np.uint8),
+            "pen": pen,
+            "blur": blur,
+            "downsample": self.ds,
+            "mpp": self.mpp,
+        }
 
 
-def _write_tiff(path: Path, img: np.ndarray, mpp: float, tile: int, quality: int) -> int:
-    """Pyramidal tiled JPEG TIFF, levels 4× apart as separate IFDs; returns the number of levels."""
+def _level_shapes(height: int, width: int) -> list[tuple[int, int]]:
+    """Pyramid level shapes: 4× reductions (floor) until the longer side is ≤ 1024."""
+    shapes = [(height, width)]
+    while max(shapes[-1]) > 1024 and min(shapes[-1]) >= 4:
+        h, w = shapes[-1]
+        shapes.append((h // 4, w // 4))
+    return shapes
+
+
+class _Level:
+    """One reduced pyramid level built from row bands of the level above as they arrive (4×4 box mean,
+    ``cv2.INTER_AREA`` by exactly 4 of the top-left 4·h × 4·w), its rows kept in memory when small, else spilled
+    to a raw file beside the slide, then read back in bands."""
+
+    def __init__(self, shape: tuple[int, int], spill: Path, in_memory_bytes: int):
+        self.h, self.w = shape
+        self.rows = 0
+        self.pending: np.ndarray | None = None
+        self.spill = spill if self.h * self.w * 3 > in_memory_bytes else None
+        self.parts: list[np.ndarray] = []
+        self.fh = open(spill, "w+b") if self.spill else None  # noqa: SIM115 (closed by close())
+
+    def feed(self, rows: np.ndarray) -> np.ndarray | None:
+        """Add rows of the level above; return the new rows of this level (or None)."""
+        buf = rows if self.pending is None else np.concatenate([self.pending, rows])
+        n = min(len(buf) // 4, self.h - self.rows)
+        out = None
+        if n > 0:
+            out = cv2.resize(buf[: 4 * n, : 4 * self.w], (self.w, n), interpolation=cv2.INTER_AREA)
+            if self.fh is not None:
+                self.fh.write(out.tobytes())
+            else:
+                self.parts.append(out)
+            self.rows += n
+        rest = buf[4 * n :]
+        self.pending = rest.copy() if len(rest) and self.rows < self.h else None
+        return out
+
+    def bands(self, rows: int):
+        if self.fh is None:
+            yield from self.parts
+            return
+        self.fh.flush()
+        row_bytes = self.w * 3
+        for r0 in range(0, self.rows, rows):
+            n = min(rows, self.rows - r0)
+            self.fh.seek(r0 * row_bytes)
+            buf = bytearray(n * row_bytes)
+            self.fh.readinto(buf)
+            yield np.frombuffer(buf, np.uint8).reshape(n, self.w, 3)
+
+    def close(self):
+        if self.fh is not None:
+            self.fh.close()
+            self.spill.unlink(missing_ok=True)
+            self.fh = None
+
+
+def _tiles(bands, width: int, tile: int):
+    """Row-major (≤ tile, ≤ tile, 3) tiles from row bands of any height (tifffile pads edge tiles)."""
+    buf = None
+    for band in bands:
+        buf = band if buf is None or not len(buf) else np.concatenate([buf, band])
+        while len(buf) >= tile:
+            row, buf = buf[:tile], buf[tile:]
+            for x in range(0, width, tile):
+                yield row[:, x : x + tile]
+    if buf is not None and len(buf):
+        for x in range(0, width, tile):
+            yield buf[:, x : x + tile]
+
+
+def _write_tiff(path: Path, bands, height: int, width: int, mpp: float, tile: int, quality: int) -> int:
+    """Pyramidal tiled JPEG TIFF, levels 4× apart as separate IFDs, streamed: level 0 from ``bands`` (an
+    iterator of row bands), each lower level reduced from the rows of the one above as they pass (so no level
+    is ever whole in memory; levels over 64 MB wait in raw files beside ``path``). Returns the number of levels."""
     import tifffile
 
-    levels = [img]
-    while max(levels[-1].shape[:2]) > 1024:
-        prev = levels[-1]
-        levels.append(
-            cv2.resize(prev, (max(1, prev.shape[1] // 4), max(1, prev.shape[0] // 4)), interpolation=cv2.INTER_AREA)
-        )
-    bigtiff = sum(lv.nbytes for lv in levels) > 2**31
-    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tw:
-        for i, lv in enumerate(levels):
-            ds = img.shape[1] / lv.shape[1]
-            res = 1e4 / (mpp * ds)  # pixels per centimetre
-            tw.write(
-                lv,
-                tile=(tile, tile),
-                compression="jpeg",
-                compressionargs={"level": int(quality)},
-                photometric="rgb",
-                resolution=(res, res),
-                resolutionunit="CENTIMETER",
-                subfiletype=1 if i else 0,
-                metadata=None,
-                maxworkers=2,
-                software="workbench.io.synthetic",
-            )
-    return len(levels)
+    shapes = _level_shapes(height, width)
+    levels = [_Level(s, path.with_name(f".{path.name}.L{i + 1}.raw"), _SPILL_BYTES) for i, s in enumerate(shapes[1:])]
+
+    def level0():
+        for band in bands:
+            rows = band
+            for lv in levels:
+                rows = lv.feed(rows)
+                if rows is None:
+                    break
+            yield band
+
+    bigtiff = sum(h * w * 3 for h, w in shapes) > 2**31
+    try:
+        with tifffile.TiffWriter(path, bigtiff=bigtiff) as tw:
+            for i, (h, w) in enumerate(shapes):
+                res = 1e4 / (mpp * width / w)  # pixels per centimetre
+                src = level0() if i == 0 else levels[i - 1].bands(tile)
+                tw.write(
+                    data=_tiles(src, w, tile),
+                    shape=(h, w, 3),
+                    dtype=np.uint8,
+                    tile=(tile, tile),
+                    compression="jpeg",
+                    compressionargs={"level": int(quality)},
+                    photometric="rgb",
+                    resolution=(res, res),
+                    resolutionunit="CENTIMETER",
+                    subfiletype=1 if i else 0,
+                    metadata=None,
+                    maxworkers=2,
+                    buffersize=16 << 20,
+                    software="workbench.io.synthetic",
+                )
+                if i:
+                    levels[i - 1].close()
+    finally:
+        for lv in levels:
+            lv.close()
+    return len(shapes)
 
 
 # --------------------------------------------------------------------------- public API
@@ -626,7 +921,8 @@ def render_slide(
     pen: bool = True,
     blur: bool = True,
 ) -> tuple[np.ndarray, dict]:
-    """Render level 0 of a synthetic slide in memory (what :func:`make_slide` writes).
+    """Render level 0 of a synthetic slide in memory (what :func:`make_slide` writes); for small slides
+    (3 bytes per pixel: use :func:`make_slide` for big ones, it streams).
 
     Returns
     -------
@@ -635,38 +931,19 @@ def render_slide(
     """
     _check(width, height, mpp, dominant, n_pieces, "render_slide")
     t0 = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    ds = TRUTH_DOWNSAMPLE
-    hl, wl = -(-height // ds), -(-width // ds)
-    px_lr = mpp * ds
-    dom = CLASS_NAMES.index(dominant)
-    layout = _layout(rng, hl, wl, px_lr, n_pieces, dom)
-    strokes = _pen_strokes(rng, layout["tissue"], px_lr) if pen else []
-    blur_lr = _blur_regions(rng, layout["tissue"], px_lr) if blur else np.zeros((hl, wl), np.float32)
-    blur_sigma = rng.uniform(3.0, 5.0) * 0.25 / mpp
-    renderer = _Renderer(rng, width, height, mpp, layout, strokes, dom)
+    rend = _Renderer(
+        width=width, height=height, mpp=mpp, seed=seed, dominant=dominant, n_pieces=n_pieces, pen=pen, blur=blur
+    )
     t1 = time.perf_counter()
     img = np.empty((height, width, 3), np.uint8)
-    for by in range(-(-height // _BLOCK)):
-        for bx in range(-(-width // _BLOCK)):
-            img[by * _BLOCK : (by + 1) * _BLOCK, bx * _BLOCK : (bx + 1) * _BLOCK] = renderer.block(by, bx)
-    if blur:
-        _apply_blur(img, blur_lr, ds, sigma=blur_sigma)
-    pen_lr = np.zeros((hl, wl), bool)
-    for stroke, _ in strokes:
-        pen_lr |= stroke > 0.5
-    truth = {
-        "tissue": layout["tissue"],
-        "classes": layout["labels"],
-        "pen": pen_lr,
-        "blur": blur_lr > 0.5,
-        "downsample": ds,
-        "mpp": float(mpp),
-    }
+    y = 0
+    for band in rend.bands():
+        img[y : y + len(band)] = band
+        y += len(band)
     log.debug(
         "rendered %dx%d (seed %d): layout %.2f s, pixels %.2f s", width, height, seed, t1 - t0, time.perf_counter() - t1
     )
-    return img, truth
+    return img, rend.truth()
 
 
 def make_slide(
@@ -682,8 +959,13 @@ def make_slide(
     blur: bool = True,
     tile: int = 256,
     quality: int = 90,
+    workers: int = 2,
 ) -> dict:
     """Write a synthetic H&E-like slide (pyramidal JPEG TIFF) and its ground truth; return the truth.
+
+    Streams: level 0 is rendered in 512-px blocks, a row band at a time, straight into the TIFF's tiles, and
+    each lower level is reduced from the rows above as they pass, so memory does not grow with level 0
+    (see the module docstring for measured figures, e.g. 150,000² px).
 
     Parameters
     ----------
@@ -695,6 +977,7 @@ def make_slide(
     n_pieces : number of tissue pieces
     pen, blur : draw pen-marker strokes / blur some regions
     tile, quality : TIFF tile size (multiple of 16) and JPEG quality
+    workers : threads rendering the blocks of a band (JPEG encoding uses 2 more); same pixels for any number
 
     Returns
     -------
@@ -710,18 +993,20 @@ def make_slide(
     if tile < 16 or tile % 16 or not 1 <= quality <= 100:
         raise ValueError(f"{path}: tile must be a positive multiple of 16 and quality 1–100; got {tile}, {quality}")
     t0 = time.perf_counter()
-    img, truth = render_slide(
+    rend = _Renderer(
         width=width, height=height, mpp=mpp, seed=seed, dominant=dominant, n_pieces=n_pieces, pen=pen, blur=blur
     )
     t1 = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
-    n_levels = _write_tiff(path, img, mpp, tile, quality)
+    n_levels = _write_tiff(path, rend.bands(workers), height, width, mpp, tile, quality)
+    truth = rend.truth()
+    del rend
     from workbench.store import atomic_path
 
     with atomic_path(truth_path(path)) as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, **truth)
     log.info(
-        "%s: %dx%d, %d levels, render %.2f s, write %.2f s",
+        "%s: %dx%d, %d levels, layout %.2f s, render + write %.2f s",
         path.name,
         width,
         height,
@@ -774,10 +1059,13 @@ def tile_truth(truth: dict, coords, size0: float) -> dict:
     cx0, cx1 = np.clip(i0[:, 0], 0, wl), np.clip(i1[:, 0], 0, wl)
     cy0, cy1 = np.clip(i0[:, 1], 0, hl), np.clip(i1[:, 1], 0, hl)
 
+    sat_dtype = np.int32 if (hl + 1) * (wl + 1) < 2**31 else np.int64  # 4 bytes per truth pixel when it fits
+
     def box_sum(mask):
-        sat = np.zeros((hl + 1, wl + 1), np.int64)
-        sat[1:, 1:] = np.asarray(mask, np.int64).cumsum(0).cumsum(1)
-        return sat[cy1, cx1] - sat[cy0, cx1] - sat[cy1, cx0] + sat[cy0, cx0]
+        sat = np.zeros((hl + 1, wl + 1), sat_dtype)
+        np.cumsum(np.asarray(mask, bool), 0, dtype=sat_dtype, out=sat[1:, 1:])
+        np.cumsum(sat[1:, 1:], 1, out=sat[1:, 1:])
+        return (sat[cy1, cx1] - sat[cy0, cx1] - sat[cy1, cx0] + sat[cy0, cx0]).astype(np.int64)
 
     counts = np.stack([box_sum(classes == c) for c in range(len(CLASS_NAMES))], 1).astype(np.float64)
     counts[:, 0] = area - counts[:, 1:].sum(1)
@@ -870,7 +1158,7 @@ def make_demo_set(
         # fork where available: works from scripts without a __main__ guard; the parent holds no slide state
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
-            for fut in [pool.submit(_make_slide_job, path, kw) for path, kw in jobs]:
+            for fut in [pool.submit(_make_slide_job, path, {**kw, "workers": 1}) for path, kw in jobs]:
                 fut.result()
     df = pd.DataFrame.from_records(records)
     if manifest_path is not None:
