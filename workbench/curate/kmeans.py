@@ -458,29 +458,62 @@ def _assign_groups(X, C, x_sq, groups: int = 1, rows=None, chunk_size=None):
     """Nearest centroid of ``rows`` (default all), its squared distance, and per group of centroids the smallest
     squared distance to a centroid of the group other than the nearest (expansion formula).
 
+    Groups are the blocks of :func:`_group_min`. With several groups the centroids are laid out padded to
+    ``groups × ceil(k / groups)`` slots (padding slots have infinite norm, so they never win), which makes each
+    distance block a (rows, groups, size) view: one reduction gives every group's minimum, and only the nearest
+    group's ``size`` columns are looked at again for the nearest centroid and the runner-up in its group.
+
     Returns labels (m,) int64, d1 (m,) float32, dg (m, groups) float32 (``inf`` for a group with no other
     centroid; with ``groups = 1``, ``dg`` is the second-nearest distance).
     """
     import torch
 
-    k = C.shape[0]
+    k, dim = C.shape
+    dev = X.device
     m = X.shape[0] if rows is None else len(rows)
-    chunk = chunk_size or _default_chunk(k, X.device)
-    c_sq = (C * C).sum(1).unsqueeze(0)
-    Ct = C.t().contiguous()
-    labels = torch.empty(m, dtype=torch.int64, device=X.device)
-    d1 = torch.empty(m, dtype=torch.float32, device=X.device)
-    dg = torch.empty((m, groups), dtype=torch.float32, device=X.device)
+    size, extra = divmod(k, groups)
+    width = size + (1 if extra else 0)  # slots per group
+    if groups > 1:
+        starts = torch.as_tensor(
+            [g * size + min(g, extra) for g in range(groups)], device=dev, dtype=torch.int64
+        )  # first centroid of each group
+        lens = torch.as_tensor([size + (1 if g < extra else 0) for g in range(groups)], device=dev)
+        r = torch.arange(width, device=dev)
+        slot_ok = (r.unsqueeze(0) < lens.unsqueeze(1)).flatten()  # (groups·width,)
+        slot_c = (starts.unsqueeze(1) + r.unsqueeze(0)).flatten().clamp_(max=k - 1)
+        Cp = torch.zeros((groups * width, dim), dtype=C.dtype, device=dev)
+        Cp[slot_ok] = C[slot_c[slot_ok]]
+        c_sq = torch.full((1, groups * width), float("inf"), dtype=C.dtype, device=dev)
+        c_sq[0, slot_ok] = (C * C).sum(1)[slot_c[slot_ok]]
+        Ct = Cp.t().contiguous()
+    else:
+        c_sq = (C * C).sum(1).unsqueeze(0)
+        Ct = C.t().contiguous()
+    chunk = chunk_size or _default_chunk(Ct.shape[1], dev)
+    labels = torch.empty(m, dtype=torch.int64, device=dev)
+    d1 = torch.empty(m, dtype=torch.float32, device=dev)
+    dg = torch.empty((m, groups), dtype=torch.float32, device=dev)
     for a in range(0, m, chunk):
         if rows is None:
             x, xs = X[a : a + chunk], x_sq[a : a + chunk]
         else:
-            r = rows[a : a + chunk]
-            x, xs = X[r], x_sq[r]
+            rr = rows[a : a + chunk]
+            x, xs = X[rr], x_sq[rr]
         d = torch.addmm(c_sq, x, Ct, beta=1.0, alpha=-2.0)
-        m1, i1 = d.min(dim=1)
-        d.scatter_(1, i1.unsqueeze(1), float("inf"))
-        g = d.min(dim=1, keepdim=True).values if groups == 1 else _group_min(d, groups)
+        if groups == 1:
+            m1, i1 = d.min(dim=1)
+            d.scatter_(1, i1.unsqueeze(1), float("inf"))
+            g = d.min(dim=1, keepdim=True).values
+        else:
+            dv = d.view(len(x), groups, width)
+            g = dv.amin(2)  # (rows, groups)
+            gi = g.argmin(1)  # the nearest centroid's group
+            ar = torch.arange(len(x), device=dev)
+            sub = dv[ar, gi]  # (rows, width) copy
+            m1, a1 = sub.min(1)
+            sub[ar, a1] = float("inf")
+            g[ar, gi] = sub.min(1).values  # runner-up within its own group
+            i1 = slot_c[gi * width + a1]
         labels[a : a + chunk] = i1
         d1[a : a + chunk] = (m1 + xs).clamp_min_(0)
         dg[a : a + chunk] = (g + xs.unsqueeze(1)).clamp_min_(0)
