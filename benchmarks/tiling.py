@@ -148,7 +148,11 @@ def main():
             "timing": "whole job: open + reader + read all, best of repeats",
             "openslide": {"threads": args.threads, "pixel_work": PIXEL_WORK["openslide"]},
             "ours": {"threads": args.threads, "pixel_work": PIXEL_WORK["ours"]},
-            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "shared_with_other_jobs": True},
+            "machine": {
+                "cpu_count": os.cpu_count(),
+                "platform": platform.platform(),
+                "load_avg_1_5_15_at_end": [round(v, 2) for v in os.getloadavg()],
+            },
         }
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
