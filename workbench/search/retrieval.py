@@ -71,6 +71,9 @@ __all__ = [
     "array_digest",
     # store glue
     "index_path",
+    "rerank_rows_path",
+    "write_rerank_rows",
+    "open_rerank_rows",
     "features_digest",
     "slide_table",
     "encode_images",
@@ -141,11 +144,18 @@ class IndexKind:
     trained = False
     reranked = False
 
+    def defaults(self, n: int, d: int) -> dict:
+        """Settings :class:`TileIndex` uses for ``n`` rows of ``d`` dimensions where its parameter is None."""
+        return {"nprobe": 16, "rerank": 256}
+
     def new(self, ti: TileIndex, d: int, n: int):
         raise NotImplementedError
 
     def configure(self, ti: TileIndex, index) -> None:
         """Apply query-time settings (after building and after loading)."""
+
+    def before_fill(self, ti: TileIndex, index) -> None:
+        """Build-time settings while rows are added (query-time ones are applied again afterwards)."""
 
     def probes(self, ti: TileIndex, index) -> tuple[int | None, int | None]:
         """(cells probed, cells in all) for kinds whose probed lists can run dry, else (None, None)."""
@@ -259,10 +269,18 @@ class HNSWKind(IndexKind):
 class IVFPQKind(IndexKind):
     """Compressed: (optional OPQ rotation) + IVF with an HNSW coarse quantizer + product-quantised codes.
 
-    ``pq_m`` bytes per vector (8-bit codes; default d / 16, so each sub-quantizer has 16 dimensions and faiss
-    encodes with BLAS: 24 bytes for 384-d); the index factory string is ``factory`` when given, else
+    ``pq_m`` bytes per vector (8-bit codes); the index factory string is ``factory`` when given, else
     ``[OPQ{m},]IVF{nlist}_HNSW32,PQ{m}x8``. Candidates are scored from the codes, then the best ``rerank``
     (at least the number asked for) are re-scored exactly from the float16 features.
+
+    Defaults for n rows of d dimensions (:meth:`defaults`, what ``TileIndex("ivfpq")`` uses when a parameter
+    is None), measured on a hard mixture (2,000 isotropic components, noise 0.6; benchmarks/search_scale.py):
+    recall is lost in the PQ ranking, not in the probed cells (every true neighbour sits in the 16 probed
+    cells), so the codes get d / 8 bytes (8 dimensions per 8-bit sub-quantizer, 48 B at 384-d: 480 MB at
+    10^7 rows) and the exact re-rank 1,000 candidates; d / 16 bytes with 256 candidates kept 0.76 of the true
+    top-10 at 10^6. nlist is ``4 * sqrt(n)`` up to 4,096 cells: the coarse k-means costs O(nlist^2) on the
+    CPU (12,649 cells at 10^7 would take ~40 min to train on 2 cores; 4,096 take ~4 min), and its HNSW
+    quantizer keeps filling fast. nprobe 16.
     """
 
     name = "ivfpq"
@@ -270,10 +288,16 @@ class IVFPQKind(IndexKind):
     params = ("nlist", "nprobe", "pq_m", "opq", "factory", "rerank", "train_size")
     gpu, trained, reranked = False, True, True
 
+    MAX_NLIST = 4096  # coarse training is O(nlist^2) on the CPU: 4096 cells train in minutes on 2 cores
+
     @staticmethod
     def default_m(d: int) -> int:
-        """Largest m dividing d with ≥ 16 dimensions per sub-quantizer (faiss encodes those with BLAS)."""
-        return max([m for m in range(1, d + 1) if d % m == 0 and d // m >= 16] or [1])
+        """Largest m dividing d with ≥ 8 dimensions per sub-quantizer (d / 8: 48 bytes per row at 384-d)."""
+        return max([m for m in range(1, d + 1) if d % m == 0 and d // m >= 8] or [1])
+
+    def defaults(self, n: int, d: int) -> dict:
+        nlist = int(np.clip(4 * math.sqrt(n), 1, max(1, min(self.MAX_NLIST, n // 39))))
+        return {"nlist": nlist, "pq_m": self.default_m(d), "nprobe": 16, "rerank": 1000}
 
     def factory_string(self, ti, d, n) -> str:
         if ti.factory:
@@ -286,6 +310,8 @@ class IVFPQKind(IndexKind):
     def new(self, ti, d, n):
         faiss = _faiss()
         index = faiss.index_factory(d, self.factory_string(ti, d, n), _metric_type(ti))
+        if hasattr(index, "cp"):  # 10 Lloyd iterations of the coarse k-means (faiss's default for IVF)
+            index.cp.niter = 10
         ivf = self._ivf(index)
         pq = getattr(ivf, "pq", None)
         if pq is not None:  # 64 points per code word and 15 iterations train the codebooks well enough
@@ -309,6 +335,13 @@ class IVFPQKind(IndexKind):
 
     def configure(self, ti, index):
         self._set_nprobe(index, int(ti.nprobe))
+
+    def before_fill(self, ti, index):
+        # filling needs each row's nearest cell only: a 32-wide HNSW search finds it (a row put in a
+        # neighbouring cell is still found by queries probing that cell); ~2x faster than the query-time 64
+        quantizer = _faiss().downcast_index(self._ivf(index).quantizer)
+        if hasattr(quantizer, "hnsw"):
+            quantizer.hnsw.efSearch = 32
 
     def probes(self, ti, index):
         return int(ti.nprobe), int(self._ivf(index).nlist)
@@ -440,12 +473,13 @@ class FeatureRows:
         if isinstance(self.x, np.ndarray):
             got = self.x[uniq]
         elif self._maps is not None:
+            # rows sorted (np.unique), so each chunk's rows are one run: one memory-mapped gather per chunk
             r = self._maps["rows"]
             got = np.empty((len(uniq), self.shape[1]), self._maps["dtype"])
             which = uniq // r
-            for c in np.unique(which):
-                sel = which == c
-                got[sel] = self._chunk_map(int(c))[uniq[sel] - c * r]
+            chunks, first = np.unique(which, return_index=True)
+            for c, a, b in zip(chunks.tolist(), first.tolist(), first[1:].tolist() + [len(uniq)]):
+                got[a:b] = self._chunk_map(c)[uniq[a:b] - c * r]
         elif hasattr(self.x, "dask"):
             got = np.asarray(self.x[uniq])
         else:
@@ -463,14 +497,15 @@ class TileIndex:
     ----------
     kind : a name in :data:`KINDS` (``print(KINDS)`` lists them): "flat", "ivf", "hnsw", "ivfpq"
     nlist : int, optional
-        IVF cells; default ``clip(4 * sqrt(N), 1, N // 39)``.
-    nprobe : int
-        IVF cells searched per query.
+        IVF cells; default ``clip(4 * sqrt(N), 1, N // 39)`` (ivfpq: at most 4,096, see :class:`IVFPQKind`).
+    nprobe : int, optional
+        IVF cells searched per query; default the kind's (16).
     M, ef_construction, ef_search : int
         HNSW links per node, build-time and query-time candidate list sizes.
     pq_m, opq, factory, rerank : int, bool, str, int
-        ``ivfpq``: bytes per row (default d / 16), OPQ rotation first, a faiss index-factory string replacing the default
-        ``[OPQ{m},]IVF{nlist}_HNSW32,PQ{m}x8``, and candidates re-ranked exactly from the features.
+        ``ivfpq``: bytes per row (default d / 8), OPQ rotation first, a faiss index-factory string replacing the default
+        ``[OPQ{m},]IVF{nlist}_HNSW32,PQ{m}x8``, and candidates re-ranked exactly from the features (default
+        the kind's: 1,000 for ivfpq). None picks the kind's default for the data's n and d at ``fit``.
     metric : {"cosine", "ip", "l2"}
         Scores are similarities (higher is closer) for cosine/ip, squared L2 distances for l2.
     use_gpu : {"auto", True, False}
@@ -508,14 +543,14 @@ class TileIndex:
         kind: str = "flat",
         *,
         nlist: int | None = None,
-        nprobe: int = 16,
+        nprobe: int | None = None,
         M: int = 32,
         ef_construction: int = 40,
         ef_search: int = 64,
         pq_m: int | None = None,
         opq: bool = False,
         factory: str | None = None,
-        rerank: int = 256,
+        rerank: int | None = None,
         metric: str = "cosine",
         use_gpu="auto",
         train_size: int | None = None,
@@ -578,14 +613,14 @@ class TileIndex:
         if n < 1:
             raise ParameterError("cannot build an index over 0 vectors")
         for name, hi in (
-            ("nprobe", 1 << 20),
             ("M", 512),
             ("ef_construction", 1 << 16),
             ("ef_search", 1 << 16),
             ("batch_rows", 1 << 26),
-            ("rerank", 1 << 20),
         ):
             check_int(name, getattr(self, name), 1, hi)
+        check_optional(check_int, "nprobe", self.nprobe, 1, 1 << 20)
+        check_optional(check_int, "rerank", self.rerank, 1, 1 << 20)
         check_optional(check_int, "nlist", self.nlist, 1, 1 << 24)
         check_optional(check_int, "train_size", self.train_size, 1)
         check_int("random_state", self.random_state)
@@ -593,7 +628,14 @@ class TileIndex:
     def _nlist(self, n: int) -> int:
         if self.nlist is not None:
             return max(1, min(int(self.nlist), n))
-        return int(np.clip(4 * math.sqrt(n), 1, max(1, n // 39)))
+        default = self.spec.defaults(n, getattr(self, "dim_", 1)).get("nlist")
+        return int(default) if default is not None else int(np.clip(4 * math.sqrt(n), 1, max(1, n // 39)))
+
+    def _resolve_defaults(self, n: int, d: int) -> None:
+        """Set the parameters left None to the kind's defaults for n rows of d dimensions."""
+        for name, value in self.spec.defaults(n, d).items():
+            if name in ("nprobe", "rerank", "pq_m") and getattr(self, name) is None:
+                setattr(self, name, value)
 
     def _prepare(self, x) -> np.ndarray:
         x = np.asarray(x)
@@ -645,6 +687,7 @@ class TileIndex:
         n, d = int(x.shape[0]), int(x.shape[1])
         self._validate(n)
         self.n_, self.dim_ = n, d
+        self._resolve_defaults(n, d)
         index = self._new_index(d, n)
         if self.spec.trained:
             t1 = time.perf_counter()
@@ -657,6 +700,7 @@ class TileIndex:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=n, desc=f"fill {self.kind} index", unit="row", unit_scale=True)
+        self.spec.before_fill(self, index)
         for start in range(0, n, int(self.batch_rows)):
             block = self._prepare(x[start : start + int(self.batch_rows)])
             finite = np.isfinite(block).all(axis=1)
@@ -678,6 +722,7 @@ class TileIndex:
                 bad[:20],
                 " …" if len(bad) > 20 else "",
             )
+        self.spec.configure(self, index)  # query-time settings again after before_fill
         self.row_ids_ = np.concatenate(kept).astype(np.int64) if bad else None
         self.nonfinite_rows_ = np.asarray(bad, np.int64)
         self.index_ = index
@@ -999,6 +1044,53 @@ def index_path(store: str | os.PathLike, encoder: str, kind: str) -> Path:
     from workbench.store import Key, encoder_key
 
     return Key.index_dir(store) / f"{encoder_key(encoder)}-{kind}.faiss"
+
+
+def rerank_rows_path(store: str | os.PathLike, encoder: str, kind: str) -> Path:
+    """The re-rank copy of a re-ranked (compressed) index: ``<store>.indexes/<encoder>-<kind>.rerank.zarr``."""
+    return index_path(store, encoder, kind).with_suffix(".rerank.zarr")
+
+
+RERANK_CHUNK_ROWS = 65536
+
+
+def write_rerank_rows(feats, path: str | os.PathLike, digest: str, *, chunk_rows: int = RERANK_CHUNK_ROWS):
+    """Write an uncompressed float16 Zarr copy of ``feats`` (N, d) for the exact re-rank; returns the array.
+
+    The store keeps features zstd-compressed in chunks of up to 65,536 rows per slide, so re-scoring ~1,000
+    scattered candidates from it decodes a whole chunk per candidate's slide (tens of ms each). The copy has
+    no codec, so :class:`FeatureRows` memory-maps its chunk files and a candidate costs one page read (N x d x
+    2 bytes on disk, none of it held in memory: the OS page cache keeps what queries touch). Written to a
+    temporary directory and renamed into place; ``digest`` (the features digest) goes into its attrs.
+    """
+    import shutil
+
+    import zarr
+
+    path = Path(path)
+    n, d = int(feats.shape[0]), int(feats.shape[1])
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    z = zarr.create_array(str(tmp), shape=(n, d), chunks=(int(chunk_rows), d), dtype="float16", compressors=None)
+    for a in range(0, n, int(chunk_rows)):
+        block = feats[a : a + int(chunk_rows)]
+        z[a : a + len(block)] = np.asarray(block.compute() if hasattr(block, "compute") else block, np.float16)
+    z.attrs.update({"digest": digest, "complete": True})
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return zarr.open_array(str(path), mode="r")
+
+
+def open_rerank_rows(path: str | os.PathLike, digest: str, shape) -> object | None:
+    """The re-rank copy at ``path`` if it is complete and holds the features ``digest`` of ``shape``, else None."""
+    import zarr
+
+    try:
+        z = zarr.open_array(str(path), mode="r")
+    except Exception:
+        return None
+    ok = z.attrs.get("complete") and z.attrs.get("digest") == digest and tuple(z.shape) == tuple(shape)
+    return z if ok else None
 
 
 def features_digest(root, encoder: str, ids: list[str] | None = None) -> str:
@@ -1340,7 +1432,12 @@ def build_store_index(
     feats = features_array(root, encoder, ids)
     groups = np.repeat(table["group"].to_numpy(), table["n_tiles"].to_numpy())
     digest = features_digest(root, encoder, ids)
-    index = TileIndex(kind, **params).fit(feats, groups=groups, digest=digest)
+    source = feats
+    if save and kind in KINDS and KINDS[kind].reranked:
+        # compressed kinds re-score candidates from an uncompressed copy (see write_rerank_rows); the index is
+        # filled from it too (a plain read, no decode)
+        source = write_rerank_rows(feats, rerank_rows_path(store, encoder, kind), digest)
+    index = TileIndex(kind, **params).fit(source, groups=groups, digest=digest)
     if save:
         path = index.save(index_path(store, encoder, kind))
         _write_file_sums(path)
@@ -1407,9 +1504,18 @@ def load_store_index(
     _check_file_sums(index_path(store, encoder, kind))
     index = TileIndex.load(index_path(store, encoder, kind), expected_digest=digest, use_gpu=use_gpu)
     feats = None
-    if index.spec.reranked:  # compressed kinds re-rank their candidates from the store's float16 features
-        from workbench.store import features_array
+    if index.spec.reranked:  # compressed kinds re-rank their candidates exactly from float16 features
+        copy = open_rerank_rows(rerank_rows_path(store, encoder, kind), digest, (index.n_, index.dim_))
+        if copy is not None:  # the uncompressed copy written with the index: page reads per candidate
+            index.attach_features(copy)
+        else:
+            from workbench.store import features_array
 
-        feats = features_array(root, encoder, list(table["slide_id"]))
-        index.attach_features(feats)
+            log.warning(
+                "%s has no re-rank copy of its features: candidates are re-scored from the store's compressed "
+                "chunks (slow at scale); rebuild the index (build_store_index) to write it",
+                index_path(store, encoder, kind),
+            )
+            feats = features_array(root, encoder, list(table["slide_id"]))
+            index.attach_features(feats)
     return StoreIndex(store, encoder, index, table, exclude, feats)
