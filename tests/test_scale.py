@@ -58,6 +58,29 @@ def test_assign_chunks_on_dask_equals_single_process(zarr_rows, dask_client):
     np.testing.assert_allclose(local["sums"][3], x[ok][ref == 3].sum(0, dtype=np.float64), rtol=1e-5)
 
 
+def test_block_partials_blocks_the_matmul_and_keeps_huge_finite_rows():
+    """The chunk kernel: float16 rows widened once, the matmul in cache-sized row blocks (k = 300 makes 3,495-row
+    blocks, so 8,000 rows take 3), labels equal to the brute-force nearest centroid; a finite row whose norm
+    overflows float32 stays in (its label is its nearest centroid), NaN/Inf rows are left out."""
+    rng = np.random.default_rng(3)
+    C = rng.normal(size=(300, 24)).astype(np.float32)
+    x16 = (C[rng.integers(0, 300, 8000)] + 0.3 * rng.normal(size=(8000, 24))).astype(np.float16)
+    x16[7] = np.inf
+    p = km.block_partials(x16, C)
+    x = x16.astype(np.float32)
+    ok = np.isfinite(x).all(1)
+    ref = ((x[ok, None, :] - C[None]) ** 2).sum(-1).argmin(1)
+    np.testing.assert_array_equal(p["labels"][ok], ref)
+    assert p["labels"][7] == -1 and np.isnan(p["sqdist"][7]) and p["bad"] == 1 and p["counts"].sum() == ok.sum()
+    np.testing.assert_allclose(p["sums"][ref[0]], x[ok][ref == ref[0]].sum(0, dtype=np.float64), rtol=1e-5)
+    d_ref = ((x[ok] - C[ref]) ** 2).sum(1)
+    np.testing.assert_allclose(p["sqdist"][ok], d_ref, rtol=1e-3, atol=1e-3)
+    big = np.vstack([x[:4], np.full((1, 24), 1e20, np.float32)])  # finite, but its squared norm overflows
+    pb = km.block_partials(big, C)
+    assert pb["bad"] == 0 and pb["labels"][4] >= 0 and pb["counts"].sum() == 5
+    np.testing.assert_array_equal(pb["labels"][:4], p["labels"][:4])
+
+
 def test_lloyd_chunks_on_dask_identical_and_converges(zarr_rows, dask_client):
     import dask.array as da
 
