@@ -509,11 +509,22 @@ class FeatureRows:
             srcs = [self._chunk_map(i) for i in range(len(self._maps["paths"]))]
         else:
             return 0.0
+        import mmap
+
         for src in srcs:
+            mm = getattr(src, "_mmap", None) or getattr(src.base, "_mmap", None) or src.base
+            advise = getattr(mm, "madvise", None)
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                if advise is not None:  # read ahead while touching (pages not in the page cache come in bulk)
+                    advise(mmap.MADV_SEQUENTIAL)
+                    advise(mmap.MADV_WILLNEED)
             flat = src.reshape(-1)
             step = max(1, 4096 // flat.itemsize)  # one element per 4 KiB page
             for a in range(0, flat.shape[0], block_rows * step):
                 np.add.reduce(flat[a : a + block_rows * step : step], dtype=np.float32)
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                if advise is not None:
+                    advise(mmap.MADV_RANDOM)  # back to no read-ahead for the scattered candidate reads
         return time.perf_counter() - t0
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
