@@ -857,15 +857,17 @@ class TileIndex:
     def _rerank(self, q: np.ndarray, ids: np.ndarray, k: int, feats: FeatureRows):
         """Exact scores of the candidate rows ``ids`` (-1 = none) read from the features; best ``k`` first."""
         valid = ids >= 0
-        flat_rows = ids[valid]
-        vec = feats(flat_rows)
-        if self.metric == "cosine":
-            vec = l2_normalise(vec)
+        vec = feats(ids[valid])
         qi = np.nonzero(valid)[0]
         if self.metric == "l2":
             exact = ((vec - q[qi]) ** 2).sum(1)
         else:
-            exact = np.einsum("ij,ij->i", vec, q[qi])
+            if valid.all():  # the usual case: (nq, R) candidates scored by one batched mat-vec
+                exact = np.matmul(vec.reshape(ids.shape[0], ids.shape[1], -1), q[:, :, None]).reshape(-1)
+            else:
+                exact = np.einsum("ij,ij->i", vec, q[qi])
+            if self.metric == "cosine":  # divide by the rows' norms (no normalised copy of the rows)
+                exact = exact / np.maximum(np.sqrt(np.einsum("ij,ij->i", vec, vec)), 1e-12)
         fill = np.inf if self.metric == "l2" else -np.inf
         s = np.full(ids.shape, fill, np.float32)
         s[valid] = exact
