@@ -531,7 +531,12 @@ class FeatureRows:
         rows = np.asarray(rows, np.int64)
         if rows.size == 0:
             return np.empty((0, self.shape[1]), np.float32)
-        uniq, inv = np.unique(rows, return_inverse=True)
+        # sorted once (page order); a query's candidates are distinct, so no unique pass in the usual case
+        order = np.argsort(rows, kind="stable")
+        uniq = rows[order]
+        inv = None
+        if uniq.size > 1 and (uniq[1:] == uniq[:-1]).any():
+            uniq, inv = np.unique(rows, return_inverse=True)
         if isinstance(self.x, np.ndarray):
             got = self._plain[uniq]
         elif self._maps is not None:
@@ -547,7 +552,11 @@ class FeatureRows:
         else:
             got = np.asarray(self.x.get_orthogonal_selection((uniq, slice(None))))
         got = np.asarray(got, np.float32)  # numpy's cast: no thread pool to wake (torch's cost ~10 ms under load)
-        return got if len(uniq) == len(rows) and (uniq == rows).all() else got[inv.reshape(-1)]
+        if inv is not None:
+            return got[inv.reshape(-1)]
+        out = np.empty_like(got)
+        out[order] = got
+        return out
 
 
 # --------------------------------------------------------------------------- tile index
