@@ -1,8 +1,8 @@
 """k-means assignment over the store's chunks on a Dask cluster: 1 vs 2 single-threaded workers.
 
     make benchmarks SCALE=1 BENCHMARKS=assign_scale       # 10^7 x 384, k = 256: the committed figure
-    python benchmarks/assign_scale.py --rows 10000000     # the same by hand (~15-25 min on a quiet 2-core machine)
-    python benchmarks/assign_scale.py --rows 1000000      # 10^6 (~2-3 min)
+    python benchmarks/assign_scale.py --rows 10000000     # the same by hand (~5 min quiet, ~15 min at load 7)
+    python benchmarks/assign_scale.py --rows 1000000      # 10^6 (~2 min at load 7)
 
 Without ``--rows`` the size follows the benchmark mode (:func:`_results.scale_rows`): 10^5 quick, 10^6 with
 ``BENCH_FULL=1``, 10^7 with ``BENCH_SCALE=1``; only a 10^7 run writes ``benchmarks/results/assign_scale.json``.

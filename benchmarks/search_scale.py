@@ -1,8 +1,9 @@
 """Compressed tile search at 10^7 x 384: the ``ivfpq`` index (IVF-HNSW + PQ codes) with exact re-rank.
 
-    make benchmarks SCALE=1 BENCHMARKS=search_scale        # 10^7, the committed figure (~55 min on 2 shared cores)
+    make benchmarks SCALE=1 BENCHMARKS=search_scale        # 10^7, the committed figure (~70 min on 2 shared cores)
     python benchmarks/search_scale.py --n 10000000          # the same, by hand
-    python benchmarks/search_scale.py --n 1000000           # 10^6 (~8 min; reuses the 10^7 array's prefix if present)
+    python benchmarks/search_scale.py --n 1000000           # 10^6 (~20 min; reuses the 10^7 array's prefix if present)
+    python benchmarks/search_scale.py --n 10000000 --cache /tmp/wb_scale/cache   # saves / reuses the built indexes
     python benchmarks/search_scale.py --cleanup             # delete the on-disk array afterwards
 
 Without ``--n`` the size follows the benchmark mode (:func:`_results.scale_rows`): 10^5 quick, 10^6 with
