@@ -422,3 +422,28 @@ def test_gpu_cluster_request_errors(monkeypatch):
     assert embed.gpu_cluster("all", n_visible=3).kw["CUDA_VISIBLE_DEVICES"] == "0,1,2"
     assert embed.gpu_cluster([1, 2], n_visible=3).kw["CUDA_VISIBLE_DEVICES"] == "1,2"
     assert embed.gpu_cluster(1, n_visible=3).kw == {"CUDA_VISIBLE_DEVICES": "0", "threads_per_worker": 1}
+
+
+def test_scale_benchmarks_run_at_10_7_only_with_the_scale_flag(monkeypatch):
+    """`make benchmarks SCALE=1` (BENCH_SCALE=1) is what runs search_scale/assign_scale at 10^7 and writes their
+    committed figures; quick and BENCH_FULL runs use 10^5 / 10^6 rows and write under results/quick/."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_results.py"
+    spec = importlib.util.spec_from_file_location("bench_results", path)
+    br = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(br)
+    monkeypatch.delenv("BENCH_SCALE", raising=False)
+    monkeypatch.delenv("BENCH_FULL", raising=False)
+    assert br.scale_rows() == 10**5 and br.result_path("search_scale").parent.name == "quick"
+    monkeypatch.setenv("BENCH_FULL", "1")
+    assert br.scale_rows() == 10**6
+    assert br.result_path("search_scale") == br.RESULTS / "quick" / "search_scale.json"
+    assert br.result_path("kmeans") == br.RESULTS / "kmeans.json"  # other benchmarks: full mode as before
+    monkeypatch.setenv("BENCH_SCALE", "1")
+    assert br.scale_rows() == 10**7
+    assert br.result_path("assign_scale") == br.RESULTS / "assign_scale.json"
+    assert br.finish("search_scale", {})["mode"] == "scale" and br.finish("kmeans", {})["mode"] == "full"
+    monkeypatch.setenv("BENCH_SCALE", "0")
+    assert br.scale_rows() == 10**6
