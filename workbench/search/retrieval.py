@@ -98,6 +98,11 @@ GPU_MAX_K = 2048  # faiss-gpu returns at most this many results per query (k and
 
 
 def _faiss():
+    import sys
+
+    faiss = sys.modules.get("faiss")
+    if faiss is not None:  # imported already: no logger call (setLevel clears logging's caches, per query)
+        return faiss
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines ("Loading faiss with AVX2") are noise
     import faiss
 
@@ -433,6 +438,25 @@ def widen_search(
 # --------------------------------------------------------------------------- exact re-rank
 
 
+def _widen(a: np.ndarray) -> np.ndarray:
+    """float32 copy of a row block; float16 widened by torch in pieces below its parallel grain (32,768 values)
+    so that no thread pool wakes: 0.07 ms for 1,000 x 384 where numpy's scalar cast takes 1.2 ms and torch's
+    pooled cast up to 8 ms on a loaded machine (measured on the 2-core benchmark machine)."""
+    if a.dtype != np.float16 or a.ndim != 2 or a.size == 0:
+        return np.asarray(a, np.float32)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return np.asarray(a, np.float32)
+    a = np.ascontiguousarray(a)
+    out = np.empty(a.shape, np.float32)
+    src, dst = torch.from_numpy(a), torch.from_numpy(out)
+    step = max(1, 32000 // a.shape[1])
+    for i in range(0, a.shape[0], step):
+        dst[i : i + step].copy_(src[i : i + step])
+    return out
+
+
 class FeatureRows:
     """Random rows of an (N, d) features array as float32: NumPy/memmap, Zarr or Dask.
 
@@ -551,7 +575,7 @@ class FeatureRows:
             got = np.asarray(self.x[uniq])
         else:
             got = np.asarray(self.x.get_orthogonal_selection((uniq, slice(None))))
-        got = np.asarray(got, np.float32)  # numpy's cast: no thread pool to wake (torch's cost ~10 ms under load)
+        got = _widen(np.asarray(got))
         if inv is not None:
             return got[inv.reshape(-1)]
         out = np.empty_like(got)
