@@ -78,8 +78,17 @@ sweep: setup
 
 # Every benchmarks/*.py; each script's last JSON line goes to benchmarks/results/quick/NAME.json (quick sizes),
 # or with BENCH_FULL=1 (full sizes) to benchmarks/results/NAME.json, the committed figures (benchmarks/_results.py).
+# The scale benchmarks (search_scale, assign_scale) run at 10^5 rows (quick) or 10^6 (BENCH_FULL=1) into
+# benchmarks/results/quick/; their committed 10^7-row figures come only from `make benchmarks SCALE=1`
+# (needs ~8 GB free under /tmp for the shared 10^7 x 384 float16 array, written once in ~2.5 min).
+# Times measured on the shared 2-core machine (load 6-12): search_scale ~70 min at 10^7 (array 2.5 min, its raw
+# re-rank copy 2 min, exact truth 6 min, index builds 1.5 + 9 + 30 min for the 10^5/10^6/10^7 curve, query
+# sweeps ~2 min per size; with --cache DIR a rerun loads the saved indexes and truth: ~10 min);
+# assign_scale ~5 min at 10^7 on a quiet machine, ~15 min at load 7 (1 worker + 2 workers + the
+# single-process check on 500k rows). e.g. `make benchmarks SCALE=1 BENCHMARKS="search_scale assign_scale"`.
+SCALE ?=
 benchmarks: setup
-	$(BIN)/python benchmarks/_results.py $(BENCHMARKS)
+	BENCH_SCALE=$(SCALE) $(BIN)/python benchmarks/_results.py $(BENCHMARKS)
 
 strip-notebooks:
 	$(BIN)/python -m workbench.runs.notebooks strip notebooks/*.ipynb

@@ -17,6 +17,11 @@ Modes: ``BENCH_FULL=1`` selects each script's full-size defaults and writes ``be
 (the committed figures the README copies); otherwise the script's quick defaults and
 ``benchmarks/results/quick/NAME.json`` (not committed), so a quick run never overwrites the figures.
 
+Scale benchmarks (:data:`SCALE_BENCHMARKS`: ``search_scale``, ``assign_scale``) commit figures at 10^7 rows,
+which take tens of minutes on 2 cores: they run at 10^7 and write ``benchmarks/results/NAME.json`` only with
+``BENCH_SCALE=1`` (``make benchmarks SCALE=1``); otherwise at their quick (10^5) or full (10^6) size into
+``benchmarks/results/quick/``, so neither a quick nor a ``BENCH_FULL=1`` run replaces the 10^7 figures.
+
 Runner (what ``make benchmarks`` calls)::
 
     python benchmarks/_results.py [NAME ...]        # quick; BENCH_FULL=1 for the full sizes
@@ -39,9 +44,26 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
+SCALE_BENCHMARKS = ("search_scale", "assign_scale")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip() not in ("", "0", "false", "no")
+
+
 def full_mode() -> bool:
     """True when ``BENCH_FULL`` is set to something other than ``0``/empty."""
-    return os.environ.get("BENCH_FULL", "").strip() not in ("", "0", "false", "no")
+    return _flag("BENCH_FULL")
+
+
+def scale_mode() -> bool:
+    """True when ``BENCH_SCALE`` is set (``make benchmarks SCALE=1``): the 10^7-row runs of the scale benchmarks."""
+    return _flag("BENCH_SCALE")
+
+
+def scale_rows(scale: int = 10**7, full: int = 10**6, quick: int = 10**5) -> int:
+    """Rows a scale benchmark runs at: ``scale`` with BENCH_SCALE, ``full`` with BENCH_FULL, else ``quick``."""
+    return scale if scale_mode() else full if full_mode() else quick
 
 
 def cpu_model() -> str:
@@ -72,6 +94,8 @@ def machine() -> dict:
 
 
 def result_path(name: str, full: bool | None = None) -> Path:
+    if name in SCALE_BENCHMARKS:  # only the 10^7 runs replace the committed scale figures
+        full = scale_mode() if full is None else full
     full = full_mode() if full is None else full
     return (RESULTS if full else RESULTS / "quick") / f"{name}.json"
 
@@ -80,6 +104,8 @@ def finish(name: str, result: dict, *, full: bool | None = None) -> dict:
     """``result`` with ``benchmark``, ``mode`` and ``machine`` filled in (kept when already there)."""
     full = full_mode() if full is None else full
     out = {"benchmark": name, **result}
+    if name in SCALE_BENCHMARKS and scale_mode():
+        out.setdefault("mode", "scale")
     out.setdefault("mode", "full" if full else "quick")
     out.setdefault("machine", machine())
     return out
@@ -121,7 +147,8 @@ def run_all(names: list[str] | None = None) -> int:
     root = str(HERE.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     for script in scripts:
-        print(f"== {script.relative_to(HERE.parent)} ({'full' if full_mode() else 'quick'})", flush=True)
+        mode = "scale" if script.stem in SCALE_BENCHMARKS and scale_mode() else "full" if full_mode() else "quick"
+        print(f"== {script.relative_to(HERE.parent)} ({mode})", flush=True)
         proc = subprocess.Popen(
             [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=None, text=True, env=env, cwd=root
         )

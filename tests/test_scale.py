@@ -58,6 +58,29 @@ def test_assign_chunks_on_dask_equals_single_process(zarr_rows, dask_client):
     np.testing.assert_allclose(local["sums"][3], x[ok][ref == 3].sum(0, dtype=np.float64), rtol=1e-5)
 
 
+def test_block_partials_blocks_the_matmul_and_keeps_huge_finite_rows():
+    """The chunk kernel: float16 rows widened once, the matmul in cache-sized row blocks (k = 300 makes 3,495-row
+    blocks, so 8,000 rows take 3), labels equal to the brute-force nearest centroid; a finite row whose norm
+    overflows float32 stays in (its label is its nearest centroid), NaN/Inf rows are left out."""
+    rng = np.random.default_rng(3)
+    C = rng.normal(size=(300, 24)).astype(np.float32)
+    x16 = (C[rng.integers(0, 300, 8000)] + 0.3 * rng.normal(size=(8000, 24))).astype(np.float16)
+    x16[7] = np.inf
+    p = km.block_partials(x16, C)
+    x = x16.astype(np.float32)
+    ok = np.isfinite(x).all(1)
+    ref = ((x[ok, None, :] - C[None]) ** 2).sum(-1).argmin(1)
+    np.testing.assert_array_equal(p["labels"][ok], ref)
+    assert p["labels"][7] == -1 and np.isnan(p["sqdist"][7]) and p["bad"] == 1 and p["counts"].sum() == ok.sum()
+    np.testing.assert_allclose(p["sums"][ref[0]], x[ok][ref == ref[0]].sum(0, dtype=np.float64), rtol=1e-5)
+    d_ref = ((x[ok] - C[ref]) ** 2).sum(1)
+    np.testing.assert_allclose(p["sqdist"][ok], d_ref, rtol=1e-3, atol=1e-3)
+    big = np.vstack([x[:4], np.full((1, 24), 1e20, np.float32)])  # finite, but its squared norm overflows
+    pb = km.block_partials(big, C)
+    assert pb["bad"] == 0 and pb["labels"][4] >= 0 and pb["counts"].sum() == 5
+    np.testing.assert_array_equal(pb["labels"][:4], p["labels"][:4])
+
+
 def test_lloyd_chunks_on_dask_identical_and_converges(zarr_rows, dask_client):
     import dask.array as da
 
@@ -221,7 +244,7 @@ def test_registry_prints_as_table_and_one_class_adds_a_kind(clustered):
 def test_ivfpq_rerank_is_exact_and_beats_the_codes(clustered, tmp_path):
     x, lab, q = clustered
     ref = exact(x, q, 10)
-    idx = R.TileIndex("ivfpq", nlist=32, nprobe=8, pq_m=4, rerank=200).fit(x, groups=lab)
+    idx = R.TileIndex("ivfpq", nlist=32, nprobe=8, pq_m=4, pq_bits=8, rerank=200).fit(x, groups=lab)
     assert idx.spec.factory_string(idx, 32, 4000) == "IVF32_HNSW32,PQ4x8"
     scores, ids = idx.search(q, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, ref)])
@@ -234,7 +257,7 @@ def test_ivfpq_rerank_is_exact_and_beats_the_codes(clustered, tmp_path):
     )
     assert (np.diff(scores, axis=1) <= 1e-6).all()
     # without the re-rank (codes only, 4 bytes per row) recall is clearly worse
-    codes = R.TileIndex("ivfpq", nlist=32, nprobe=8, pq_m=4, rerank=10).fit(x)
+    codes = R.TileIndex("ivfpq", nlist=32, nprobe=8, pq_m=4, pq_bits=8, rerank=10).fit(x)
     _, ids_codes = codes.search(q, 10)
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids_codes, ref)]) < recall - 0.1
     # saved and loaded: re-ranks once the features are attached (from a Zarr array: the raw-chunk reader)
@@ -253,6 +276,71 @@ def test_ivfpq_rerank_is_exact_and_beats_the_codes(clustered, tmp_path):
     assert (ex >= 0).all() and (lab[ex] != np.arange(20)[:, None]).all()
 
 
+def hard_mixture(n, d, components, noise=0.6, seed=0):
+    """Unit rows of isotropic Gaussian components (benchmarks/scale_data.py's hard mixture, small)."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((components, d))
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    x = c[rng.integers(0, components, n)] + noise * rng.standard_normal((n, d)) / np.sqrt(d)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_ivfpq_defaults_for_n_and_d_keep_the_true_neighbours():
+    """The library's ivfpq defaults (fast-scan d/4-byte codes, 1,000 re-ranked) on a hard mixture with known
+    exact truth: recall@10 >= 0.97, where the former defaults (d/16 bytes of 8-bit codes, 256 re-ranked) lose
+    the true neighbours in the PQ ranking (0.93 here, 0.76 at 10^6 x 384)."""
+    kind = R.KINDS["ivfpq"]
+    assert kind.defaults(10**7, 384) == {"nlist": 4096, "pq_bits": 4, "nprobe": 16, "rerank": 1000}
+    assert kind.defaults(10**5, 384)["nlist"] == 1264  # 4 * sqrt(n) below the cap
+    assert kind.default_m(384, 4) == 96 and kind.default_m(384, 8) == 48
+    n, d = 10000, 32
+    x = hard_mixture(n + 100, d, 20)
+    q, x = x[n:], x[:n]
+    truth = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :10]
+
+    def recall(ids):
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)])
+
+    idx = R.TileIndex("ivfpq").fit(x)
+    assert idx.spec.factory_string(idx, d, n) == "IVF256_HNSW32,PQ16x4fs" and idx.rerank == 1000
+    assert idx.nprobe == 16 and idx.get_params()["pq_bits"] == 4
+    _, ids = idx.search(q, 10)
+    assert recall(ids) >= 0.97, recall(ids)
+    old = R.TileIndex("ivfpq", pq_m=d // 16, pq_bits=8, rerank=256).fit(x)
+    _, ids_old = old.search(q, 10)
+    assert recall(ids_old) < 0.96, recall(ids_old)
+    with pytest.raises(R.ParameterError, match="pq_bits"):
+        R.TileIndex("ivfpq", pq_bits=6).fit(x[:2000])
+
+
+def test_store_ivfpq_reranks_from_its_raw_copy(tmp_path, caplog):
+    """build_store_index writes the raw float16 re-rank copy; load_store_index memory-maps it (one gather per
+    query) and falls back, with a warning, to the store's compressed features when the copy is stale."""
+    import json
+    import logging
+
+    from test_retrieval import brute_force, make_feature_store
+
+    path, _ = make_feature_store(tmp_path / "ds.zarr", n_slides=6)
+    si = R.build_store_index(path, "toy", "ivfpq")
+    copy = R.rerank_rows_path(path, "toy", "ivfpq")
+    assert copy.exists() and copy.stat().st_size == si.index.n_ * si.index.dim_ * 2
+    back = R.load_store_index(path, "toy", "ivfpq")
+    assert isinstance(back.index._features.x, np.memmap)
+    feats = np.asarray(back.features, dtype=np.float32)
+    groups = np.repeat(back.slides["group"].to_numpy(), back.slides["n_tiles"].to_numpy())
+    q = np.arange(0, len(feats), 5)
+    _, ids = back.query_tiles(q, 10)
+    _, ref = brute_force(feats, groups, feats[q], groups[q], 10)  # every row is a candidate: exact
+    np.testing.assert_array_equal(ids, ref)
+    meta = json.loads(copy.with_suffix(".json").read_text())
+    copy.with_suffix(".json").write_text(json.dumps({**meta, "digest": "other"}))
+    with caplog.at_level(logging.WARNING, logger="workbench.search.retrieval"):
+        stale = R.load_store_index(path, "toy", "ivfpq")
+    assert "no re-rank copy" in caplog.text and not isinstance(stale.index._features.x, np.memmap)
+    np.testing.assert_array_equal(stale.query_tiles(q, 10)[1], ref)
+
+
 def test_feature_rows_readers_agree(tmp_path):
     import dask.array as da
     import zarr
@@ -264,10 +352,15 @@ def test_feature_rows_readers_agree(tmp_path):
     packed = zarr.create_array(str(tmp_path / "packed.zarr"), shape=x.shape, chunks=(700, 8), dtype="float16")
     raw[:] = x
     packed[:] = x
+    flat = R.write_rerank_rows(raw, tmp_path / "rows.f16", "d1")  # the raw copy a compressed store index reads
+    assert R.open_rerank_rows(tmp_path / "rows.f16", "d1", x.shape) is not None
+    assert R.open_rerank_rows(tmp_path / "rows.f16", "d2", x.shape) is None  # other features: not used
     rows = np.array([2499, 3, 3, 1000, 999, 1500])
-    for src in (x, raw, packed, da.from_array(x, chunks=(600, 8))):
+    for src in (x, raw, packed, da.from_array(x, chunks=(600, 8)), flat):
         np.testing.assert_array_equal(R.FeatureRows(src)(rows), x[rows].astype(np.float32))
+        np.testing.assert_array_equal(R.FeatureRows(src)(np.sort(rows[:3])), x[np.sort(rows[:3])].astype(np.float32))
     assert R.FeatureRows(raw)._maps is not None and R.FeatureRows(packed)._maps is None
+    assert R.FeatureRows(flat).warm() >= 0 and R.FeatureRows(raw).warm() >= 0
 
 
 def test_widening_on_a_capped_index_falls_back_and_fills_k(clustered):
@@ -329,3 +422,28 @@ def test_gpu_cluster_request_errors(monkeypatch):
     assert embed.gpu_cluster("all", n_visible=3).kw["CUDA_VISIBLE_DEVICES"] == "0,1,2"
     assert embed.gpu_cluster([1, 2], n_visible=3).kw["CUDA_VISIBLE_DEVICES"] == "1,2"
     assert embed.gpu_cluster(1, n_visible=3).kw == {"CUDA_VISIBLE_DEVICES": "0", "threads_per_worker": 1}
+
+
+def test_scale_benchmarks_run_at_10_7_only_with_the_scale_flag(monkeypatch):
+    """`make benchmarks SCALE=1` (BENCH_SCALE=1) is what runs search_scale/assign_scale at 10^7 and writes their
+    committed figures; quick and BENCH_FULL runs use 10^5 / 10^6 rows and write under results/quick/."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_results.py"
+    spec = importlib.util.spec_from_file_location("bench_results", path)
+    br = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(br)
+    monkeypatch.delenv("BENCH_SCALE", raising=False)
+    monkeypatch.delenv("BENCH_FULL", raising=False)
+    assert br.scale_rows() == 10**5 and br.result_path("search_scale").parent.name == "quick"
+    monkeypatch.setenv("BENCH_FULL", "1")
+    assert br.scale_rows() == 10**6
+    assert br.result_path("search_scale") == br.RESULTS / "quick" / "search_scale.json"
+    assert br.result_path("kmeans") == br.RESULTS / "kmeans.json"  # other benchmarks: full mode as before
+    monkeypatch.setenv("BENCH_SCALE", "1")
+    assert br.scale_rows() == 10**7
+    assert br.result_path("assign_scale") == br.RESULTS / "assign_scale.json"
+    assert br.finish("search_scale", {})["mode"] == "scale" and br.finish("kmeans", {})["mode"] == "full"
+    monkeypatch.setenv("BENCH_SCALE", "0")
+    assert br.scale_rows() == 10**6

@@ -870,11 +870,34 @@ def _as_client(client):
     )
 
 
+# Rows per matmul block of the chunk kernel on CPU: the (rows, k) float32 distance block stays ≈ 4 MB (L2/L3
+# sized). 32 MB blocks (``_default_chunk``) ran the same matmul 2x slower on the 2-core benchmark machine.
+_BLOCK_FLOATS_CPU = 1 << 20
+
+
+def _float32_rows(block, dev):
+    """A block (numpy of any float dtype, or a tensor) as a float32 tensor on ``dev``.
+
+    float16 store rows are widened by torch (vectorised F16C), not numpy's slower scalar cast.
+    """
+    import torch
+
+    if isinstance(block, torch.Tensor):
+        return block.to(device=dev, dtype=torch.float32)
+    x = np.ascontiguousarray(block)
+    if x.dtype not in (np.float16, np.float32, np.float64):
+        x = x.astype(np.float32)
+    return torch.from_numpy(x).to(device=dev, dtype=torch.float32)
+
+
 def block_partials(block, C, normalize: bool = False, *, device=None) -> dict:
     """Assignment of one block of rows to centroids ``C`` and its partial k-means statistics.
 
     The unit of work of :func:`assign_chunks` (one call per chunk of the store, local or on a Dask worker).
-    Non-finite rows get label -1 and take no part in the sums.
+    Non-finite rows get label -1 and take no part in the sums. One pass over the block: float16 rows widened
+    by torch, row norms computed once (they give the finiteness test and ``‖x‖²`` of the distances), the
+    ``‖c‖² − 2·x·cᵀ`` matmul in cache-sized row blocks with a fused min/argmin, sums as a sparse one-hot
+    product of ≤ 16k rows added into float64.
 
     Returns
     -------
@@ -884,29 +907,51 @@ def block_partials(block, C, normalize: bool = False, *, device=None) -> dict:
     """
     import torch
 
-    x = np.asarray(block, dtype=np.float32)
-    C = np.asarray(C, dtype=np.float32)
-    k, d = C.shape
-    ok = finite_rows(x)
-    xs = x[ok] if not ok.all() else x
-    if normalize:
-        xs = l2_normalize(xs)
     dev = torch_device(device)  # CUDA on a dask-cuda worker, else CPU
-    lab, dist = assign_torch(xs, C, device=dev)
-    labels = np.full(len(x), -1, np.int32)
-    sq = np.full(len(x), np.nan, np.float32)
-    labels[ok], sq[ok] = lab.cpu().numpy(), dist.cpu().numpy()
-    xt = as_tensor(xs, dev)
+    x = _float32_rows(block, dev)
+    Ct = _float32_rows(C, dev)
+    k, d = Ct.shape
+    m_rows = x.shape[0]
+    norms = torch.linalg.vector_norm(x, dim=1)
+    ok = torch.isfinite(norms)
+    suspect = torch.nonzero(~ok).flatten()
+    if len(suspect):  # a non-finite norm may also come from huge finite values: test those rows exactly
+        ok[suspect] = torch.isfinite(x[suspect]).all(1)
+    all_ok = bool(ok.all())
+    if not all_ok:
+        x, norms = x[ok], norms[ok]
+    if normalize:
+        x = x / norms.clamp_min(1e-12).unsqueeze(1)
+        xsq = (x * x).sum(1)
+    else:
+        xsq = norms.square()
+    c_sq = (Ct * Ct).sum(1).unsqueeze(0)
+    Ct = Ct.t().contiguous()
+    n = x.shape[0]
+    rows = int(max(256, (_BLOCK_FLOATS_CPU if dev.type == "cpu" else 1 << 28) // max(k, 1)))
+    lab = torch.empty(n, dtype=torch.int64, device=dev)
+    dist = torch.empty(n, dtype=torch.float32, device=dev)
+    for a in range(0, n, rows):
+        mn, idx = torch.addmm(c_sq, x[a : a + rows], Ct, beta=1.0, alpha=-2.0).min(dim=1)
+        lab[a : a + rows] = idx
+        dist[a : a + rows] = (mn + xsq[a : a + rows]).clamp_min_(0)
     sums = torch.zeros((k, d), dtype=torch.float64, device=dev)
-    for a in range(0, len(xs), 16384):  # float32 partial sums of ≤ 16k rows, totals in float64
-        sums += _segment_sums(xt[a : a + 16384], lab[a : a + 16384], k)
+    for a in range(0, n, 16384):  # float32 partial sums of ≤ 16k rows, totals in float64
+        sums += _segment_sums(x[a : a + 16384], lab[a : a + 16384], k)
+    labels = np.full(m_rows, -1, np.int32)
+    sq = np.full(m_rows, np.nan, np.float32)
+    if all_ok:
+        labels[:], sq[:] = lab.cpu().numpy(), dist.cpu().numpy()
+    else:
+        okn = ok.cpu().numpy()
+        labels[okn], sq[okn] = lab.cpu().numpy(), dist.cpu().numpy()
     return {
         "labels": labels,
         "sqdist": sq,
         "counts": torch.bincount(lab, minlength=k).cpu().numpy().astype(np.int64),
         "sums": sums.cpu().numpy(),
         "inertia": float(dist.double().sum()),
-        "bad": int((~ok).sum()),
+        "bad": int(m_rows - n),
     }
 
 
@@ -946,7 +991,11 @@ def _chunk_bounds(X, chunk_rows: int | None) -> list[tuple[int, int]]:
 
 
 def _read_block(X, a: int, b: int) -> np.ndarray:
-    return _read_rows(X, a, b)
+    """Rows ``a:b`` in their stored dtype (float16 stays float16: :func:`block_partials` widens it)."""
+    part = X[a:b]
+    if hasattr(part, "compute"):
+        part = part.compute()
+    return np.asarray(part)
 
 
 def _partials_of(block, C, normalize, keep_rows):

@@ -33,6 +33,7 @@ Slide search
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -71,6 +72,9 @@ __all__ = [
     "array_digest",
     # store glue
     "index_path",
+    "rerank_rows_path",
+    "write_rerank_rows",
+    "open_rerank_rows",
     "features_digest",
     "slide_table",
     "encode_images",
@@ -94,6 +98,11 @@ GPU_MAX_K = 2048  # faiss-gpu returns at most this many results per query (k and
 
 
 def _faiss():
+    import sys
+
+    faiss = sys.modules.get("faiss")
+    if faiss is not None:  # imported already: no logger call (setLevel clears logging's caches, per query)
+        return faiss
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines ("Loading faiss with AVX2") are noise
     import faiss
 
@@ -141,11 +150,18 @@ class IndexKind:
     trained = False
     reranked = False
 
+    def defaults(self, n: int, d: int) -> dict:
+        """Settings :class:`TileIndex` uses for ``n`` rows of ``d`` dimensions where its parameter is None."""
+        return {"nprobe": 16, "rerank": 256}
+
     def new(self, ti: TileIndex, d: int, n: int):
         raise NotImplementedError
 
     def configure(self, ti: TileIndex, index) -> None:
         """Apply query-time settings (after building and after loading)."""
+
+    def before_fill(self, ti: TileIndex, index) -> None:
+        """Build-time settings while rows are added (query-time ones are applied again afterwards)."""
 
     def probes(self, ti: TileIndex, index) -> tuple[int | None, int | None]:
         """(cells probed, cells in all) for kinds whose probed lists can run dry, else (None, None)."""
@@ -259,33 +275,63 @@ class HNSWKind(IndexKind):
 class IVFPQKind(IndexKind):
     """Compressed: (optional OPQ rotation) + IVF with an HNSW coarse quantizer + product-quantised codes.
 
-    ``pq_m`` bytes per vector (8-bit codes; default d / 16, so each sub-quantizer has 16 dimensions and faiss
-    encodes with BLAS: 24 bytes for 384-d); the index factory string is ``factory`` when given, else
-    ``[OPQ{m},]IVF{nlist}_HNSW32,PQ{m}x8``. Candidates are scored from the codes, then the best ``rerank``
-    (at least the number asked for) are re-scored exactly from the float16 features.
+    ``pq_m`` bytes per vector in ``pq_bits``-bit codes: 4-bit codes are faiss's SIMD "fast-scan" PQ
+    (``2 * pq_m`` sub-quantizers of 16 centroids, scanned from registers), 8-bit codes the classic PQ
+    (``pq_m`` sub-quantizers of 256 centroids). The index factory string is ``factory`` when given, else
+    ``[OPQ{M},]IVF{nlist}_HNSW32,PQ{M}x4fs`` (or ``PQ{M}x8``). Candidates are scored from the codes, then the
+    best ``rerank`` (at least the number asked for) are re-scored exactly from the float16 features.
+
+    Defaults for n rows of d dimensions (:meth:`defaults`, what ``TileIndex("ivfpq")`` uses where a parameter
+    is None), measured on a hard mixture (2,000 isotropic components, noise 0.6; benchmarks/search_scale.py):
+    recall is lost in the PQ ranking, not in the probed cells (recall@10 equals the share of the true top-10
+    among the candidates at nprobe 8, 16 and 32 alike), so the codes get d / 4 bytes (2 dimensions per 4-bit
+    sub-quantizer: 96 B at 384-d, a 1.05 GB index at 10^7 rows) and the exact re-rank 1,000 candidates. At
+    10^6 the share of the true top-10 among 256 candidates was 0.76 with d / 16 bytes of 8-bit codes, 0.97
+    with d / 8 bytes of 8-bit codes, 0.98 with d / 4 bytes of fast-scan codes (scanned ~2x faster, filled ~2x
+    faster); at 10^7 (5,000 rows a component) it is 0.69 / 0.83 / 0.94 among 256 / 500 / 1,000 candidates,
+    with recall@10 0.937 in 4.5 ms a query (1 thread, re-rank included). nlist is ``4 * sqrt(n)`` up to
+    4,096 cells: the coarse k-means costs O(nlist^2) on the CPU (12,649 cells at 10^7 would take ~40 min to
+    train on 2 cores; 4,096 a few minutes), and its HNSW quantizer keeps filling fast. nprobe 16.
     """
 
     name = "ivfpq"
     summary = "OPQ/IVF-PQ codes (pq_m bytes per row) + exact re-rank of the top `rerank` from the features"
-    params = ("nlist", "nprobe", "pq_m", "opq", "factory", "rerank", "train_size")
+    params = ("nlist", "nprobe", "pq_m", "pq_bits", "opq", "factory", "rerank", "train_size")
     gpu, trained, reranked = False, True, True
 
+    MAX_NLIST = 4096  # coarse training is O(nlist^2) on the CPU: 4096 cells train in minutes on 2 cores
+
     @staticmethod
-    def default_m(d: int) -> int:
-        """Largest m dividing d with ≥ 16 dimensions per sub-quantizer (faiss encodes those with BLAS)."""
-        return max([m for m in range(1, d + 1) if d % m == 0 and d // m >= 16] or [1])
+    def default_m(d: int, bits: int = 4) -> int:
+        """Bytes per row: d / 4 with 4-bit codes (2 dimensions per sub-quantizer), d / 8 with 8-bit codes."""
+        per = 2 if bits == 4 else 8  # dimensions per sub-quantizer
+        subs = max([m for m in range(1, d + 1) if d % m == 0 and d // m >= per] or [1])
+        return max(1, subs * bits // 8)
+
+    def defaults(self, n: int, d: int) -> dict:
+        nlist = int(np.clip(4 * math.sqrt(n), 1, max(1, min(self.MAX_NLIST, n // 39))))
+        return {"nlist": nlist, "pq_bits": 4, "nprobe": 16, "rerank": 1000}  # pq_m: default_m(d, pq_bits)
 
     def factory_string(self, ti, d, n) -> str:
         if ti.factory:
             return str(ti.factory)
-        m = self.default_m(d) if ti.pq_m is None else int(ti.pq_m)
-        if m < 1 or d % m:
-            raise ValueError(f"pq_m must divide the dimension {d}, not {m!r}")
-        return f"{f'OPQ{m},' if ti.opq else ''}IVF{ti._nlist(n)}_HNSW32,PQ{m}x8"
+        bits = 4 if ti.pq_bits is None else int(ti.pq_bits)
+        if bits not in (4, 8):
+            raise ParameterError(f"pq_bits must be 4 (fast-scan) or 8, not {ti.pq_bits!r}")
+        m = self.default_m(d, bits) if ti.pq_m is None else int(ti.pq_m)
+        subs = m * 8 // bits  # sub-quantizers
+        if m < 1 or d % subs:
+            raise ParameterError(
+                f"pq_m={m!r} bytes of {bits}-bit codes need {subs} sub-quantizers, which must divide the dimension {d}"
+            )
+        codes = f"PQ{subs}x4fs" if bits == 4 else f"PQ{subs}x8"
+        return f"{f'OPQ{subs},' if ti.opq else ''}IVF{ti._nlist(n)}_HNSW32,{codes}"
 
     def new(self, ti, d, n):
         faiss = _faiss()
         index = faiss.index_factory(d, self.factory_string(ti, d, n), _metric_type(ti))
+        if hasattr(index, "cp"):  # 10 Lloyd iterations of the coarse k-means (faiss's default for IVF)
+            index.cp.niter = 10
         ivf = self._ivf(index)
         pq = getattr(ivf, "pq", None)
         if pq is not None:  # 64 points per code word and 15 iterations train the codebooks well enough
@@ -309,6 +355,13 @@ class IVFPQKind(IndexKind):
 
     def configure(self, ti, index):
         self._set_nprobe(index, int(ti.nprobe))
+
+    def before_fill(self, ti, index):
+        # filling needs each row's nearest cell only: a 32-wide HNSW search finds it (a row put in a
+        # neighbouring cell is still found by queries probing that cell); ~2x faster than the query-time 64
+        quantizer = _faiss().downcast_index(self._ivf(index).quantizer)
+        if hasattr(quantizer, "hnsw"):
+            quantizer.hnsw.efSearch = 32
 
     def probes(self, ti, index):
         return int(ti.nprobe), int(self._ivf(index).nlist)
@@ -387,12 +440,33 @@ def widen_search(
 # --------------------------------------------------------------------------- exact re-rank
 
 
+def _widen(a: np.ndarray) -> np.ndarray:
+    """float32 copy of a row block; float16 widened by torch in pieces below its parallel grain (32,768 values)
+    so that no thread pool wakes: 0.07 ms for 1,000 x 384 where numpy's scalar cast takes 1.2 ms and torch's
+    pooled cast up to 8 ms on a loaded machine (measured on the 2-core benchmark machine)."""
+    if a.dtype != np.float16 or a.ndim != 2 or a.size == 0:
+        return np.asarray(a, np.float32)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return np.asarray(a, np.float32)
+    a = np.ascontiguousarray(a)
+    out = np.empty(a.shape, np.float32)
+    src, dst = torch.from_numpy(a), torch.from_numpy(out)
+    step = max(1, 32000 // a.shape[1])
+    for i in range(0, a.shape[0], step):
+        dst[i : i + step].copy_(src[i : i + step])
+    return out
+
+
 class FeatureRows:
     """Random rows of an (N, d) features array as float32: NumPy/memmap, Zarr or Dask.
 
-    An uncompressed Zarr v3 array on a local disk (the benchmark's layout) is read by memory-mapping its
-    chunk files, so a few hundred scattered rows cost page reads, not chunk decodes; any other Zarr array is
-    read with one orthogonal selection (each chunk touched decoded once), a Dask array by fancy indexing.
+    Rows are read once each, sorted. A memmap (the raw re-rank copy :func:`write_rerank_rows` writes beside a
+    compressed index) is one gather from one mapping; an uncompressed Zarr v3 array on a local disk is read by
+    memory-mapping its chunk files (one gather per chunk touched), so scattered rows cost page reads, not chunk
+    decodes; any other Zarr array is read with one orthogonal selection (each chunk touched decoded once), a
+    Dask array by fancy indexing.
     """
 
     def __init__(self, x, *, n: int | None = None):
@@ -402,6 +476,14 @@ class FeatureRows:
         self._chunk = None
         if not isinstance(x, np.ndarray) and not hasattr(x, "dask"):
             self._maps = self._raw_chunk_paths(x)
+        # a plain ndarray view: np.memmap's __getitem__ bookkeeping costs ~1.5 ms per 1,000-row gather
+        self._plain = x.view(np.ndarray) if isinstance(x, np.ndarray) else None
+        mm = getattr(x, "_mmap", None) if isinstance(x, np.memmap) else None
+        if mm is not None:  # scattered candidate rows: no read-ahead around each page
+            import mmap
+
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                mm.madvise(mmap.MADV_RANDOM)
 
     @staticmethod
     def _raw_chunk_paths(x):
@@ -426,31 +508,81 @@ class FeatureRows:
     def _chunk_map(self, i: int) -> np.ndarray:
         m = self._maps["maps"].get(i)
         if m is None:
-            m = np.memmap(
-                self._maps["paths"][i], dtype=self._maps["dtype"], mode="r", shape=(self._maps["rows"], self.shape[1])
-            )
+            # a plain ndarray over an mmap (not np.memmap, whose per-index subclass bookkeeping cost ~50 µs per
+            # chunk touched: 10 ms for 1,000 candidates spread over 200 chunks); the OS pages rows in on demand
+            import mmap
+
+            with open(self._maps["paths"][i], "rb") as fh:
+                buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            with contextlib.suppress(AttributeError, OSError):
+                buf.madvise(mmap.MADV_RANDOM)  # scattered rows: no read-ahead of neighbouring pages
+            m = np.frombuffer(buf, dtype=self._maps["dtype"]).reshape(self._maps["rows"], self.shape[1])
             self._maps["maps"][i] = m
         return m
+
+    def warm(self, block_rows: int = 1 << 16) -> float:
+        """Fault in every page of a memory-mapped source (the raw re-rank copy or raw Zarr chunks); seconds taken.
+
+        A first touch of a page costs a page fault (microseconds when the file is in the page cache, a disk
+        read when not): ~1,000 first touches per query made a cold 10^7-row re-rank ~45 ms on the benchmark
+        machine, against ~1 ms once the mapping is warm. A search service calls this once after loading; the
+        pages are the OS page cache's (file-backed, shared, reclaimable), not the process's heap.
+        """
+        t0 = time.perf_counter()
+        if isinstance(self.x, np.memmap):
+            srcs = [self.x]
+        elif self._maps is not None:
+            srcs = [self._chunk_map(i) for i in range(len(self._maps["paths"]))]
+        else:
+            return 0.0
+        import mmap
+
+        for src in srcs:
+            mm = getattr(src, "_mmap", None) or getattr(src.base, "_mmap", None) or src.base
+            advise = getattr(mm, "madvise", None)
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                if advise is not None:  # read ahead while touching (pages not in the page cache come in bulk)
+                    advise(mmap.MADV_SEQUENTIAL)
+                    advise(mmap.MADV_WILLNEED)
+            flat = src.reshape(-1)
+            step = max(1, 4096 // flat.itemsize)  # one element per 4 KiB page
+            for a in range(0, flat.shape[0], block_rows * step):
+                np.add.reduce(flat[a : a + block_rows * step : step], dtype=np.float32)
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                if advise is not None:
+                    advise(mmap.MADV_RANDOM)  # back to no read-ahead for the scattered candidate reads
+        return time.perf_counter() - t0
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, np.int64)
         if rows.size == 0:
             return np.empty((0, self.shape[1]), np.float32)
-        uniq, inv = np.unique(rows, return_inverse=True)
+        # sorted once (page order); a query's candidates are distinct, so no unique pass in the usual case
+        order = np.argsort(rows, kind="stable")
+        uniq = rows[order]
+        inv = None
+        if uniq.size > 1 and (uniq[1:] == uniq[:-1]).any():
+            uniq, inv = np.unique(rows, return_inverse=True)
         if isinstance(self.x, np.ndarray):
-            got = self.x[uniq]
+            got = self._plain[uniq]
         elif self._maps is not None:
+            # rows sorted (np.unique), so each chunk's rows are one run: one memory-mapped gather per chunk
             r = self._maps["rows"]
             got = np.empty((len(uniq), self.shape[1]), self._maps["dtype"])
             which = uniq // r
-            for c in np.unique(which):
-                sel = which == c
-                got[sel] = self._chunk_map(int(c))[uniq[sel] - c * r]
+            chunks, first = np.unique(which, return_index=True)
+            for c, a, b in zip(chunks.tolist(), first.tolist(), first[1:].tolist() + [len(uniq)]):
+                got[a:b] = self._chunk_map(c)[uniq[a:b] - c * r]
         elif hasattr(self.x, "dask"):
             got = np.asarray(self.x[uniq])
         else:
             got = np.asarray(self.x.get_orthogonal_selection((uniq, slice(None))))
-        return np.asarray(got, np.float32)[inv.reshape(-1)]
+        got = _widen(np.asarray(got))
+        if inv is not None:
+            return got[inv.reshape(-1)]
+        out = np.empty_like(got)
+        out[order] = got
+        return out
 
 
 # --------------------------------------------------------------------------- tile index
@@ -463,14 +595,15 @@ class TileIndex:
     ----------
     kind : a name in :data:`KINDS` (``print(KINDS)`` lists them): "flat", "ivf", "hnsw", "ivfpq"
     nlist : int, optional
-        IVF cells; default ``clip(4 * sqrt(N), 1, N // 39)``.
-    nprobe : int
-        IVF cells searched per query.
+        IVF cells; default ``clip(4 * sqrt(N), 1, N // 39)`` (ivfpq: at most 4,096, see :class:`IVFPQKind`).
+    nprobe : int, optional
+        IVF cells searched per query; default the kind's (16).
     M, ef_construction, ef_search : int
         HNSW links per node, build-time and query-time candidate list sizes.
-    pq_m, opq, factory, rerank : int, bool, str, int
-        ``ivfpq``: bytes per row (default d / 16), OPQ rotation first, a faiss index-factory string replacing the default
-        ``[OPQ{m},]IVF{nlist}_HNSW32,PQ{m}x8``, and candidates re-ranked exactly from the features.
+    pq_m, pq_bits, opq, factory, rerank : int, int, bool, str, int
+        ``ivfpq``: bytes per row (default d / 4) in 4-bit fast-scan (default) or 8-bit codes, OPQ rotation first, a faiss index-factory string replacing the default
+        ``[OPQ{M},]IVF{nlist}_HNSW32,PQ{M}x4fs``, and candidates re-ranked exactly from the features (default
+        the kind's: 1,000 for ivfpq). None picks the kind's default for the data's n and d at ``fit``.
     metric : {"cosine", "ip", "l2"}
         Scores are similarities (higher is closer) for cosine/ip, squared L2 distances for l2.
     use_gpu : {"auto", True, False}
@@ -508,14 +641,15 @@ class TileIndex:
         kind: str = "flat",
         *,
         nlist: int | None = None,
-        nprobe: int = 16,
+        nprobe: int | None = None,
         M: int = 32,
         ef_construction: int = 40,
         ef_search: int = 64,
         pq_m: int | None = None,
+        pq_bits: int | None = None,
         opq: bool = False,
         factory: str | None = None,
-        rerank: int = 256,
+        rerank: int | None = None,
         metric: str = "cosine",
         use_gpu="auto",
         train_size: int | None = None,
@@ -530,6 +664,7 @@ class TileIndex:
         self.ef_construction = ef_construction
         self.ef_search = ef_search
         self.pq_m = pq_m
+        self.pq_bits = pq_bits
         self.opq = opq
         self.factory = factory
         self.rerank = rerank
@@ -551,6 +686,7 @@ class TileIndex:
                 "ef_construction",
                 "ef_search",
                 "pq_m",
+                "pq_bits",
                 "opq",
                 "factory",
                 "rerank",
@@ -578,14 +714,14 @@ class TileIndex:
         if n < 1:
             raise ParameterError("cannot build an index over 0 vectors")
         for name, hi in (
-            ("nprobe", 1 << 20),
             ("M", 512),
             ("ef_construction", 1 << 16),
             ("ef_search", 1 << 16),
             ("batch_rows", 1 << 26),
-            ("rerank", 1 << 20),
         ):
             check_int(name, getattr(self, name), 1, hi)
+        check_optional(check_int, "nprobe", self.nprobe, 1, 1 << 20)
+        check_optional(check_int, "rerank", self.rerank, 1, 1 << 20)
         check_optional(check_int, "nlist", self.nlist, 1, 1 << 24)
         check_optional(check_int, "train_size", self.train_size, 1)
         check_int("random_state", self.random_state)
@@ -593,7 +729,14 @@ class TileIndex:
     def _nlist(self, n: int) -> int:
         if self.nlist is not None:
             return max(1, min(int(self.nlist), n))
-        return int(np.clip(4 * math.sqrt(n), 1, max(1, n // 39)))
+        default = self.spec.defaults(n, getattr(self, "dim_", 1)).get("nlist")
+        return int(default) if default is not None else int(np.clip(4 * math.sqrt(n), 1, max(1, n // 39)))
+
+    def _resolve_defaults(self, n: int, d: int) -> None:
+        """Set the parameters left None to the kind's defaults for n rows of d dimensions."""
+        for name, value in self.spec.defaults(n, d).items():
+            if name in ("nprobe", "rerank", "pq_bits") and getattr(self, name) is None:
+                setattr(self, name, value)
 
     def _prepare(self, x) -> np.ndarray:
         x = np.asarray(x)
@@ -645,6 +788,7 @@ class TileIndex:
         n, d = int(x.shape[0]), int(x.shape[1])
         self._validate(n)
         self.n_, self.dim_ = n, d
+        self._resolve_defaults(n, d)
         index = self._new_index(d, n)
         if self.spec.trained:
             t1 = time.perf_counter()
@@ -657,6 +801,7 @@ class TileIndex:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=n, desc=f"fill {self.kind} index", unit="row", unit_scale=True)
+        self.spec.before_fill(self, index)
         for start in range(0, n, int(self.batch_rows)):
             block = self._prepare(x[start : start + int(self.batch_rows)])
             finite = np.isfinite(block).all(axis=1)
@@ -678,6 +823,7 @@ class TileIndex:
                 bad[:20],
                 " …" if len(bad) > 20 else "",
             )
+        self.spec.configure(self, index)  # query-time settings again after before_fill
         self.row_ids_ = np.concatenate(kept).astype(np.int64) if bad else None
         self.nonfinite_rows_ = np.asarray(bad, np.int64)
         self.index_ = index
@@ -746,15 +892,17 @@ class TileIndex:
     def _rerank(self, q: np.ndarray, ids: np.ndarray, k: int, feats: FeatureRows):
         """Exact scores of the candidate rows ``ids`` (-1 = none) read from the features; best ``k`` first."""
         valid = ids >= 0
-        flat_rows = ids[valid]
-        vec = feats(flat_rows)
-        if self.metric == "cosine":
-            vec = l2_normalise(vec)
+        vec = feats(ids[valid])
         qi = np.nonzero(valid)[0]
         if self.metric == "l2":
             exact = ((vec - q[qi]) ** 2).sum(1)
         else:
-            exact = np.einsum("ij,ij->i", vec, q[qi])
+            if valid.all():  # the usual case: (nq, R) candidates scored by one batched mat-vec
+                exact = np.matmul(vec.reshape(ids.shape[0], ids.shape[1], -1), q[:, :, None]).reshape(-1)
+            else:
+                exact = np.einsum("ij,ij->i", vec, q[qi])
+            if self.metric == "cosine":  # divide by the rows' norms (no normalised copy of the rows)
+                exact = exact / np.maximum(np.sqrt(np.einsum("ij,ij->i", vec, vec)), 1e-12)
         fill = np.inf if self.metric == "l2" else -np.inf
         s = np.full(ids.shape, fill, np.float32)
         s[valid] = exact
@@ -999,6 +1147,50 @@ def index_path(store: str | os.PathLike, encoder: str, kind: str) -> Path:
     from workbench.store import Key, encoder_key
 
     return Key.index_dir(store) / f"{encoder_key(encoder)}-{kind}.faiss"
+
+
+def rerank_rows_path(store: str | os.PathLike, encoder: str, kind: str) -> Path:
+    """The re-rank copy of a re-ranked (compressed) index: ``<store>.indexes/<encoder>-<kind>.rerank.f16``."""
+    return index_path(store, encoder, kind).with_suffix(".rerank.f16")
+
+
+def write_rerank_rows(feats, path: str | os.PathLike, digest: str, *, block_rows: int = 65536) -> np.memmap:
+    """Write a raw float16 copy of ``feats`` (N, d) for the exact re-rank; returns it memory-mapped.
+
+    The store keeps features zstd-compressed in chunks of up to 65,536 rows per slide, so re-scoring ~1,000
+    scattered candidates from it decodes a whole chunk per candidate's slide (tens of ms each). The copy is
+    one uncompressed row-major file (N x d x 2 bytes on disk; none of it held in memory, the OS page cache
+    keeps what queries touch), so the candidates of a query are one sorted gather from one mapping
+    (:class:`FeatureRows`). Written to a temporary file and renamed into place; a JSON sidecar
+    (``.json`` beside it) records shape, dtype and the features ``digest``.
+    """
+    from workbench.store import write_json_atomic
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n, d = int(feats.shape[0]), int(feats.shape[1])
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    mm = np.memmap(tmp, dtype=np.float16, mode="w+", shape=(n, d))
+    for a in range(0, n, int(block_rows)):
+        block = feats[a : a + int(block_rows)]
+        mm[a : a + len(block)] = np.asarray(block.compute() if hasattr(block, "compute") else block, np.float16)
+    mm.flush()
+    del mm
+    os.replace(tmp, path)
+    write_json_atomic(path.with_suffix(".json"), {"shape": [n, d], "dtype": "float16", "digest": digest})
+    return np.memmap(path, dtype=np.float16, mode="r", shape=(n, d))
+
+
+def open_rerank_rows(path: str | os.PathLike, digest: str, shape) -> np.memmap | None:
+    """The re-rank copy at ``path`` (memory-mapped) if it holds the features ``digest`` of ``shape``, else None."""
+    path = Path(path)
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        n, d = (int(v) for v in meta["shape"])
+        ok = meta.get("digest") == digest and (n, d) == tuple(shape) and path.stat().st_size == n * d * 2
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return np.memmap(path, dtype=np.float16, mode="r", shape=(n, d)) if ok else None
 
 
 def features_digest(root, encoder: str, ids: list[str] | None = None) -> str:
@@ -1340,7 +1532,12 @@ def build_store_index(
     feats = features_array(root, encoder, ids)
     groups = np.repeat(table["group"].to_numpy(), table["n_tiles"].to_numpy())
     digest = features_digest(root, encoder, ids)
-    index = TileIndex(kind, **params).fit(feats, groups=groups, digest=digest)
+    source = feats
+    if save and kind in KINDS and KINDS[kind].reranked:
+        # compressed kinds re-score candidates from an uncompressed copy (see write_rerank_rows); the index is
+        # filled from it too (a plain read, no decode)
+        source = write_rerank_rows(feats, rerank_rows_path(store, encoder, kind), digest)
+    index = TileIndex(kind, **params).fit(source, groups=groups, digest=digest)
     if save:
         path = index.save(index_path(store, encoder, kind))
         _write_file_sums(path)
@@ -1407,9 +1604,18 @@ def load_store_index(
     _check_file_sums(index_path(store, encoder, kind))
     index = TileIndex.load(index_path(store, encoder, kind), expected_digest=digest, use_gpu=use_gpu)
     feats = None
-    if index.spec.reranked:  # compressed kinds re-rank their candidates from the store's float16 features
-        from workbench.store import features_array
+    if index.spec.reranked:  # compressed kinds re-rank their candidates exactly from float16 features
+        copy = open_rerank_rows(rerank_rows_path(store, encoder, kind), digest, (index.n_, index.dim_))
+        if copy is not None:  # the uncompressed copy written with the index: page reads per candidate
+            index.attach_features(copy)
+        else:
+            from workbench.store import features_array
 
-        feats = features_array(root, encoder, list(table["slide_id"]))
-        index.attach_features(feats)
+            log.warning(
+                "%s has no re-rank copy of its features: candidates are re-scored from the store's compressed "
+                "chunks (slow at scale); rebuild the index (build_store_index) to write it",
+                index_path(store, encoder, kind),
+            )
+            feats = features_array(root, encoder, list(table["slide_id"]))
+            index.attach_features(feats)
     return StoreIndex(store, encoder, index, table, exclude, feats)
