@@ -106,18 +106,6 @@ class LoadSampler:
         return {"min": min(s), "median": float(np.median(s)), "max": max(s), "samples": len(s), "every_s": 15}
 
 
-def single_query_cpu_ms(index, queries: np.ndarray, k: int = 10) -> float:
-    """Median CPU time (ms, this thread: user + system) of one-vector searches: what a query costs with a core
-    to itself, whatever the other jobs on a shared machine do to the wall time."""
-    index.search(queries[:1], k)
-    times = []
-    for i in range(len(queries)):
-        t0 = time.thread_time()
-        index.search(queries[i : i + 1], k)
-        times.append(time.thread_time() - t0)
-    return 1e3 * float(np.median(times))
-
-
 def rss_parts() -> dict:
     """This process's resident memory now: anonymous (heap: the index, arrays) and file-backed (mapped files)."""
     out = {}
@@ -198,7 +186,7 @@ def run_size(
         rec = recall_at(ids, truth)
         cand = candidate_recall(idx, q, truth, rerank)
         ms = single_query_ms(idx, q[:200])
-        cpu_ms = single_query_cpu_ms(idx, q[:200])
+        cpu_ms = single_query_ms(idx, q[:200], clock=time.thread_time)
         settings.append(
             {
                 "nprobe": nprobe,
