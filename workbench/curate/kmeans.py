@@ -387,7 +387,7 @@ def _assign_accumulate(X, C, *, x_sq=None, chunk_size=None, flush_rows: int = 16
     return labels, dist, sums, counts
 
 
-def _relocate_empty(X, labels, dist, sums, counts) -> int:
+def _relocate_empty(X, labels, dist, sums, counts) -> list[tuple[int, int]]:
     """sklearn's rule: move each empty centroid onto one of the rows farthest from their centroid (in place:
     the row's sums and count move to the empty cluster). Returns the ``(row, cluster)`` pairs moved."""
     import torch
@@ -554,14 +554,14 @@ def _lloyd_bounded(X, C, x_sq, n_iter, chunk_size, stats, groups=None):
     G = max(1, min(64, k // 10)) if groups is None else max(1, min(int(groups), k))
     rel = 1.0 + 1e-6
 
-    def allowance(rows=None):
+    def widened(d1, dg, rows=None):
+        """(upper, lower) bounds from squared distances of the expansion formula, widened by its error allowance."""
         xs = x_sq if rows is None else x_sq[rows]
-        return (xs + float((C * C).sum(1).max())) * 2.0**-16
+        e = (xs + float((C * C).sum(1).max())) * 2.0**-16
+        return (d1 + e).sqrt_(), (dg - e.unsqueeze(1)).clamp_min_(0).sqrt_()
 
     labels, d1, dg = _assign_groups(X, C, x_sq, G, chunk_size=chunk_size)
-    e = allowance()
-    upper = (d1 + e).sqrt_()
-    lower = (dg - e.unsqueeze(1)).clamp_min_(0).sqrt_()  # (n, G)
+    upper, lower = widened(d1, dg)  # (n,), (n, G)
     sums = _segment_sums_all(X, labels, k)
     counts = torch.bincount(labels, minlength=k)
     recomputed = [n]
@@ -595,9 +595,7 @@ def _lloyd_bounded(X, C, x_sq, n_iter, chunk_size, stats, groups=None):
             labels = new
             sums = _segment_sums_all(X, labels, k)
             counts = torch.bincount(labels, minlength=k)
-            e = allowance()
-            upper = (n1 + e).sqrt_()
-            lower = (ng - e.unsqueeze(1)).clamp_min_(0).sqrt_()
+            upper, lower = widened(n1, ng)
             recomputed.append(n)
         else:
             if len(need):  # tighten u to the exact distance, test again
@@ -614,9 +612,7 @@ def _lloyd_bounded(X, C, x_sq, n_iter, chunk_size, stats, groups=None):
                     sums.index_add_(0, new[moved], xm)
                     counts += torch.bincount(new[moved], minlength=k) - torch.bincount(old[moved], minlength=k)
                     labels[need] = new
-                e = allowance(need)
-                upper[need] = (n1 + e).sqrt_()
-                lower[need] = (ng - e.unsqueeze(1)).clamp_min_(0).sqrt_()
+                upper[need], lower[need] = widened(n1, ng, need)
             recomputed.append(len(need))
         if before is not None:
             changed = int((labels != before).sum())
