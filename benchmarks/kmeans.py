@@ -169,6 +169,31 @@ def _faiss_coretype() -> str | None:
     return "Haswell"
 
 
+def figures(r: dict) -> dict:
+    """One k's figures from its sides' results (``r``: side → run_side output; faiss and ours always there)."""
+    d = {
+        **{f"{s}_s": round(v["seconds"], 2) for s, v in r.items()},
+        **{f"{s}_inertia": v["inertia"] for s, v in r.items()},
+        "ratio": round(r["ours"]["seconds"] / r["faiss"]["seconds"], 3),
+        "inertia_ratio": (
+            round(r["ours"]["inertia"] / r["ours_kmeanspp"]["inertia"], 4) if "ours_kmeanspp" in r else None
+        ),
+        "inertia_ratio_vs_faiss": round(r["ours"]["inertia"] / r["faiss"]["inertia"], 4),
+    }
+    if "faiss_generic" in r:
+        d["ratio_vs_faiss_generic"] = round(r["ours"]["seconds"] / r["faiss_generic"]["seconds"], 3)
+        d["faiss_generic_vs_faiss"] = round(r["faiss_generic"]["seconds"] / r["faiss"]["seconds"], 3)
+    if "ours_kmeanspp" in r:
+        d["ratio_kmeanspp_vs_faiss"] = round(r["ours_kmeanspp"]["seconds"] / r["faiss"]["seconds"], 3)
+    if "ours_plain" in r:
+        d["ratio_plain_lloyd_vs_faiss"] = round(r["ours_plain"]["seconds"] / r["faiss"]["seconds"], 3)
+    for s, v in r.items():
+        for key in ("init_s", "lloyd_s", "distance_fraction", "iters"):
+            if key in v and s.startswith("ours"):
+                d[f"{s}_{key}"] = v[key]
+    return d
+
+
 def spawn(side: str, args, k: int, coretype: str | None, data: str | None = None) -> dict:
     env = os.environ.copy()
     if side.startswith("faiss"):
@@ -261,27 +286,7 @@ def main(argv=None) -> dict:
 
     def summary() -> dict:
         for k, r in runs.items():
-            d = {
-                **{f"{s}_s": round(v["seconds"], 2) for s, v in r.items()},
-                **{f"{s}_inertia": v["inertia"] for s, v in r.items()},
-                "ratio": round(r["ours"]["seconds"] / r["faiss"]["seconds"], 3),
-                "inertia_ratio": (
-                    round(r["ours"]["inertia"] / r["ours_kmeanspp"]["inertia"], 4) if "ours_kmeanspp" in r else None
-                ),
-                "inertia_ratio_vs_faiss": round(r["ours"]["inertia"] / r["faiss"]["inertia"], 4),
-            }
-            if "faiss_generic" in r:
-                d["ratio_vs_faiss_generic"] = round(r["ours"]["seconds"] / r["faiss_generic"]["seconds"], 3)
-                d["faiss_generic_vs_faiss"] = round(r["faiss_generic"]["seconds"] / r["faiss"]["seconds"], 3)
-            if "ours_kmeanspp" in r:
-                d["ratio_kmeanspp_vs_faiss"] = round(r["ours_kmeanspp"]["seconds"] / r["faiss"]["seconds"], 3)
-            if "ours_plain" in r:
-                d["ratio_plain_lloyd_vs_faiss"] = round(r["ours_plain"]["seconds"] / r["faiss"]["seconds"], 3)
-            for s, v in r.items():
-                for key in ("init_s", "lloyd_s", "distance_fraction", "iters"):
-                    if key in v and s.startswith("ours"):
-                        d[f"{s}_{key}"] = v[key]
-            per_k[str(k)] = d
+            per_k[str(k)] = figures(r)
             for s, v in r.items():
                 sides.setdefault(
                     s,
@@ -326,15 +331,7 @@ def main(argv=None) -> dict:
         print(f"sphere data (2k unit centres, noise 0.6, L2-normalised): ks={sphere}", flush=True)
         per = {}
         for k in sphere:
-            r = {s: spawn(s, args, k, coretype, "sphere") for s in ("faiss", "ours", "ours_plain")}
-            per[str(k)] = {
-                **{f"{s}_s": round(v["seconds"], 2) for s, v in r.items()},
-                **{f"{s}_inertia": v["inertia"] for s, v in r.items()},
-                "ratio": round(r["ours"]["seconds"] / r["faiss"]["seconds"], 3),
-                "ratio_plain_lloyd_vs_faiss": round(r["ours_plain"]["seconds"] / r["faiss"]["seconds"], 3),
-                "inertia_ratio_vs_faiss": round(r["ours"]["inertia"] / r["faiss"]["inertia"], 4),
-                **{f"ours_{key}": r["ours"][key] for key in ("init_s", "lloyd_s", "distance_fraction", "iters")},
-            }
+            per[str(k)] = figures({s: spawn(s, args, k, coretype, "sphere") for s in ("faiss", "ours", "ours_plain")})
         out["sphere"] = {"n": args.n, "dim": args.dim, "ratio": max(v["ratio"] for v in per.values()), "per_k": per}
     emit(args.name, out)
     return out
