@@ -283,7 +283,7 @@ def find_store_index(store: str | Path, root=None, slide_id: str | None = None):
     feats = root[st.Key.features_group(sid)]
     for name in _children(feats):
         encoder = feats[name].attrs.get("encoder", name)
-        for kind in retrieval.KINDS:  # every registered kind (flat, ivf, hnsw, ivfpq, ...), exact ones first
+        for kind in retrieval.KINDS:  # every registered kind, in registration order (flat, ivf, hnsw, ivfpq, ...)
             if where(store, encoder, kind).exists():
                 try:
                     return load(store, encoder, kind, use_gpu=False)
